@@ -1,0 +1,147 @@
+"""GLM families: detect from config.json fields, normalize to one frozen config.
+
+Three checkpoint layouts describe the same decoder:
+
+    glm      GlmForCausalLM   (glm-4-9b-chat-hf)           model.layers.{i}.self_attn.q_proj ...
+    glm4     Glm4ForCausalLM  (GLM-4-9B-0414, GLM-Z1)      + post_self_attn / post_mlp norms
+    chatglm  remote-code      (ChatGLM2/3, glm-4-9b-chat)  transformer.encoder.layers.{i}.self_attention.query_key_value ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import CheckpointError, UnsupportedCheckpoint
+
+FAMILIES = ["glm (GlmForCausalLM)", "glm4 (Glm4ForCausalLM)", "chatglm (ChatGLM2/ChatGLM3/glm-4-9b-chat)"]
+
+
+@dataclass(frozen=True)
+class GlmConfig:
+    family: str  # "glm" | "glm4" | "chatglm"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rotary_dim: int  # GLM rotates only the first rotary_dim channels of each head, interleaved pairs
+    rope_theta: float
+    rms_norm_eps: float
+    attention_bias: bool
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+
+    @property
+    def sandwich_norms(self) -> bool:
+        """glm4 adds post-attention and post-MLP norms inside each layer."""
+        return self.family == "glm4"
+
+    @property
+    def fused_qkv(self) -> bool:
+        """chatglm stores q, k and v as one query_key_value matrix."""
+        return self.family == "chatglm"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def detect_family(cfg: dict[str, Any]) -> str:
+    """The family from config fields only: model_type, architectures and layout-specific keys."""
+    model_type = cfg.get("model_type")
+    archs = cfg.get("architectures") or []
+    if model_type == "glm4" or "Glm4ForCausalLM" in archs:
+        return "glm4"
+    if model_type == "glm" or "GlmForCausalLM" in archs:
+        return "glm"
+    if model_type == "chatglm" or "ChatGLMModel" in archs or "ChatGLMForConditionalGeneration" in archs:
+        if "multi_query_group_num" not in cfg or "kv_channels" not in cfg:
+            raise UnsupportedCheckpoint(
+                "chatglm config without multi_query_group_num/kv_channels (ChatGLM-6B v1 is not supported)", FAMILIES
+            )
+        return "chatglm"
+    what = f"model_type={model_type!r}" + (f", architectures={archs}" if archs else "")
+    raise UnsupportedCheckpoint(what, FAMILIES)
+
+
+def _get(cfg: dict[str, Any], key: str, default: Any = dataclasses.MISSING) -> Any:
+    if key in cfg and cfg[key] is not None:
+        return cfg[key]
+    if default is dataclasses.MISSING:
+        raise CheckpointError(f"config.json: missing field {key!r}")
+    return default
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, float]:
+    """(rope_theta, partial_rotary_factor) from the flat or the `rope_parameters` form."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise UnsupportedCheckpoint(f"rope_type={rope_type!r} (only the default GLM rotary embedding)", FAMILIES)
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5))
+    return float(theta), float(factor)
+
+
+def normalize(cfg: dict[str, Any]) -> GlmConfig:
+    family = detect_family(cfg)
+    if family == "chatglm":
+        if not cfg.get("rmsnorm", True) or cfg.get("apply_residual_connection_post_layernorm", False):
+            raise UnsupportedCheckpoint("chatglm with LayerNorm or post-layernorm residuals", FAMILIES)
+        if cfg.get("add_bias_linear", False):
+            raise UnsupportedCheckpoint("chatglm with add_bias_linear=true", FAMILIES)
+        head_dim = int(_get(cfg, "kv_channels"))
+        out = GlmConfig(
+            family=family,
+            vocab_size=int(_get(cfg, "padded_vocab_size")),
+            hidden_size=int(_get(cfg, "hidden_size")),
+            intermediate_size=int(_get(cfg, "ffn_hidden_size")),
+            num_layers=int(_get(cfg, "num_layers")),
+            num_heads=int(_get(cfg, "num_attention_heads")),
+            num_kv_heads=int(_get(cfg, "multi_query_group_num")) if cfg.get("multi_query_attention", True)
+            else int(_get(cfg, "num_attention_heads")),
+            head_dim=head_dim,
+            rotary_dim=head_dim // 2,
+            rope_theta=10000.0 * float(cfg.get("rope_ratio", 1.0)),
+            rms_norm_eps=float(_get(cfg, "layernorm_epsilon", 1e-5)),
+            attention_bias=bool(cfg.get("add_qkv_bias", True)),
+            max_position_embeddings=int(_get(cfg, "seq_length", 8192)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+    else:
+        if _get(cfg, "hidden_act", "silu") != "silu":
+            raise UnsupportedCheckpoint(f"hidden_act={cfg['hidden_act']!r}", FAMILIES)
+        theta, factor = _rope(cfg)
+        heads = int(_get(cfg, "num_attention_heads"))
+        head_dim = int(_get(cfg, "head_dim", _get(cfg, "hidden_size") // heads))
+        out = GlmConfig(
+            family=family,
+            vocab_size=int(_get(cfg, "vocab_size")),
+            hidden_size=int(_get(cfg, "hidden_size")),
+            intermediate_size=int(_get(cfg, "intermediate_size")),
+            num_layers=int(_get(cfg, "num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=int(_get(cfg, "num_key_value_heads", heads)),
+            head_dim=head_dim,
+            rotary_dim=int(head_dim * factor),
+            rope_theta=theta,
+            rms_norm_eps=float(_get(cfg, "rms_norm_eps", 1e-5)),
+            attention_bias=bool(cfg.get("attention_bias", True)),
+            max_position_embeddings=int(_get(cfg, "max_position_embeddings", 8192)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+    _check(out)
+    return out
+
+
+def _check(c: GlmConfig) -> None:
+    if c.num_heads % c.num_kv_heads:
+        raise CheckpointError(f"config.json: {c.num_heads} attention heads do not divide into {c.num_kv_heads} KV heads")
+    if c.rotary_dim % 2 or not 0 < c.rotary_dim <= c.head_dim:
+        raise CheckpointError(f"config.json: rotary dimension {c.rotary_dim} does not fit head_dim {c.head_dim}")
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
+        if getattr(c, field) <= 0:
+            raise CheckpointError(f"config.json: {field} must be positive, got {getattr(c, field)}")

@@ -1,0 +1,155 @@
+"""`trtglm export`: checkpoint -> OUT_DIR/{model.onnx, model.onnx.data, export.json, tokenizer files}."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from . import __version__
+from .atomic import atomic_dir
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import UsageError
+from .graph import DTYPES, IR_VERSION, build_decoder, io_spec
+from .weights import WeightSpec
+
+FORMAT_VERSION = 1
+ONNX_FILE, DATA_FILE, META_FILE = "model.onnx", "model.onnx.data", "export.json"
+
+
+def export(model: str, out_dir: str | Path, dtype: str = "fp32", opset: int = 23, max_seq_len: int | None = None,
+           validate: bool = True, force: bool = False, progress=None) -> dict:
+    """Export a GLM checkpoint; returns the contents of export.json. `progress` is a rich Progress or None."""
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if opset not in IR_VERSION:
+        raise UsageError(f"--opset {opset}: supported opsets are {min(IR_VERSION)}..{max(IR_VERSION)}")
+    started = time.perf_counter()
+    ckpt = open_checkpoint(model)
+    c = ckpt.config
+    max_seq_len = max_seq_len or c.max_position_embeddings
+    if not 0 < max_seq_len <= c.max_position_embeddings:
+        raise UsageError(f"--max-seq-len {max_seq_len}: must be between 1 and the model's "
+                         f"max_position_embeddings ({c.max_position_embeddings})")
+    with atomic_dir(out_dir, force=force) as tmp:
+        graph = build_decoder(c, ckpt.specs, _loader(ckpt, dtype), dtype=dtype, opset=opset)
+        _save(graph, tmp, progress)
+        del graph
+        for f in ckpt.sidecar_files():
+            shutil.copy2(f, tmp / f.name)
+        validation = {"status": "skipped", "reason": "--no-validate"}
+        if validate:
+            with _task(progress, "validating against transformers"):
+                from .validate import validate as run_validation
+
+                validation = run_validation(ckpt, tmp / ONNX_FILE, dtype)
+        meta = _metadata(ckpt, tmp, dtype, opset, max_seq_len, validation, progress)
+        meta["export_seconds"] = round(time.perf_counter() - started, 2)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _loader(ckpt: Checkpoint, dtype: str):
+    """A weight in the export dtype; linear layers transposed to [in, out] for MatMul."""
+    import torch
+    from onnx_ir.tensor_adapters import TorchTensor
+
+    from .reference import TORCH_DTYPES
+
+    to = getattr(torch, TORCH_DTYPES[dtype])
+
+    def load(spec: WeightSpec):
+        t = ckpt.load(spec.name).to(to)
+        return TorchTensor(t.t().contiguous() if spec.linear else t, name=spec.name)
+
+    return load
+
+
+def _save(graph, tmp: Path, progress) -> None:
+    import onnx_ir as ir
+
+    n = len([v for v in graph.graph.initializers.values()])
+    task = progress.add_task("writing weights", total=n) if progress else None
+
+    def advance(tensor, info):
+        if progress:
+            progress.advance(task)
+
+    ir.save(graph, tmp / ONNX_FILE, external_data=DATA_FILE, callback=advance, max_in_flight_bytes=256 << 20)
+    if progress:
+        progress.remove_task(task)
+
+
+def _task(progress, description: str):
+    if progress is None:
+        return nullcontext()
+
+    class _Spinner:
+        def __enter__(self):
+            self.task = progress.add_task(description, total=None)
+
+        def __exit__(self, *exc):
+            progress.remove_task(self.task)
+
+    return _Spinner()
+
+
+def sha256(path: Path, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _metadata(ckpt: Checkpoint, tmp: Path, dtype: str, opset: int, max_seq_len: int, validation: dict,
+              progress) -> dict:
+    inputs, outputs = io_spec(ckpt.config, dtype)
+    with _task(progress, "hashing source and outputs"):
+        source_files = {str(f.relative_to(ckpt.path)): sha256(f) for f in
+                        [ckpt.path / "config.json", *ckpt.files]}
+        outputs_hash = {name: sha256(tmp / name) for name in (ONNX_FILE, DATA_FILE)}
+    n_params = sum(_numel(s.shape) for role, s in ckpt.specs.items()
+                   if not (role == "lm_head" and ckpt.config.tie_word_embeddings))
+    return {
+        "format_version": FORMAT_VERSION,
+        "family": ckpt.config.family,
+        "config": ckpt.config.to_dict(),
+        "parameters": n_params,
+        "dtype": dtype,
+        "opset": opset,
+        "ir_version": IR_VERSION[opset],
+        "max_seq_len": max_seq_len,
+        "weight_layout": "linear weights stored transposed ([in, out]) under their checkpoint names",
+        "io": {"inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]},
+        "files": {"onnx": ONNX_FILE, "data": DATA_FILE, "sha256": outputs_hash,
+                  "sidecars": sorted(f.name for f in ckpt.sidecar_files())},
+        "source": {"model": ckpt.source, "path": str(ckpt.path), "sha256": source_files},
+        "validation": validation,
+        "tools": tool_versions(),
+        "host": platform.node(),
+    }
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def tool_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"trtglm": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime-gpu", "onnxruntime",
+                "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,128 @@
+"""Check an exported decoder against the transformers reference: prefill, then two decode steps.
+
+The reference runs first and is freed before ONNX Runtime loads the graph, so the weights are
+never held twice. Inputs are fixed random tokens, a batch of two with the second row left-padded.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .errors import ValidationFailed
+
+# max |ORT - reference| over all real (non-padding) positions
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+
+
+@dataclass
+class Steps:
+    """Token ids, masks and positions for a left-padded prefill followed by decode steps."""
+
+    input_ids: list[np.ndarray]
+    attention_mask: list[np.ndarray]
+    position_ids: list[np.ndarray]
+
+    @classmethod
+    def random(cls, vocab: int, batch: int = 2, prefill: int = 6, decode: int = 2, pad: int = 2, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        mask = np.ones((batch, prefill), np.int64)
+        mask[1:, :pad] = 0
+        ids, masks, pos = [rng.integers(0, vocab, (batch, prefill))], [mask], [_positions(mask)]
+        for _ in range(decode):
+            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+            ids.append(rng.integers(0, vocab, (batch, 1)))
+            masks.append(mask)
+            pos.append(_positions(mask)[:, -1:])
+        return cls(ids, masks, pos)
+
+    def real(self, step: int) -> np.ndarray:
+        """[B,S] bool: positions of this step that are real tokens, not padding."""
+        return self.attention_mask[step][:, -self.input_ids[step].shape[1]:].astype(bool)
+
+
+def _positions(mask: np.ndarray) -> np.ndarray:
+    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+
+
+def reference_logits(ckpt: Checkpoint, dtype: str, steps: Steps) -> list[np.ndarray]:
+    import torch
+    from transformers import DynamicCache
+
+    from .reference import load_reference
+
+    model = load_reference(ckpt, dtype)
+    cache, out = DynamicCache(config=model.config), []
+    with torch.inference_mode():
+        for ids, mask, pos in zip(steps.input_ids, steps.attention_mask, steps.position_ids):
+            r = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                      position_ids=torch.from_numpy(pos), past_key_values=cache, use_cache=True)
+            out.append(r.logits.float().numpy())
+    del model, cache
+    gc.collect()
+    return out
+
+
+class OrtDecoder:
+    """The exported graph in ONNX Runtime (CPU), threading its own KV cache between calls."""
+
+    def __init__(self, onnx_path: Path, optimize: bool = True, threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = threads
+        if not optimize:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        past = {}
+        for name in self.past_names:
+            i = self.inputs[name]
+            dtype = np.float16 if i.type == "tensor(float16)" else np.float32
+            past[name] = np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype)
+        return past
+
+    def __call__(self, input_ids, attention_mask, position_ids, past):
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **past}
+        logits, *presents = self.session.run(["logits", *self.present_names], feeds)
+        return logits, dict(zip(self.past_names, presents))
+
+    def run_steps(self, steps: Steps) -> list[np.ndarray]:
+        past, out = self.empty_past(steps.input_ids[0].shape[0]), []
+        for ids, mask, pos in zip(steps.input_ids, steps.attention_mask, steps.position_ids):
+            logits, past = self(ids, mask, pos, past)
+            out.append(logits)
+        return out
+
+
+def validate(ckpt: Checkpoint, onnx_path: Path, dtype: str) -> dict:
+    """Compare logits; raise ValidationFailed beyond tolerance. Returns the figures for export.json."""
+    if dtype not in TOLERANCE:
+        return {"status": "skipped", "reason": f"ONNX Runtime on the CPU cannot run {dtype} compute"}
+    steps = Steps.random(ckpt.config.vocab_size)
+    ref = reference_logits(ckpt, dtype, steps)
+    got = OrtDecoder(onnx_path).run_steps(steps)
+    diffs, agree, total = [], 0, 0
+    for step, (r, g) in enumerate(zip(ref, got)):
+        real = steps.real(step)
+        diffs.append(float(np.abs(r[real] - g[real]).max()))
+        agree += int((r[real].argmax(-1) == g[real].argmax(-1)).sum())
+        total += int(real.sum())
+    result = {"status": "passed", "max_abs_diff": max(diffs), "per_step_max_abs_diff": diffs,
+              "argmax_agreement": agree / total, "tolerance": TOLERANCE[dtype],
+              "steps": "prefill 6 (batch 2, one row left-padded by 2) + 2 decode"}
+    if max(diffs) > TOLERANCE[dtype]:
+        raise ValidationFailed(
+            f"exported graph differs from the transformers reference: max |logits diff| {max(diffs):.3g} "
+            f"> tolerance {TOLERANCE[dtype]:g} ({dtype}; per step {', '.join(f'{d:.3g}' for d in diffs)})",
+            hint="re-run with --no-validate to keep the export anyway")
+    return result
