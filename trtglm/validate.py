@@ -15,8 +15,10 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .errors import ValidationFailed
 
-# max |ORT - reference| over all real (non-padding) positions
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+# max |ORT - reference| over all real (non-padding) positions, relative to max(1, max |reference logits|):
+# the reference runs in the export dtype (an fp32 copy of an fp16 model would hold the weights twice),
+# and transformers' fp16 CPU matmuls are themselves about 1e-2 off fp32 on small random models.
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 
 
 @dataclass
@@ -111,6 +113,8 @@ def validate(ckpt: Checkpoint, onnx_path: Path, dtype: str) -> dict:
     steps = Steps.random(ckpt.config.vocab_size)
     ref = reference_logits(ckpt, dtype, steps)
     got = OrtDecoder(onnx_path).run_steps(steps)
+    scale = max(1.0, max(float(np.abs(r).max()) for r in ref)) if dtype == "fp16" else 1.0
+    tolerance = TOLERANCE[dtype] * scale
     diffs, agree, total = [], 0, 0
     for step, (r, g) in enumerate(zip(ref, got)):
         real = steps.real(step)
@@ -118,11 +122,11 @@ def validate(ckpt: Checkpoint, onnx_path: Path, dtype: str) -> dict:
         agree += int((r[real].argmax(-1) == g[real].argmax(-1)).sum())
         total += int(real.sum())
     result = {"status": "passed", "max_abs_diff": max(diffs), "per_step_max_abs_diff": diffs,
-              "argmax_agreement": agree / total, "tolerance": TOLERANCE[dtype],
+              "argmax_agreement": agree / total, "tolerance": tolerance,
               "steps": "prefill 6 (batch 2, one row left-padded by 2) + 2 decode"}
-    if max(diffs) > TOLERANCE[dtype]:
+    if max(diffs) > tolerance:
         raise ValidationFailed(
             f"exported graph differs from the transformers reference: max |logits diff| {max(diffs):.3g} "
-            f"> tolerance {TOLERANCE[dtype]:g} ({dtype}; per step {', '.join(f'{d:.3g}' for d in diffs)})",
+            f"> tolerance {tolerance:.3g} ({dtype}; per step {', '.join(f'{d:.3g}' for d in diffs)})",
             hint="re-run with --no-validate to keep the export anyway")
     return result

@@ -1,0 +1,31 @@
+# make demo / make test create .venv and install everything they need on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+DEMO   ?= out/demo
+
+.PHONY: demo test bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing into $(VENV) (torch 2.13.0 CPU first, so no CUDA torch is pulled)"
+	@$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "is ignored" || true
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,rtx]' 2>&1 | grep -v "is ignored" || true
+	@$(PY) -c "import torch, transformers, onnxruntime, onnx_ir, trtglm" || (echo "install failed" && exit 1)
+	@rm -f $(VENV)/.installed-* && touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	@rm -rf $(DEMO)
+	$(PY) scripts/demo.py $(DEMO)
+
+bench: $(STAMP)
+	$(PY) bench/export.py
+
+clean:
+	rm -rf $(VENV) out .bench

@@ -1,0 +1,66 @@
+"""Random-weight GLM checkpoints of any size, written shard by shard (for demos and benchmarks).
+
+Names and config follow transformers' glm/glm4 layout; memory stays at one shard.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import normalize
+from .weights import weight_specs
+
+
+def glm4_config(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
+                head_dim: int | None = None, family: str = "glm4", max_positions: int = 4096) -> dict:
+    return {
+        "model_type": family, "architectures": ["Glm4ForCausalLM" if family == "glm4" else "GlmForCausalLM"],
+        "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim or hidden // heads,
+        "rms_norm_eps": 1e-5, "attention_bias": True, "hidden_act": "silu", "max_position_embeddings": max_positions,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        "tie_word_embeddings": False, "eos_token_id": [1, 2], "pad_token_id": 0, "torch_dtype": "float16",
+    }
+
+
+def write_random_checkpoint(path: str | Path, config: dict, dtype: str = "fp16", seed: int = 0,
+                            shard_bytes: int = 1 << 30) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=False)
+    to = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    gen = torch.Generator().manual_seed(seed)
+    specs = list(weight_specs(normalize(config)).values())
+    shards, current, size = [], {}, 0
+
+    def flush():
+        nonlocal current, size
+        if current:
+            shards.append(current)
+            save_file(current, path / f"shard-{len(shards)}.safetensors")
+            current, size = {}, 0
+
+    for spec in specs:
+        if spec.name.endswith("bias"):
+            t = torch.randn(spec.shape, generator=gen) * 0.1
+        elif len(spec.shape) == 1:
+            t = 1.0 + 0.1 * torch.randn(spec.shape, generator=gen)
+        else:
+            t = torch.randn(spec.shape, generator=gen) * 0.02
+        current[spec.name] = t.to(to)
+        size += current[spec.name].numel() * current[spec.name].element_size()
+        if size >= shard_bytes:
+            flush()
+    flush()
+    n = len(shards)
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for i, name in enumerate(names):
+        (path / f"shard-{i + 1}.safetensors").rename(path / (name if n > 1 else "model.safetensors"))
+    if n > 1:
+        index = {"metadata": {}, "weight_map": {k: names[i] for i, s in enumerate(shards) for k in s}}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
