@@ -7,6 +7,7 @@ time, so the export never holds the model twice.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -60,6 +61,15 @@ class Checkpoint:
         if handle is None:
             handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
         return handle.get_tensor(name)
+
+    def close(self) -> None:
+        """Drop the memory maps (their touched pages count as resident memory while mapped)."""
+        self._handles.clear()
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(math.prod(s.shape) for role, s in self.specs.items()
+                   if not (role == "lm_head" and self.config.tie_word_embeddings))
 
     def weight(self, role: str):
         return self.load(self.specs[role].name)
@@ -145,10 +155,7 @@ def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     out, end = {}, 0
     for name, meta in header.items():
         dtype, shape, (begin, stop) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
-        count = 1
-        for s in shape:
-            count *= s
-        if dtype in _ST_DTYPES and stop - begin != count * _ST_DTYPES[dtype]:
+        if dtype in _ST_DTYPES and stop - begin != math.prod(shape) * _ST_DTYPES[dtype]:
             raise CheckpointError(f"{file}: tensor {name} has {stop - begin} bytes for shape {list(shape)}")
         end = max(end, stop)
         out[name] = (dtype, shape)

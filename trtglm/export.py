@@ -35,10 +35,15 @@ def export(model: str, out_dir: str | Path, dtype: str = "fp32", opset: int = 23
     if not 0 < max_seq_len <= c.max_position_embeddings:
         raise UsageError(f"--max-seq-len {max_seq_len}: must be between 1 and the model's "
                          f"max_position_embeddings ({c.max_position_embeddings})")
+    if validate and dtype != "bf16":
+        from .validate import check_memory
+
+        check_memory(ckpt.num_parameters)
     with atomic_dir(out_dir, force=force) as tmp:
         graph = build_decoder(c, ckpt.specs, _loader(ckpt, dtype), dtype=dtype, opset=opset)
         _save(graph, tmp, progress)
         del graph
+        ckpt.close()
         for f in ckpt.sidecar_files():
             shutil.copy2(f, tmp / f.name)
         validation = {"status": "skipped", "reason": "--no-validate"}
@@ -113,13 +118,11 @@ def _metadata(ckpt: Checkpoint, tmp: Path, dtype: str, opset: int, max_seq_len: 
         source_files = {str(f.relative_to(ckpt.path)): sha256(f) for f in
                         [ckpt.path / "config.json", *ckpt.files]}
         outputs_hash = {name: sha256(tmp / name) for name in (ONNX_FILE, DATA_FILE)}
-    n_params = sum(_numel(s.shape) for role, s in ckpt.specs.items()
-                   if not (role == "lm_head" and ckpt.config.tie_word_embeddings))
     return {
         "format_version": FORMAT_VERSION,
         "family": ckpt.config.family,
         "config": ckpt.config.to_dict(),
-        "parameters": n_params,
+        "parameters": ckpt.num_parameters,
         "dtype": dtype,
         "opset": opset,
         "ir_version": IR_VERSION[opset],
@@ -133,13 +136,6 @@ def _metadata(ckpt: Checkpoint, tmp: Path, dtype: str, opset: int, max_seq_len: 
         "tools": tool_versions(),
         "host": platform.node(),
     }
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def tool_versions() -> dict[str, str]:

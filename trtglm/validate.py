@@ -65,6 +65,7 @@ def reference_logits(ckpt: Checkpoint, dtype: str, steps: Steps) -> list[np.ndar
                       position_ids=torch.from_numpy(pos), past_key_values=cache, use_cache=True)
             out.append(r.logits.float().numpy())
     del model, cache
+    ckpt.close()
     gc.collect()
     return out
 
@@ -72,12 +73,14 @@ def reference_logits(ckpt: Checkpoint, dtype: str, steps: Steps) -> list[np.ndar
 class OrtDecoder:
     """The exported graph in ONNX Runtime (CPU), threading its own KV cache between calls."""
 
-    def __init__(self, onnx_path: Path, optimize: bool = True, threads: int = 0):
+    def __init__(self, onnx_path: Path, optimize: bool = True, threads: int = 0, low_memory: bool = False):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.intra_op_num_threads = threads
+        if low_memory:  # no arena, so casts of fp16 weights to fp32 (ORT's x86 CPU path) are freed per op
+            opts.enable_cpu_mem_arena = False
         if not optimize:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
@@ -106,13 +109,40 @@ class OrtDecoder:
         return out
 
 
+# ONNX Runtime's x86 CPU path holds every weight in fp32 (fp16 weights are folded into fp32 copies),
+# measured at 3.6-4.2 bytes per parameter at the peak (bench/export.py); the reference runs before it.
+ORT_BYTES_PER_PARAM = 4.2
+BASE_BYTES = 600 << 20  # torch, transformers and onnxruntime themselves
+
+
+def check_memory(num_parameters: int) -> None:
+    """Fail before anything is written if validation cannot fit in the memory available now."""
+    need = ORT_BYTES_PER_PARAM * num_parameters + BASE_BYTES
+    available = _available_memory()
+    if available is not None and need > available:
+        raise ValidationFailed(
+            f"validation needs about {need / 2**30:.1f} GiB of memory (ONNX Runtime on the CPU runs the weights "
+            f"in fp32) but {available / 2**30:.1f} GiB is available",
+            hint="pass --no-validate to export without the check, or validate on a larger machine")
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def validate(ckpt: Checkpoint, onnx_path: Path, dtype: str) -> dict:
     """Compare logits; raise ValidationFailed beyond tolerance. Returns the figures for export.json."""
     if dtype not in TOLERANCE:
         return {"status": "skipped", "reason": f"ONNX Runtime on the CPU cannot run {dtype} compute"}
     steps = Steps.random(ckpt.config.vocab_size)
     ref = reference_logits(ckpt, dtype, steps)
-    got = OrtDecoder(onnx_path).run_steps(steps)
+    got = OrtDecoder(onnx_path, low_memory=True).run_steps(steps)
     scale = max(1.0, max(float(np.abs(r).max()) for r in ref)) if dtype == "fp16" else 1.0
     tolerance = TOLERANCE[dtype] * scale
     diffs, agree, total = [], 0, 0
