@@ -10,7 +10,7 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,6 @@ class Checkpoint:
     config: GlmConfig
     tensors: dict[str, TensorInfo]
     specs: dict[str, WeightSpec]
-    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
 
     @property
     def files(self) -> list[Path]:
@@ -53,18 +52,15 @@ class Checkpoint:
         return [self.path / n for n in SIDECAR_FILES if (self.path / n).is_file()]
 
     def load(self, name: str):
-        """One tensor as a torch tensor, read from the memory-mapped file."""
+        """One tensor as a torch tensor, copied out of the memory-mapped file.
+
+        The file is mapped for this one read only: pages of a mapping that stays open count as
+        resident memory, which would add the whole checkpoint to the export's footprint.
+        """
         from safetensors import safe_open
 
-        info = self.tensors[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-        return handle.get_tensor(name)
-
-    def close(self) -> None:
-        """Drop the memory maps (their touched pages count as resident memory while mapped)."""
-        self._handles.clear()
+        with safe_open(str(self.tensors[name].file), framework="pt") as handle:
+            return handle.get_tensor(name)
 
     @property
     def num_parameters(self) -> int:

@@ -43,7 +43,6 @@ def export(model: str, out_dir: str | Path, dtype: str = "fp32", opset: int = 23
         graph = build_decoder(c, ckpt.specs, _loader(ckpt, dtype), dtype=dtype, opset=opset)
         _save(graph, tmp, progress)
         del graph
-        ckpt.close()
         for f in ckpt.sidecar_files():
             shutil.copy2(f, tmp / f.name)
         validation = {"status": "skipped", "reason": "--no-validate"}

@@ -65,7 +65,6 @@ def reference_logits(ckpt: Checkpoint, dtype: str, steps: Steps) -> list[np.ndar
                       position_ids=torch.from_numpy(pos), past_key_values=cache, use_cache=True)
             out.append(r.logits.float().numpy())
     del model, cache
-    ckpt.close()
     gc.collect()
     return out
 
