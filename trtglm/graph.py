@@ -185,21 +185,23 @@ def _apply_rope(g: _Builder, c: GlmConfig, x: ir.Value, cos: ir.Value, sin: ir.V
 
 
 def _attention_bias(g: _Builder, input_ids: ir.Value, mask: ir.Value) -> ir.Value:
-    """Additive fp32 mask [B,1,S,T]: 0 where query s may see key t (causal, not padding), else the fp32 minimum.
+    """Additive fp32 mask [B,1,S,T]: 0 where query s may see key t, else the fp32 minimum.
 
     Query s sits at absolute position P+s with P = T-S, so the causal band is aligned to the
-    lower right (decode and chunked prefill see all the past). A fully padded row gets a uniform
-    softmax, not NaN.
+    lower right (decode and chunked prefill see all the past). A key is visible if it is not
+    padding, or if it is the query itself: a padding row then attends to itself instead of to
+    nothing, so no kernel can turn it into NaN that would reach the KV cache. Real rows are
+    unaffected (a real token is never padding).
     """
     total = g.op("Squeeze", g.op("Shape", mask, start=1, end=2), g.const([0], np.int64))
     seq = g.op("Squeeze", g.op("Shape", input_ids, start=1, end=2), g.const([0], np.int64))
     one = g.const(1, np.int64)
-    kv_pos = g.op("Range", g.const(0, np.int64), total, one)  # [T]
-    q_pos = g.op("Range", g.op("Sub", total, seq), total, one)  # [S]
-    causal = g.op("LessOrEqual", g.op("Unsqueeze", kv_pos, g.const([0], np.int64)),
-                  g.op("Unsqueeze", q_pos, g.const([1], np.int64)))  # [S,T]
+    kv_pos = g.op("Unsqueeze", g.op("Range", g.const(0, np.int64), total, one), g.const([0], np.int64))  # [1,T]
+    q_pos = g.op("Unsqueeze", g.op("Range", g.op("Sub", total, seq), total, one), g.const([1], np.int64))  # [S,1]
+    causal = g.op("LessOrEqual", kv_pos, q_pos)  # [S,T]
+    itself = g.op("Equal", kv_pos, q_pos)  # [S,T]
     keep = g.op("Unsqueeze", g.op("Cast", mask, to=ir.DataType.BOOL), g.const([1, 2], np.int64))  # [B,1,1,T]
-    allowed = g.op("And", causal, keep)
+    allowed = g.op("And", causal, g.op("Or", keep, itself))  # [B,1,S,T]
     return g.op("Where", allowed, g.const(0.0, np.float32), g.const(np.finfo(np.float32).min, np.float32))
 
 
