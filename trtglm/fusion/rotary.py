@@ -1,0 +1,141 @@
+"""GLM rotary embedding (partial, interleaved) and the rotate-half layout -> RotaryEmbedding (opset 23).
+
+    x [B,H,S,D] ─ Slice[:rot] ─ x_rot ─┬──────────────── Mul(cos) ──┐
+                                        └─ rotate(x_rot) ─ Mul(sin) ─ Add ─ Concat(-1) ─> y
+                └─ Slice[rot:] ─────────────────────────────────────────────┘   (no Slice/Concat when rot = D)
+
+    rotate, interleaved:  Reshape[..,rot/2,2] ─ Split ─ (x1, x2) ─ Concat(-x2, x1) ─ Reshape[..,rot]
+                     or   Slice[0::2], Slice[1::2] ─ Unsqueeze ─ Concat(-x2, x1) ─ Reshape   (torch.stack form)
+    rotate, half:         Slice[:rot/2], Slice[rot/2:] ─ Concat(-x2, x1)
+
+    ==>  RotaryEmbedding(x, cos_cache, sin_cache, position_ids, interleaved, rotary_embedding_dim=rot)
+
+cos and sin may be computed any way from position_ids alone: the check evaluates that subgraph
+for positions 0..max_positions-1 and accepts it only if it is a rotary table (each frequency
+repeated in pairs, or in halves for rotate-half, and cos^2 + sin^2 = 1). The resulting
+[max_positions, rot/2] caches are shared by every layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from .tables import ancestors, evaluate
+
+
+class Rotary(pattern.RewriteRuleClassBase):
+    def __init__(self, name: str, rotate: str, partial: bool, max_positions: int, opset: int):
+        super().__init__(name)
+        self.rotate, self.partial = rotate, partial
+        self.max_positions, self.opset = max_positions, opset
+        self._caches: dict[tuple, tuple[ir.Value, ir.Value]] = {}
+
+    def pattern(self, op, x, cos, sin, rot_start, rot_end, rot_axis, pass_start, pass_end, pass_axis,
+                pair_shape, merged_shape, split_sizes, s1, e1, a1, st1, s2, e2, a2, st2):
+        x_rot = op.Slice(x, rot_start, rot_end, rot_axis, _allow_other_inputs=True) if self.partial else x
+        if self.rotate == "pairs":
+            x1, x2 = op.Split(op.Reshape(x_rot, pair_shape), split_sizes, axis=-1, _outputs=2)
+            rotated = op.Reshape(op.Concat(op.Neg(x2), x1, axis=-1), merged_shape)
+        elif self.rotate == "strided":
+            x1 = op.Slice(x_rot, s1, e1, a1, st1)
+            x2 = op.Slice(x_rot, s2, e2, a2, st2)
+            rotated = op.Reshape(op.Concat(op.Unsqueeze(op.Neg(x2), [-1]), op.Unsqueeze(x1, [-1]), axis=-1),
+                                 merged_shape)
+        else:  # half
+            x1 = op.Slice(x_rot, s1, e1, a1, _allow_other_inputs=True)
+            x2 = op.Slice(x_rot, s2, e2, a2, _allow_other_inputs=True)
+            rotated = op.Concat(op.Neg(x2), x1, axis=-1)
+        out = op.Add(op.Mul(x_rot, cos), op.Mul(rotated, sin))
+        if not self.partial:
+            return out
+        return op.Concat(out, op.Slice(x, pass_start, pass_end, pass_axis, _allow_other_inputs=True), axis=-1)
+
+    def check(self, context, x, cos, sin, **v):
+        result = pattern.MatchResult()
+        if x.shape is None or x.shape.rank() != 4 or not isinstance(x.shape[3], int):
+            return result.fail("input is not a 4-D [batch, heads, seq, head_dim] tensor with a known head_dim", x)
+        head_dim = x.shape[3]
+        rot = head_dim
+        if self.partial:
+            starts, ends, axes = (_ints(v[k]) for k in ("rot_start", "rot_end", "rot_axis"))
+            p_starts, p_ends, p_axes = (_ints(v[k]) for k in ("pass_start", "pass_end", "pass_axis"))
+            if None in (starts, ends, axes, p_starts, p_ends, p_axes):
+                return result.fail("slice bounds are not constants")
+            if axes[0] not in (-1, 3) or p_axes[0] not in (-1, 3) or starts[0] != 0:
+                return result.fail("the rotated part is not a leading slice of the last axis")
+            rot = ends[0]
+            if p_starts[0] != rot or p_ends[0] < head_dim:
+                return result.fail(f"the pass-through slice does not start at the rotary dimension {rot}")
+        if rot % 2 or not 0 < rot <= head_dim:
+            return result.fail(f"rotary dimension {rot} is not even and within head_dim {head_dim}")
+        if self.rotate == "pairs":
+            pair_shape, sizes = _ints(v["pair_shape"]), _ints(v["split_sizes"])
+            if pair_shape is None or pair_shape[-1] != 2 or sizes != [1, 1]:
+                return result.fail("x is not split into (even, odd) pairs: not the interleaved layout")
+        elif self.rotate == "strided":
+            if _ints(v["st1"]) != [2] or _ints(v["st2"]) != [2] or _ints(v["s1"]) != [0] or _ints(v["s2"]) != [1]:
+                return result.fail("x is not sliced into [0::2] and [1::2]: not the interleaved layout")
+        else:
+            if _ints(v["s1"]) != [0] or _ints(v["e1"]) != [rot // 2] or _ints(v["s2"]) != [rot // 2]:
+                return result.fail("x is not split into halves: not the rotate-half layout")
+        if cos.dtype != x.dtype or sin.dtype != x.dtype:
+            return result.fail("cos/sin dtype differs from the input's", [cos, sin])
+        tables = self._tables(cos, sin, rot)
+        if isinstance(tables, str):
+            return result.fail(tables, [cos, sin])
+        self._pending = (tables, rot)
+        return result
+
+    def _tables(self, cos: ir.Value, sin: ir.Value, rot: int):
+        """[max_positions, rot/2] cos and sin caches, or the reason they cannot be had."""
+        _, inputs_c = ancestors(cos)
+        _, inputs_s = ancestors(sin)
+        inputs = inputs_c | inputs_s
+        if len(inputs) != 1:
+            return f"cos/sin depend on {sorted(i.name for i in inputs)}, not on position_ids alone"
+        (position_ids,) = inputs
+        if position_ids.dtype not in (ir.DataType.INT64, ir.DataType.INT32) or position_ids.shape is None \
+                or position_ids.shape.rank() != 2:
+            return f"cos/sin come from {position_ids.name}, which is not [batch, seq] integer positions"
+        key = (cos, sin)
+        if key in self._caches:
+            return self._caches[key]
+        positions = np.arange(self.max_positions, dtype=position_ids.dtype.numpy())[None, :]
+        try:
+            c, s = evaluate([cos, sin], {position_ids: positions}, self.opset)
+        except Exception as e:  # noqa: BLE001 - any failure means "not a table we understand"
+            return f"cos/sin could not be evaluated from position_ids ({e})"
+        c, s = c.astype(np.float32), s.astype(np.float32)
+        if c.size != self.max_positions * rot or c.shape[-1] != rot:
+            return f"cos table has shape {list(c.shape)}, expected [.., {self.max_positions}, {rot}]"
+        c, s = c.reshape(self.max_positions, rot), s.reshape(self.max_positions, rot)
+        halves = (c[:, 0::2], c[:, 1::2], s[:, 0::2], s[:, 1::2]) if self.rotate != "half" else \
+            (c[:, : rot // 2], c[:, rot // 2:], s[:, : rot // 2], s[:, rot // 2:])
+        if not (np.array_equal(halves[0], halves[1]) and np.array_equal(halves[2], halves[3])):
+            return "cos/sin tables are not repeated per rotated pair"
+        if not np.allclose(halves[0] ** 2 + halves[2] ** 2, 1.0, atol=1e-2):
+            return "cos^2 + sin^2 != 1: not a rotary table"
+        self._caches[key] = (halves[0], halves[2], position_ids)
+        return self._caches[key]
+
+    def rewrite(self, op, x, **_):
+        (cos_cache, sin_cache, position_ids), rot = self._pending
+        dtype = x.dtype.numpy()
+        return op.RotaryEmbedding(
+            x, op.Constant(value=ir.tensor(cos_cache.astype(dtype))), op.Constant(value=ir.tensor(sin_cache.astype(dtype))),
+            position_ids, interleaved=int(self.rotate != "half"),
+            rotary_embedding_dim=0 if rot == x.shape[3] else rot)
+
+
+def _ints(value: ir.Value | None) -> list[int] | None:
+    if value is None or value.const_value is None:
+        return None
+    return [int(i) for i in np.asarray(value.const_value.numpy()).reshape(-1)]
+
+
+def rules(max_positions: int, opset: int) -> list:
+    return [Rotary.rule(f"rotary_{rotate}{'_partial' if partial else ''}", rotate=rotate, partial=partial,
+                        max_positions=max_positions, opset=opset)
+            for rotate in ("pairs", "strided", "half") for partial in (True, False)]
