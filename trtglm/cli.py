@@ -70,6 +70,38 @@ def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as
     click.echo(f"validation: {check}")
 
 
+@cli.command("build")
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Build directory (must not exist unless --force).")
+@click.option("--onnx-only", is_flag=True, help="Stop after the graph work: write BUILD_DIR/model.onnx.")
+@click.option("--strict/--no-strict", default=True, show_default=True,
+              help="Fail unless every rule fused as often as the model needs (--no-strict for foreign graphs).")
+@click.option("--fusions", default="rms_norm,rotary,attention", show_default=True,
+              help="Comma-separated fusions to apply: rms_norm, rotary, rotary_keys (also keys; TensorRT-RTX "
+                   "cannot build it with fused attention), attention; 'none' for no fusion.")
+@click.option("--max-seq-len", type=int, default=None,
+              help="Rotary table length. [default: the export's max_seq_len]")
+@click.option("--force", is_flag=True, help="Replace BUILD_DIR if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print manifest.json to stdout.")
+def build_cmd(export_dir, out_dir, onnx_only, strict, fusions, max_seq_len, force, as_json):
+    """Fuse (and, with the engine step, build) the graph of a `trtglm export` directory."""
+    from .build import build
+
+    manifest = build(export_dir, out_dir, onnx_only=onnx_only, strict=strict, max_seq_len=max_seq_len,
+                     fusions=frozenset() if fusions == "none" else frozenset(filter(None, fusions.split(","))),
+                     force=force)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    f = manifest["fusion"]
+    click.echo(f"fused graph written to {out_dir}: {f['nodes_before']} -> {f['nodes_after']} nodes "
+               f"({f['nodes_after'] / f['nodes_before']:.0%})")
+    for kind, n in f["fused"].items():
+        want = (f["expected"] or {}).get(kind)
+        click.echo(f"  {kind:<10} {n:>4}" + (f"  (expected {want})" if want is not None else ""))
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:

@@ -5,7 +5,7 @@
         ─[Cast fp32]─ Add(mask) ─ Softmax(-1) ─[Cast]─ MatMul ─> [B,H,S,D]
     V [B,KV,T,D] ─ Unsqueeze ─ Expand ─ Reshape ──────────────────────┘      (no repeat when KV = H)
 
-    ==>  Attention(Q, K, V, mask, scale, softmax_precision) ─> [B,H,S,D]
+    ==>  Attention(Q, K, V, mask, scale) ─> [B,H,S,D]
 
 K and V stay un-repeated (the op does grouped-query attention from the head counts), and the KV
 cache Concat stays outside the op: TensorRT's parser rejects Attention nodes with past/present.
@@ -61,11 +61,10 @@ class AttentionCore(pattern.RewriteRuleClassBase):
         self._mask = mask if mask is not None else bias
         return result
 
-    def rewrite(self, op, q, k, v, scale, compute_type=None, **_):
-        attrs = {"scale": float(np.asarray(scale.const_value.numpy()).item())}
-        if compute_type is not None:
-            attrs["softmax_precision"] = compute_type.as_int()
-        return op.Attention(q, k, v, self._mask, **attrs)
+    def rewrite(self, op, q, k, v, scale, **_):
+        # No softmax_precision, even where the chain softmaxed in fp32: TensorRT's parser rejects the
+        # attribute ("Setting softmax precision is not supported in TensorRT Attention").
+        return op.Attention(q, k, v, self._mask, scale=float(np.asarray(scale.const_value.numpy()).item()))
 
 
 def _boolean_mask(bias: ir.Value) -> ir.Value | None:

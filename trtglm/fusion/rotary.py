@@ -14,6 +14,11 @@ cos and sin may be computed any way from position_ids alone: the check evaluates
 for positions 0..max_positions-1 and accepts it only if it is a rotary table (each frequency
 repeated in pairs, or in halves for rotate-half, and cos^2 + sin^2 = 1). The resulting
 [max_positions, rot/2] caches are shared by every layer.
+
+With keys=False only queries are fused: TensorRT-RTX 1.7 fails inside Myelin ("ssa.cpp CHECK
+failed ... proxy-HOST") building any profile with a non-empty past when a RotaryEmbedding output
+is concatenated onto the KV cache and read by a fused Attention (queries are fine, and so are keys
+when attention is not fused).
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ from .tables import ancestors, evaluate
 
 
 class Rotary(pattern.RewriteRuleClassBase):
-    def __init__(self, name: str, rotate: str, partial: bool, max_positions: int, opset: int):
+    def __init__(self, name: str, rotate: str, partial: bool, max_positions: int, opset: int, keys: bool):
         super().__init__(name)
-        self.rotate, self.partial = rotate, partial
+        self.rotate, self.partial, self.keys = rotate, partial, keys
         self.max_positions, self.opset = max_positions, opset
         self._caches: dict[tuple, tuple[ir.Value, ir.Value]] = {}
 
@@ -68,6 +73,8 @@ class Rotary(pattern.RewriteRuleClassBase):
             rot = ends[0]
             if p_starts[0] != rot or p_ends[0] < head_dim:
                 return result.fail(f"the pass-through slice does not start at the rotary dimension {rot}")
+        elif x.producer() is not None and x.producer().op_type == "Slice":
+            return result.fail("input is a slice of a wider tensor: the partial-rotation rule applies", x)
         if rot % 2 or not 0 < rot <= head_dim:
             return result.fail(f"rotary dimension {rot} is not even and within head_dim {head_dim}")
         if self.rotate == "pairs":
@@ -80,6 +87,9 @@ class Rotary(pattern.RewriteRuleClassBase):
         else:
             if _ints(v["s1"]) != [0] or _ints(v["e1"]) != [rot // 2] or _ints(v["s2"]) != [rot // 2]:
                 return result.fail("x is not split into halves: not the rotate-half layout")
+        if not self.keys and _feeds_kv_cache(context.output_values[0]):
+            return result.fail("key rotation left unfused (rotary_keys is off: TensorRT-RTX cannot build a "
+                               "RotaryEmbedding feeding the KV cache into a fused Attention)")
         if cos.dtype != x.dtype or sin.dtype != x.dtype:
             return result.fail("cos/sin dtype differs from the input's", [cos, sin])
         tables = self._tables(cos, sin, rot)
@@ -129,13 +139,22 @@ class Rotary(pattern.RewriteRuleClassBase):
             rotary_embedding_dim=0 if rot == x.shape[3] else rot)
 
 
+def _feeds_kv_cache(value: ir.Value) -> bool:
+    """A key: concatenated onto a past_key_values graph input."""
+    for use in value.uses():
+        node = use.node
+        if node.op_type == "Concat" and any(i is not None and i.is_graph_input() for i in node.inputs):
+            return True
+    return False
+
+
 def _ints(value: ir.Value | None) -> list[int] | None:
     if value is None or value.const_value is None:
         return None
     return [int(i) for i in np.asarray(value.const_value.numpy()).reshape(-1)]
 
 
-def rules(max_positions: int, opset: int) -> list:
+def rules(max_positions: int, opset: int, keys: bool = True) -> list:
     return [Rotary.rule(f"rotary_{rotate}{'_partial' if partial else ''}", rotate=rotate, partial=partial,
-                        max_positions=max_positions, opset=opset)
+                        max_positions=max_positions, opset=opset, keys=keys)
             for rotate in ("pairs", "strided", "half") for partial in (True, False)]

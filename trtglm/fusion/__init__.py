@@ -1,0 +1,135 @@
+"""Graph fusion: the exported decoder -> the graph TensorRT runs best, every rewrite proven by tests.
+
+Order matters: norms first, then rotary (its output is attention's query and key), then attention.
+`fuse()` reports a count per rule and, in strict mode, insists that the graph ends with the fused
+ops a model of L layers must have, naming the rule and the reason whenever one falls short.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import onnx_ir as ir
+import onnx_ir.passes.common as passes
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter._basics import MatchingTracer
+
+from ..errors import TrtglmError
+from . import attention, rms_norm, rotary
+
+FUSION_OPSET = 23
+FUSED_OP = {"rms_norm": "RMSNormalization", "rotary": "RotaryEmbedding", "attention": "Attention"}
+FUSIONS = ("rms_norm", "rotary", "rotary_keys", "attention")  # rotary_keys: also rotate keys with RotaryEmbedding
+# Keys stay decomposed by default: TensorRT-RTX cannot build a fused key rotation feeding fused attention (rotary.py).
+DEFAULT_FUSIONS = frozenset({"rms_norm", "rotary", "attention"})
+
+
+class FusionError(TrtglmError):
+    """Strict mode: a rule matched fewer times than the model needs."""
+
+
+@dataclass
+class FusionReport:
+    rewrites: dict[str, int]  # per rule, in this run
+    fused: dict[str, int]  # per kind, fused ops now in the graph
+    expected: dict[str, int | tuple[int, ...]] | None
+    nodes_before: int
+    nodes_after: int
+    ops_before: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def expected_counts(num_layers: int, sandwich_norms: bool | None,
+                    fusions: frozenset[str] = DEFAULT_FUSIONS) -> dict[str, int | tuple[int, ...]]:
+    """What a GLM decoder of L layers fuses into: norms 2L+1 (4L+1 with glm4's extra norms), a rotary per
+    query (and per key with rotary_keys), L attention."""
+    norms = (2 * num_layers + 1, 4 * num_layers + 1)
+    return {"rms_norm": norms if sandwich_norms is None else norms[int(sandwich_norms)],
+            "rotary": num_layers * (2 if "rotary_keys" in fusions else 1), "attention": num_layers}
+
+
+def rule_sets(max_positions: int, fusions: frozenset[str] = DEFAULT_FUSIONS):
+    kinds = {"rms_norm": rms_norm.RULES,
+             "rotary": rotary.rules(max_positions, FUSION_OPSET, keys="rotary_keys" in fusions),
+             "attention": attention.RULES}
+    return {kind: rules for kind, rules in kinds.items() if kind in fusions}
+
+
+def fuse(model: ir.Model, *, max_positions: int, expected: dict | None = None, strict: bool = True,
+         fusions: frozenset[str] = DEFAULT_FUSIONS) -> FusionReport:
+    """Rewrite `model` in place. Raises FusionError in strict mode when a fused-op count falls short."""
+    ops_before = _ops(model)
+    if model.opset_imports.get("", 0) < FUSION_OPSET:
+        from onnxscript.version_converter import convert_version
+
+        convert_version(model, FUSION_OPSET)
+    model.ir_version = max(model.ir_version or 0, 11)
+    _tidy(model)
+    rewrites: dict[str, int] = {}
+    unknown = set(fusions) - set(FUSIONS)
+    if unknown:
+        raise TrtglmError(f"unknown fusion(s) {sorted(unknown)}; known: {', '.join(FUSIONS)}")
+    kinds = rule_sets(max_positions, fusions)
+    for rules in kinds.values():
+        for rule in rules:
+            rewrites[rule.name] = pattern.RewriteRuleSet([rule]).apply_to_model(model)
+        _tidy(model)
+    ops_after = _ops(model)
+    fused = {kind: ops_after.get(op, 0) for kind, op in FUSED_OP.items()}
+    report = FusionReport(rewrites, fused, expected, sum(ops_before.values()), sum(ops_after.values()),
+                          ops_before, ops_after)
+    if strict and expected:
+        _enforce(model, report, kinds)
+    return report
+
+
+def _tidy(model: ir.Model) -> None:
+    """Types and shapes, small constant folding, dead nodes, shared constants, one copy of each subexpression."""
+    from onnxscript.optimizer import fold_constants
+
+    passes.ShapeInferencePass()(model)
+    fold_constants(model, output_size_limit=1 << 20)
+    passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    passes.DeduplicateInitializersPass(size_limit=1 << 24)(model)
+    passes.CommonSubexpressionEliminationPass()(model)
+    passes.RemoveUnusedNodesPass()(model)
+    passes.TopologicalSortPass()(model)
+    passes.ShapeInferencePass()(model)
+
+
+def _ops(model: ir.Model) -> dict[str, int]:
+    return dict(Counter(node.op_type for node in model.graph))
+
+
+def _enforce(model: ir.Model, report: FusionReport, kinds: dict) -> None:
+    for kind, want in report.expected.items():
+        if kind not in kinds:
+            continue
+        got = report.fused[kind]
+        allowed = want if isinstance(want, tuple) else (want,)
+        if got in allowed:
+            continue
+        wanted = " or ".join(str(w) for w in allowed)
+        raise FusionError(f"strict fusion: {got} {FUSED_OP[kind]} op(s) in the graph, expected {wanted}; "
+                          + _why(model, kinds[kind]),
+                          hint="pass --no-strict to build the graph as far as it fuses")
+
+
+def _why(model: ir.Model, rules) -> str:
+    """The rule whose best partial match got furthest, and why it stopped."""
+    tracer = MatchingTracer()
+    pattern.RewriteRuleSet(rules).apply_to_model(model, tracer=tracer)
+    best = None
+    for rule, matches in tracer.best_matches_map.items():
+        for m in matches:
+            if best is None or m.score() > best[1].score():
+                best = (rule, m)
+    if best is None:
+        return "no rule found even a partial match"
+    rule, m = best
+    node = m.root_node
+    return f"rule {rule.name} refused at node {node.name} ({node.op_type}): {m.match_result.reason}"
