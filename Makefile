@@ -26,6 +26,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/export.py
+	$(PY) bench/fusion.py
 
 clean:
 	rm -rf $(VENV) out .bench

@@ -1,0 +1,146 @@
+"""Fusion benchmark on a random-weight GLM-4-shaped model of about 136M parameters.
+
+    python bench/fusion.py [--workdir .bench] [--layers 12]
+
+One run measures, side by side:
+- TensorRT-RTX fp16 engines for SM89 (built on the CPU) of the plain export and of the fused graphs:
+  network layers, engine kernels per decoder layer in each profile (prefill, decode), whether the
+  fused attention (mha) kernel is there, and the decode kernel list of one layer;
+- ONNX Runtime CPU (fp32): prefill latency at 512 tokens and decode tokens/s at 1024 tokens of
+  context, plain vs fused;
+- node counts before and after fusion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from trtglm.build import build
+from trtglm.engine import build_engine
+from trtglm.export import export
+from trtglm.synthetic import glm4_config, write_random_checkpoint
+from trtglm.validate import OrtDecoder
+
+FUSION_SETS = {
+    "plain export": None,
+    "fused (default)": frozenset({"rms_norm", "rotary", "attention"}),
+    "fused + rotary_keys": frozenset({"rms_norm", "rotary", "rotary_keys", "attention"}),
+    "norms + rotary, no attention": frozenset({"rms_norm", "rotary", "rotary_keys"}),
+}
+
+
+def kernels_by_profile(engine) -> dict[str, list[str]]:
+    """Kernel names grouped by the Myelin graph they belong to, one per optimization profile."""
+    groups = defaultdict(list)
+    for k in engine.kernels:
+        m = re.search(r"_myl(\d+)_\d+$", k["name"])
+        groups[m.group(1) if m else "other"].append(k["name"])
+    ordered = [groups[key] for key in sorted(k for k in groups if k != "other")]
+    return {"prefill": ordered[0] if ordered else [], "decode": ordered[1] if len(ordered) > 1 else [],
+            "other": groups.get("other", [])}
+
+
+def ort_timings(onnx_path: Path, vocab: int, prefill: int = 512, context: int = 1024, decode: int = 32) -> dict:
+    dec = OrtDecoder(onnx_path)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, vocab, (1, prefill))
+    mask = np.ones((1, prefill), np.int64)
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        dec(ids, mask, np.arange(prefill)[None], dec.empty_past(1))
+        times.append(time.perf_counter() - t)
+    ids = rng.integers(0, vocab, (1, context))
+    _, past = dec(ids, np.ones((1, context), np.int64), np.arange(context)[None], dec.empty_past(1))
+    steps = []
+    for i in range(decode):
+        total = context + i + 1
+        t = time.perf_counter()
+        _, past = dec(rng.integers(0, vocab, (1, 1)), np.ones((1, total), np.int64), np.array([[total - 1]]), past)
+        steps.append(time.perf_counter() - t)
+    return {"prefill_512_ms": 1000 * min(times), "decode_tok_s_at_1024": 1 / statistics.median(steps)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default=".bench")
+    ap.add_argument("--layers", type=int, default=12)
+    args = ap.parse_args()
+    work = Path(args.workdir) / "fusion"
+    shutil.rmtree(work, ignore_errors=True)
+    config = glm4_config(hidden=768, layers=args.layers, heads=12, kv_heads=2, intermediate=2560, vocab=32000,
+                         head_dim=64, max_positions=2048)
+    ckpt = write_random_checkpoint(work / "ckpt", config, dtype="fp16")
+    L = args.layers
+    rows = {}
+    for dtype in ("fp16", "fp32"):
+        export(str(ckpt), work / f"export-{dtype}", dtype=dtype, validate=False)
+        for label, fusions in FUSION_SETS.items():
+            path = work / f"export-{dtype}" / "model.onnx"
+            row = rows.setdefault(label, {})
+            if fusions is not None:
+                out = work / f"{dtype}-{label.replace(' ', '_')}"
+                manifest = build(work / f"export-{dtype}", out, onnx_only=True, fusions=fusions)
+                path = out / "model.onnx"
+                if dtype == "fp32":
+                    row["nodes"] = f"{manifest['fusion']['nodes_before']} -> {manifest['fusion']['nodes_after']}"
+            elif dtype == "fp32":
+                import onnx
+
+                row["nodes"] = str(len(onnx.load(path, load_external_data=False).graph.node))
+            if dtype == "fp16":
+                try:
+                    engine = build_engine(path, targets=("sm89",), max_input_len=512, max_seq_len=2048)
+                except Exception as e:  # noqa: BLE001 - a refused build is a result to report
+                    row["engine"] = f"build failed: {str(e)[:120]}"
+                    continue
+                prof = kernels_by_profile(engine)
+                row["engine"] = {
+                    "network_layers": engine.network_layers, "build_s": round(engine.seconds, 1),
+                    "kernels_per_layer_prefill": round(len(prof["prefill"]) / L, 2),
+                    "kernels_per_layer_decode": round(len(prof["decode"]) / L, 2),
+                    "mha": any("mha" in n for n in prof["decode"]),
+                    "engine_mb": round(len(engine.plan) / 1e6, 1)}
+                row["decode_kernels_one_layer"] = _one_layer(prof["decode"], L)
+            else:
+                row["ort"] = ort_timings(path, config["vocab_size"])
+            print(json.dumps({label: row}), flush=True)
+    _table(rows)
+
+
+def _one_layer(names: list[str], layers: int) -> list[str]:
+    """The decode kernels of a middle layer: the repeating block between the first and last layers."""
+    per = len(names) // layers
+    start = (layers // 2) * per
+    return [re.sub(r"_myl\d+_\d+$", "", n) for n in names[start:start + per]]
+
+
+def _table(rows: dict) -> None:
+    base = rows["plain export"]["ort"]
+    print("\n| graph | nodes | TRT network layers | kernels/layer prefill | kernels/layer decode | mha kernel | "
+          "ORT prefill 512 (ms) | ORT decode tok/s @1024 | vs plain |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, r in rows.items():
+        e = r.get("engine")
+        eng = (f"{e['network_layers']} | {e['kernels_per_layer_prefill']} | {e['kernels_per_layer_decode']} | "
+               f"{'yes' if e['mha'] else 'no'}") if isinstance(e, dict) else f"{e} | | |"
+        o = r["ort"]
+        print(f"| {label} | {r['nodes']} | {eng} | {o['prefill_512_ms']:.0f} | {o['decode_tok_s_at_1024']:.1f} | "
+              f"prefill x{base['prefill_512_ms'] / o['prefill_512_ms']:.2f}, "
+              f"decode x{o['decode_tok_s_at_1024'] / base['decode_tok_s_at_1024']:.2f} |")
+    print("\ndecode kernels of one layer (fused, default):")
+    for n in rows["fused (default)"].get("decode_kernels_one_layer", []):
+        print("  ", n)
+
+
+if __name__ == "__main__":
+    main()
