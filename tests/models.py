@@ -73,3 +73,40 @@ def save_chatglm(glm_model, path: Path) -> Path:
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
+
+
+def dynamo_export(model, path: Path, opset: int = 18) -> Path:
+    """torch.onnx's dynamo export of a transformers GLM with a KV cache: a graph from another exporter,
+    in trtglm's IO naming."""
+    from transformers import DynamicCache
+
+    layers, kv, d = model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.head_dim
+    model.config._attn_implementation = "eager"
+
+    class WithCache(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, position_ids, past):
+            cache = DynamicCache(config=self.m.config)
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+            return (out.logits, *[t for layer in out.past_key_values.layers[:layers] for t in (layer.keys, layer.values)])
+
+    b, s, p = 2, 3, 4
+    args = (torch.randint(0, model.config.vocab_size, (b, s)), torch.ones(b, p + s, dtype=torch.long),
+            torch.arange(p, p + s)[None].repeat(b, 1), tuple(torch.randn(b, kv, p, d) for _ in range(2 * layers)))
+    batch, seq, past, total = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
+    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
+               "position_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past} for _ in range(2 * layers))}
+    names = [f"{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    program = torch.onnx.export(WithCache(model), args, dynamic_shapes=dynamic, dynamo=True, opset_version=opset,
+                                input_names=["input_ids", "attention_mask", "position_ids",
+                                             *[f"past_key_values.{n}" for n in names]],
+                                output_names=["logits", *[f"present.{n}" for n in names]])
+    path.mkdir(parents=True)
+    program.save(str(path / "model.onnx"), external_data=True)
+    return path

@@ -123,3 +123,16 @@ def test_corrupt_onnx_is_one_line(tmp_path):
     (tmp_path / "e" / "model.onnx").write_bytes(b"not a protobuf at all")
     with pytest.raises(TrtglmError, match="cannot be read as ONNX"):
         build(tmp_path / "e", tmp_path / "b", onnx_only=True, max_seq_len=64)
+
+
+def test_graph_from_torch_dynamo_exporter_fuses_strictly(models, exports, tmp_path):
+    """Another exporter's graph (torch.onnx dynamo, opset 18, transformers' own modules): every rule
+    matches its forms, logits stay equal, and equal trtglm's own export of the same weights."""
+    from models import dynamo_export
+
+    foreign = dynamo_export(models["glm4"], tmp_path / "dynamo")
+    manifest = build(foreign, tmp_path / "b", onnx_only=True, max_seq_len=256)
+    assert manifest["fusion"]["fused"] == {"rms_norm": 9, "rotary": 2, "attention": 2}
+    assert manifest["fusion"]["rewrites"]["rotary_strided_partial"] == 2  # torch.stack((-x2, x1)) form
+    assert max_diff(foreign / "model.onnx", tmp_path / "b" / "model.onnx") < 1e-5
+    assert max_diff(exports["glm4"] / "model.onnx", tmp_path / "b" / "model.onnx") < 1e-4

@@ -26,7 +26,8 @@ class RmsNorm(pattern.RewriteRuleClassBase):
 
     def pattern(self, op, x, scale, eps, compute_type, out_type):
         xc = pattern.OrValue([op.Cast(x, to=compute_type), x])
-        mean_sq = op.ReduceMean(op.Pow(xc, 2.0), [-1], keepdims=1, _allow_other_attributes=False)
+        # other attributes (noop_with_empty_axes) cannot matter: the axes are not empty
+        mean_sq = op.ReduceMean(op.Pow(xc, 2.0), [-1], keepdims=1, _allow_other_attributes=True)
         rms = op.Sqrt(op.Add(mean_sq, eps))
         normed = op.Div(xc, rms) if self.divide else op.Mul(xc, op.Reciprocal(rms))
         normed = pattern.OrValue([op.Cast(normed, to=out_type), normed])
