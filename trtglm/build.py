@@ -1,69 +1,253 @@
-"""`trtglm build`: export dir -> fused (and later precision-rewritten) graph -> BUILD_DIR.
+"""`trtglm build`: export dir + recipe -> fused graph -> TensorRT engine -> BUILD_DIR.
 
-    EXPORT_DIR/model.onnx ─ fuse ─> BUILD_DIR/model.onnx (+ .data), manifest.json, tokenizer files
+    EXPORT_DIR ─ recipe ─ checks (precision, targets, shapes) ─ cache? ─ fuse ─ engine ─> BUILD_DIR/
+        model.engine  model.onnx(+.data)  manifest.json  layers.json  build.log  tokenizer files
+
+The cache key hashes what determines the result: the export's graph and weights (their sha256),
+the resolved recipe, the backend and its version, and trtglm's version (fusion is deterministic).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import platform
 import shutil
 import time
 from pathlib import Path
 
+from . import __version__
 from .atomic import atomic_dir
 from .errors import TrtglmError, UsageError
 from .export import DATA_FILE, META_FILE, ONNX_FILE, sha256, tool_versions
-from .fusion import DEFAULT_FUSIONS, expected_counts, fuse
+from .fusion import expected_counts, fuse
+from .recipe import Recipe, load_recipe
 
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE, ENGINE_FILE, LAYERS_FILE, LOG_FILE = "manifest.json", "model.engine", "layers.json", "build.log"
 MANIFEST_VERSION = 1
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
-def build(export_dir: str | Path, out_dir: str | Path, *, onnx_only: bool = False, strict: bool = True,
-          max_seq_len: int | None = None, fusions: frozenset[str] = DEFAULT_FUSIONS, force: bool = False,
-          progress=None) -> dict:
-    import onnx_ir as ir
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trtglm" / "engines"
 
-    if not onnx_only:
-        raise UsageError("the TensorRT engine step of `trtglm build` is not available yet",
-                         hint="pass --onnx-only to write the fused ONNX graph")
+
+def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | None = None,
+          overrides: dict | None = None, onnx_only: bool = False, cache_dir: Path | None = None,
+          use_cache: bool = True, force: bool = False, progress=None, **shortcuts) -> dict:
+    """Returns the manifest. `shortcuts` (fusions, strict, max_seq_len) are overrides for library callers."""
     export_dir = Path(export_dir)
     onnx_path = export_dir / ONNX_FILE
     if not onnx_path.is_file():
         raise TrtglmError(f"{export_dir}: no {ONNX_FILE} (not a `trtglm export` directory)")
     meta = _export_meta(export_dir)
-    max_positions = max_seq_len or (meta or {}).get("max_seq_len")
-    if not max_positions:
-        raise UsageError(f"{export_dir} has no {META_FILE}: pass --max-seq-len for the rotary tables")
+    overrides = _merge_shortcuts(overrides or {}, shortcuts)
+    r = load_recipe(recipe, overrides)
+    r, dtype = _resolve(r, meta, overrides, export_dir)
+    if not onnx_only:
+        from .engine import check_targets, import_backend
+
+        trt = import_backend(r.builder.backend)
+        check_targets(r.builder.targets, dtype, trt.__name__)
+        backend = {"name": trt.__name__, "version": trt.__version__}
+    else:
+        backend = None
+    key = _cache_key(export_dir, meta, r, backend, onnx_only)
+    cache = (cache_dir or default_cache_dir()) / key if use_cache and not onnx_only else None
+    started = time.perf_counter()
+    with atomic_dir(out_dir, force=force) as tmp:
+        if cache is not None:
+            from filelock import FileLock
+
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(cache) + ".lock"):
+                if not (cache / MANIFEST_FILE).is_file():
+                    _build_into(tmp, export_dir, meta, r, dtype, recipe, key, progress)
+                    _store(tmp, cache)
+                    manifest = json.loads((tmp / MANIFEST_FILE).read_text())
+                    manifest["cache"] = {"key": key, "hit": False}
+                else:
+                    _restore(cache, tmp)
+                    manifest = json.loads((tmp / MANIFEST_FILE).read_text())
+                    manifest["cache"] = {"key": key, "hit": True, "seconds": round(time.perf_counter() - started, 2)}
+        else:
+            manifest = _build_into(tmp, export_dir, meta, r, dtype, recipe, key, progress, onnx_only=onnx_only)
+            manifest["cache"] = {"key": key, "hit": False, "disabled": True}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _merge_shortcuts(overrides: dict, shortcuts: dict) -> dict:
+    out = {k: dict(v) for k, v in overrides.items()}
+    if "fusions" in shortcuts:
+        out.setdefault("fusion", {})["fusions"] = tuple(sorted(shortcuts["fusions"]))
+    if "strict" in shortcuts:
+        out.setdefault("fusion", {})["strict"] = shortcuts["strict"]
+    if shortcuts.get("max_seq_len"):
+        out.setdefault("shapes", {})["max_seq_len"] = shortcuts["max_seq_len"]
+    unknown = set(shortcuts) - {"fusions", "strict", "max_seq_len"}
+    if unknown:
+        raise TypeError(f"unknown build options {sorted(unknown)}")
+    return out
+
+
+def _resolve(r: Recipe, meta: dict | None, overrides: dict, export_dir: Path) -> tuple[Recipe, str]:
+    """Fill what the recipe leaves to the export (dtype, sequence length) and check they agree."""
+    exported = (meta or {}).get("dtype") or _graph_dtype(export_dir / ONNX_FILE)
+    dtype = r.precision.dtype or exported
+    if dtype in ("int8", "int4", "fp8"):
+        raise UsageError(f"{dtype} quantization is not available yet (the precision stage is still to come)",
+                         hint="build the fp16 export, or pass --onnx-only")
+    if dtype != exported:
+        raise UsageError(f"precision {dtype} requested but {export_dir} was exported in {exported}; graph-level "
+                         "precision conversion is not available yet",
+                         hint=f"re-export with `trtglm export ... --dtype {dtype}`")
+    limit = (meta or {}).get("max_seq_len")
+    shapes = r.shapes
+    explicit = "max_seq_len" in shapes.model_fields_set
+    if limit and shapes.max_seq_len > limit:
+        if explicit:
+            raise UsageError(f"max_seq_len {shapes.max_seq_len} exceeds the export's max_seq_len {limit}")
+        shapes = shapes.model_copy(update={"max_seq_len": limit,
+                                           "max_input_len": min(shapes.max_input_len, limit)})
+    precision = r.precision.model_copy(update={"dtype": dtype})
+    return r.model_copy(update={"shapes": shapes, "precision": precision}), dtype
+
+
+def _graph_dtype(onnx_path: Path) -> str:
+    import onnx
+
+    model = onnx.load(onnx_path, load_external_data=False)
+    names = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
+    for i in model.graph.input:
+        if i.name.startswith("past_key_values."):
+            return names.get(i.type.tensor_type.elem_type, "fp32")
+    return "fp32"
+
+
+def _cache_key(export_dir: Path, meta: dict | None, r: Recipe, backend: dict | None, onnx_only: bool) -> str:
+    h = hashlib.sha256()
+    hashes = (meta or {}).get("files", {}).get("sha256") or {
+        n: sha256(export_dir / n) for n in (ONNX_FILE, DATA_FILE) if (export_dir / n).is_file()}
+    h.update(json.dumps({"export": hashes, "recipe": r.resolved(), "backend": backend, "trtglm": __version__,
+                         "onnx_only": onnx_only}, sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype: str, recipe_file, key: str,
+                progress, onnx_only: bool = False) -> dict:
+    import onnx_ir as ir
+
     started = time.perf_counter()
     try:
-        model = ir.load(onnx_path)
+        model = ir.load(export_dir / ONNX_FILE)
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line
-        raise TrtglmError(f"{onnx_path}: cannot be read as ONNX ({str(e).splitlines()[0]})") from None
+        raise TrtglmError(f"{export_dir / ONNX_FILE}: cannot be read as ONNX ({str(e).splitlines()[0]})") from None
+    fusions = frozenset(r.fusion.fusions)
     layers = sum(1 for v in model.graph.inputs if v.name.startswith("past_key_values.") and v.name.endswith(".key"))
     if meta:
         expected = expected_counts(meta["config"]["num_layers"], meta["family"] == "glm4", fusions)
     else:
         expected = expected_counts(layers, None, fusions) if layers else None
-    report = fuse(model, max_positions=max_positions, expected=expected, strict=strict, fusions=fusions)
-    with atomic_dir(out_dir, force=force) as tmp:
-        ir.save(model, tmp / ONNX_FILE, external_data=DATA_FILE, max_in_flight_bytes=256 << 20)
-        for f in _sidecars(export_dir, meta):
-            shutil.copy2(f, tmp / f.name)
-        manifest = {
-            "format_version": MANIFEST_VERSION,
-            "stage": "onnx",
-            "source_export": {"path": str(export_dir.resolve()), "export_json": meta is not None,
-                              "sha256": {ONNX_FILE: sha256(onnx_path)}},
-            "max_seq_len": max_positions,
-            "fusion": report.to_dict() | {"strict": strict, "fusions": sorted(fusions)},
-            "files": {"onnx": ONNX_FILE, "data": DATA_FILE,
-                      "sha256": {n: sha256(tmp / n) for n in (ONNX_FILE, DATA_FILE) if (tmp / n).exists()}},
-            "tools": tool_versions(),
-            "build_seconds": round(time.perf_counter() - started, 2),
-        }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    report = fuse(model, max_positions=r.shapes.max_seq_len, expected=expected, strict=r.fusion.strict,
+                  fusions=fusions)
+    ir.save(model, tmp / ONNX_FILE, external_data=DATA_FILE, max_in_flight_bytes=256 << 20)
+    del model
+    for f in _sidecars(export_dir, meta):
+        shutil.copy2(f, tmp / f.name)
+    manifest = {
+        "format_version": MANIFEST_VERSION,
+        "stage": "onnx" if onnx_only else "engine",
+        "recipe": {"file": str(recipe_file) if recipe_file else None,
+                   "file_sha256": sha256(Path(recipe_file)) if recipe_file else None,
+                   "resolved": r.resolved(),
+                   "resolved_sha256": hashlib.sha256(json.dumps(r.resolved(), sort_keys=True).encode()).hexdigest()},
+        "source": {"export_dir": str(export_dir.resolve()), "export_sha256": (meta or {}).get("files", {}).get("sha256"),
+                   "checkpoint": (meta or {}).get("source")},
+        "calibration": None,
+        "precision": {"dtype": dtype, "ops": _dtype_histogram(tmp / ONNX_FILE)},
+        "max_seq_len": r.shapes.max_seq_len,
+        "io": (meta or {}).get("io"),
+        "fusion": report.to_dict() | {"strict": r.fusion.strict, "fusions": sorted(fusions)},
+        "tools": tool_versions(),
+        "host": platform.node(),
+        "cache_key": key,
+    }
+    if not onnx_only:
+        manifest.update(_engine_step(tmp, meta, r, dtype, progress))
+    manifest["files"] = {"sha256": {p.name: sha256(p) for p in sorted(tmp.iterdir())
+                                    if p.name in (ONNX_FILE, DATA_FILE, ENGINE_FILE)}}
+    manifest["build_seconds"] = round(time.perf_counter() - started, 2)
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _engine_step(tmp: Path, meta: dict | None, r: Recipe, dtype: str, progress) -> dict:
+    from .engine import build_engine, plan_shapes
+
+    if meta is None:
+        raise UsageError("an engine build needs the export's export.json (IO spec and config)",
+                         hint="pass --onnx-only for graphs from other exporters")
+    plan = plan_shapes(meta["io"], meta["config"], r.shapes, BYTES[dtype])
+    weights = (tmp / DATA_FILE).stat().st_size if (tmp / DATA_FILE).exists() else 0
+    task = progress.add_task("TensorRT build", total=None) if progress else None
+
+    def on_step(phase: str, step: int, total: int) -> None:
+        if progress:
+            progress.update(task, description=f"TensorRT: {phase}", completed=step, total=total or None)
+
+    engine = build_engine(tmp / ONNX_FILE, profiles=plan.profiles, builder=r.builder, dtype=dtype, on_step=on_step,
+                          timing_cache=default_cache_dir().parent / f"timing-{r.builder.backend}.cache")
+    if progress:
+        progress.remove_task(task)
+    (tmp / ENGINE_FILE).write_bytes(engine.plan)
+    (tmp / LOG_FILE).write_text("\n".join(engine.log) + "\n")
+    (tmp / LAYERS_FILE).write_text(json.dumps({"network_layer_types": engine.network_layer_types,
+                                               "engine_layers": engine.layers}, indent=1) + "\n")
+    return {
+        "backend": {"name": engine.backend, "version": engine.version},
+        "targets": list(r.builder.targets),
+        "profiles": [{name: [list(s) for s in shapes] for name, shapes in p.items()} for p in plan.profiles],
+        "profile_names": ["prefill", "decode"],
+        "estimate": {"weights_bytes": weights, "kv_cache_bytes": plan.kv_cache_bytes,
+                     "activation_bytes": plan.activation_bytes},
+        "engine": {"bytes": len(engine.plan), "network_layers": engine.network_layers,
+                   "engine_layers": len(engine.layers), "kernels": len(engine.kernels),
+                   "tensorrt_build_seconds": round(engine.seconds, 2)},
+    }
+
+
+def _dtype_histogram(onnx_path: Path) -> dict[str, int]:
+    import onnx
+
+    model = onnx.load(onnx_path, load_external_data=False)
+    names = {v: onnx.TensorProto.DataType.Name(v).lower() for v in onnx.TensorProto.DataType.values()}
+    counts: dict[str, int] = {}
+    for init in model.graph.initializer:
+        counts[names[init.data_type]] = counts.get(names[init.data_type], 0) + 1
+    return counts
+
+
+def _store(tmp: Path, cache: Path) -> None:
+    staging = cache.with_name(cache.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for f in tmp.iterdir():
+        _link_or_copy(f, staging / f.name)
+    os.replace(staging, cache)
+
+
+def _restore(cache: Path, tmp: Path) -> None:
+    for f in cache.iterdir():
+        _link_or_copy(f, tmp / f.name)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _export_meta(export_dir: Path) -> dict | None:

@@ -74,32 +74,64 @@ def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Build directory (must not exist unless --force).")
+@click.option("--recipe", type=click.Path(dir_okay=False), help="YAML recipe; flags below override it.")
+@click.option("--fp32", "dtype", flag_value="fp32", help="Precision (default: as exported).")
+@click.option("--fp16", "dtype", flag_value="fp16")
+@click.option("--bf16", "dtype", flag_value="bf16")
+@click.option("--int8", "dtype", flag_value="int8")
+@click.option("--int4", "dtype", flag_value="int4")
+@click.option("--fp8", "dtype", flag_value="fp8")
+@click.option("--target", "targets", help="Compute capabilities, comma-separated (e.g. sm89,sm120).")
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt_rtx"]), default=None)
+@click.option("--max-batch", type=int, default=None)
+@click.option("--max-input-len", type=int, default=None, help="Longest prompt (prefill) in tokens.")
+@click.option("--max-seq-len", type=int, default=None, help="Longest sequence, past + new tokens.")
 @click.option("--onnx-only", is_flag=True, help="Stop after the graph work: write BUILD_DIR/model.onnx.")
-@click.option("--strict/--no-strict", default=True, show_default=True,
-              help="Fail unless every rule fused as often as the model needs (--no-strict for foreign graphs).")
-@click.option("--fusions", default="rms_norm,rotary,attention", show_default=True,
-              help="Comma-separated fusions to apply: rms_norm, rotary, rotary_keys (also keys; TensorRT-RTX "
-                   "cannot build it with fused attention), attention; 'none' for no fusion.")
-@click.option("--max-seq-len", type=int, default=None,
-              help="Rotary table length. [default: the export's max_seq_len]")
+@click.option("--fusions", default=None,
+              help="Comma-separated fusions: rms_norm, rotary, rotary_keys (TensorRT-RTX cannot build it "
+                   "with fused attention), attention; 'none' for no fusion. [default: rms_norm,rotary,attention]")
+@click.option("--strict/--no-strict", default=None,
+              help="Fail unless every rule fused as often as the model needs. [default: strict]")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Engine cache. [default: ~/.cache/trtglm/engines]")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the engine cache.")
 @click.option("--force", is_flag=True, help="Replace BUILD_DIR if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print manifest.json to stdout.")
-def build_cmd(export_dir, out_dir, onnx_only, strict, fusions, max_seq_len, force, as_json):
-    """Fuse (and, with the engine step, build) the graph of a `trtglm export` directory."""
+def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, max_input_len, max_seq_len,
+              onnx_only, fusions, strict, cache_dir, no_cache, force, as_json):
+    """Fuse the graph of a `trtglm export` directory and build a TensorRT engine from it."""
+    from pathlib import Path
+
     from .build import build
 
-    manifest = build(export_dir, out_dir, onnx_only=onnx_only, strict=strict, max_seq_len=max_seq_len,
-                     fusions=frozenset() if fusions == "none" else frozenset(filter(None, fusions.split(","))),
-                     force=force)
+    fusion_list = None
+    if fusions is not None:
+        fusion_list = () if fusions == "none" else tuple(f for f in fusions.split(",") if f)
+    overrides = {
+        "precision": {"dtype": dtype},
+        "builder": {"targets": targets, "backend": backend},
+        "shapes": {"max_batch": max_batch, "max_input_len": max_input_len, "max_seq_len": max_seq_len},
+        "fusion": {"fusions": fusion_list, "strict": strict},
+    }
+    with _progress() as progress:
+        manifest = build(export_dir, out_dir, recipe=recipe, overrides=overrides, onnx_only=onnx_only,
+                         cache_dir=Path(cache_dir) if cache_dir else None, use_cache=not no_cache, force=force,
+                         progress=progress)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
     f = manifest["fusion"]
-    click.echo(f"fused graph written to {out_dir}: {f['nodes_before']} -> {f['nodes_after']} nodes "
-               f"({f['nodes_after'] / f['nodes_before']:.0%})")
-    for kind, n in f["fused"].items():
-        want = (f["expected"] or {}).get(kind)
-        click.echo(f"  {kind:<10} {n:>4}" + (f"  (expected {want})" if want is not None else ""))
+    click.echo(f"fused graph: {f['nodes_before']} -> {f['nodes_after']} nodes "
+               f"({f['nodes_after'] / f['nodes_before']:.0%}); "
+               + ", ".join(f"{kind} {n}" + (f"/{f['expected'][kind]}" if f["expected"] else "")
+                           for kind, n in f["fused"].items()))
+    if manifest["stage"] == "engine":
+        e, c = manifest["engine"], manifest["cache"]
+        how = "cache hit" if c.get("hit") else f"built in {e['tensorrt_build_seconds']:.1f} s"
+        click.echo(f"engine: {manifest['backend']['name']} {manifest['backend']['version']}, "
+                   f"{', '.join(manifest['targets'])}, {manifest['precision']['dtype']}, "
+                   f"{e['bytes'] / 1e6:.1f} MB, {e['kernels']} kernels ({how})")
+    click.echo(f"written to {out_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:

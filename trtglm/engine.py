@@ -1,7 +1,7 @@
 """Build a TensorRT engine from an ONNX decoder: one code path for `tensorrt` and `tensorrt_rtx`.
 
-    model.onnx ─ OnnxParser ─> network ─ profiles (prefill: past 0; decode: seq 1) ─> serialized engine
-                                                                                      + per-layer kernel list
+    model.onnx ─ OnnxParser ─> network ─ hooks ─ profiles (prefill: past 0; decode: seq 1) ─> serialized engine
+                                                                                              + per-layer kernel list
 
 TensorRT-RTX builds on a CPU for explicit compute-capability targets; the per-layer list comes
 from the `Layers:` message of a DETAILED-verbosity build (the engine inspector needs a GPU).
@@ -10,16 +10,22 @@ from the `Layers:` message of a DETAILED-verbosity build (the engine inspector n
 from __future__ import annotations
 
 import re
+import signal
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .errors import TrtglmError
+from .recipe import BuilderSection, ShapesSection
 
 BACKENDS = ("tensorrt_rtx", "tensorrt")
+RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
 # Engine layers that launch no GPU kernel of their own.
 NOT_KERNELS = {"shape_call", "ShapeHostToDevice", "NoOp", "Reformat"}
+INT32_MAX = 2**31 - 1
 _LOGGER = None  # one logger for the whole process: TensorRT-RTX segfaults when loggers are freed and re-made
 
 
@@ -28,6 +34,10 @@ class BuildError(TrtglmError):
         self.errors = errors or []
         detail = "; ".join(self.errors[:5]) + (f" (and {len(self.errors) - 5} more)" if len(self.errors) > 5 else "")
         super().__init__(message + (f": {detail}" if detail else ""))
+
+
+class BuildCancelled(TrtglmError):
+    exit_code = 130
 
 
 def import_backend(name: str = "auto"):
@@ -40,17 +50,77 @@ def import_backend(name: str = "auto"):
         except ImportError:
             continue
     raise TrtglmError(f"no TensorRT module ({'/'.join(BACKENDS) if name == 'auto' else name}) is installed",
-                      hint="pip install 'trtglm[rtx]' (TensorRT for RTX, builds on a CPU) or 'trtglm[trt]'")
+                      hint="pip install 'trtglm[rtx]' (TensorRT for RTX, builds on a CPU) or 'trtglm[trt]', "
+                           "or pass --onnx-only")
+
+
+def check_targets(targets: tuple[str, ...], dtype: str, backend: str) -> None:
+    """Refuse, before any work, a precision or target the backend cannot build."""
+    numbers = {t: int(t[2:]) for t in targets}
+    if backend == "tensorrt_rtx":
+        bad = [t for t in targets if t not in RTX_TARGETS]
+        if bad:
+            raise TrtglmError(f"TensorRT-RTX cannot build for {', '.join(bad)} (it targets {', '.join(RTX_TARGETS)}; "
+                              "no SM90/SM100 data-center GPUs)", hint="use the full TensorRT (trtglm[trt]) on that GPU")
+    need = {"bf16": 80, "int4": 80, "fp8": 89}.get(dtype)
+    too_old = [t for t, n in numbers.items() if need and n < need]
+    if too_old:
+        raise TrtglmError(f"{dtype} needs SM{need} or newer; {', '.join(too_old)} cannot run it")
+    if dtype == "fp32" and "sm75" in targets:
+        raise TrtglmError("sm75 has no fp32 GEMM in TensorRT: build fp16 for it")
+
+
+@dataclass
+class Plan:
+    """Optimization profiles and the memory they imply, checked before building."""
+
+    profiles: list[dict[str, list[tuple[int, ...]]]]
+    kv_cache_bytes: int
+    activation_bytes: int
+
+
+def plan_shapes(io: dict, config: dict, shapes: ShapesSection, kv_bytes: int) -> Plan:
+    """Prefill (no past, up to max_input_len new tokens) and decode (one token, up to max_seq_len-1 past)."""
+    b, inp, seq = shapes.max_batch, shapes.max_input_len, shapes.max_seq_len
+    if not 0 < inp <= seq:
+        raise TrtglmError(f"impossible shapes: max_input_len {inp} must be between 1 and max_seq_len {seq}")
+    vocab, layers = config["vocab_size"], config["num_layers"]
+    kv, d, hidden = config["num_kv_heads"], config["head_dim"], config["hidden_size"]
+    for what, elements in (("logits [batch, input, vocab]", b * inp * vocab),
+                           ("attention scores [batch, heads, input, total]", b * config["num_heads"] * inp * seq),
+                           ("KV cache [batch, kv_heads, total, head_dim]", b * kv * seq * d)):
+        if elements > INT32_MAX:
+            raise TrtglmError(f"impossible shapes: {what} has {elements:,} elements, over TensorRT's int32 limit; "
+                              "lower max_batch or max_input_len")
+    ob = shapes.opt_batch or 1
+    oi = shapes.opt_input_len or max(1, inp // 2)
+    profiles = []
+    for (s_min, s_opt, s_max), (p_min, p_opt, p_max) in (((1, oi, inp), (0, 0, 0)), ((1, 1, 1), (0, seq // 2, seq - 1))):
+        profile = {}
+        for spec in io["inputs"]:
+            name = spec["name"]
+            if name in ("input_ids", "position_ids"):
+                profile[name] = [(1, s_min), (ob, s_opt), (b, s_max)]
+            elif name == "attention_mask":
+                profile[name] = [(1, s_min + p_min), (ob, s_opt + p_opt), (b, s_max + p_max)]
+            else:
+                profile[name] = [(1, kv, p_min, d), (ob, kv, p_opt, d), (b, kv, p_max, d)]
+        profiles.append(profile)
+    kv_cache = 2 * layers * b * kv * seq * d * kv_bytes
+    activations = b * inp * (vocab * 4 + 4 * hidden * kv_bytes + config["num_heads"] * seq * kv_bytes)
+    return Plan(profiles, kv_cache, activations)
 
 
 @dataclass
 class Engine:
     plan: bytes
     backend: str
+    version: str
     seconds: float
     network_layers: int
     layers: list[dict] = field(default_factory=list)  # {"name", "type"} per engine layer, from the build log
     network_layer_types: dict[str, int] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
 
     @property
     def kernels(self) -> list[dict]:
@@ -73,59 +143,131 @@ def _logger(trt):
     return _LOGGER
 
 
-def build_engine(onnx_path: str | Path, *, targets: tuple[str, ...] = ("sm89",), max_batch: int = 1,
-                 max_input_len: int = 128, max_seq_len: int = 256, backend: str = "auto") -> Engine:
-    trt = import_backend(backend)
+def _monitor(trt, on_step: Callable[[str, int, int], None] | None, cancelled: threading.Event):
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            super().__init__()
+            self.phases: dict[str, int] = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self.phases[phase_name] = num_steps
+
+        def step_complete(self, phase_name, step):
+            if on_step:
+                on_step(phase_name, step, self.phases.get(phase_name, 0))
+            return not cancelled.is_set()  # False cancels the build
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return Monitor()
+
+
+def build_engine(onnx_path: str | Path, *, profiles: list[dict] | None = None, builder: BuilderSection | None = None,
+                 dtype: str = "fp16", on_step: Callable[[str, int, int], None] | None = None,
+                 targets: tuple[str, ...] | None = None, max_batch: int = 1, max_input_len: int = 128,
+                 max_seq_len: int = 256, timing_cache: Path | None = None) -> Engine:
+    """Parse, apply the post-parse hooks, configure from `builder`, build. Ctrl-C cancels cleanly."""
+    builder_cfg = builder or BuilderSection(targets=targets or ("sm89",))
+    trt = import_backend(builder_cfg.backend)
+    check_targets(builder_cfg.targets, dtype, trt.__name__)
     log = _logger(trt)
     log.messages.clear()
-    builder = trt.Builder(log)
-    network = builder.create_network(0)
+    b = trt.Builder(log)
+    network = b.create_network(0)
     parser = trt.OnnxParser(network, log)
     if not parser.parse_from_file(str(onnx_path)):
         raise BuildError(f"{onnx_path}: the ONNX parser refused the graph",
                          [str(parser.get_error(i)) for i in range(parser.num_errors)])
-    config = builder.create_builder_config()
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    if targets and hasattr(config, "num_compute_capabilities"):
-        config.num_compute_capabilities = len(targets)
-        for i, target in enumerate(targets):
-            config.set_compute_capability(getattr(trt.ComputeCapability, target.upper()), i)
-    for profile in _profiles(network, max_batch, max_input_len, max_seq_len):
-        p = builder.create_optimization_profile()
+    _hooks(trt, network, dtype)
+    config = _configure(trt, b, builder_cfg, timing_cache)
+    if profiles is None:
+        profiles = _default_profiles(network, max_batch, max_input_len, max_seq_len)
+    for profile in profiles:
+        p = b.create_optimization_profile()
         for name, shapes in profile.items():
             p.set_shape(name, *shapes)
         config.add_optimization_profile(p)
+    cancelled = threading.Event()
+    config.progress_monitor = _monitor(trt, on_step, cancelled)
     started = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda *_: cancelled.set())
+    try:
+        plan = b.build_serialized_network(network, config)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     seconds = time.perf_counter() - started
-    errors = [m for s, m in log.messages if s in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR)]
+    if cancelled.is_set():
+        raise BuildCancelled("build cancelled (Ctrl-C); nothing was written")
+    messages = [m for _, m in log.messages]
     if plan is None:
+        errors = [m for s, m in log.messages if s in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR)]
         raise BuildError("TensorRT could not build the engine", [e.splitlines()[0][:300] for e in errors])
+    if timing_cache is not None and builder_cfg.timing_cache and trt.__name__ != "tensorrt_rtx":
+        _save_timing_cache(config, timing_cache)
     types = Counter(str(network.get_layer(i).type).split(".")[-1] for i in range(network.num_layers))
-    return Engine(bytes(plan), trt.__name__, seconds, network.num_layers, _engine_layers(log.messages), dict(types))
+    return Engine(bytes(plan), trt.__name__, trt.__version__, seconds, network.num_layers,
+                  _engine_layers(log.messages), dict(types), messages)
 
 
-def _profiles(network, max_batch: int, max_input: int, max_seq: int) -> list[dict]:
-    """Prefill (no past, up to max_input new tokens) and decode (one token, up to max_seq-1 past)."""
-    if not 0 < max_input <= max_seq or max_batch < 1:
-        raise TrtglmError(f"impossible shapes: batch {max_batch}, input {max_input}, total {max_seq}")
-    out = []
-    for seq, past in (((1, max(1, max_input // 2), max_input), (0, 0, 0)),
-                      ((1, 1, 1), (0, max_seq // 2, max_seq - 1))):
-        opt_batch = 1
-        shapes = {}
-        for i in range(network.num_inputs):
-            t = network.get_input(i)
-            if t.name in ("input_ids", "position_ids"):
-                shapes[t.name] = [(1, seq[0]), (opt_batch, seq[1]), (max_batch, seq[2])]
-            elif t.name == "attention_mask":
-                shapes[t.name] = [(1, seq[j] + past[j]) if j == 0 else ((opt_batch if j == 1 else max_batch),
-                                                                          seq[j] + past[j]) for j in range(3)]
-            else:
-                kv, d = t.shape[1], t.shape[3]
-                shapes[t.name] = [(1, kv, past[0], d), (opt_batch, kv, past[1], d), (max_batch, kv, past[2], d)]
-        out.append(shapes)
-    return out
+def _hooks(trt, network, dtype: str) -> None:
+    """Where the parser's defaults are wrong for an LLM decoder."""
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type == trt.LayerType.ATTENTION_OUTPUT and dtype == "fp32":
+            # No fused fp32 attention kernel exists; without this the fp32 build fails.
+            layer.__class__ = trt.IAttentionOutputLayer  # get_layer returns the base class
+            layer.attention.decomposable = True
+
+
+def _configure(trt, b, s: BuilderSection, timing_cache: Path | None):
+    config = b.create_builder_config()
+    config.profiling_verbosity = getattr(trt.ProfilingVerbosity, s.profiling_verbosity.upper())
+    config.builder_optimization_level = s.optimization_level
+    if s.workspace_mb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, s.workspace_mb << 20)
+    if s.tactic_shared_memory_kb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.TACTIC_SHARED_MEMORY, s.tactic_shared_memory_kb << 10)
+    config.tiling_optimization_level = getattr(trt.TilingOptimizationLevel, s.tiling_level.upper())
+    if s.max_aux_streams is not None:
+        config.max_aux_streams = s.max_aux_streams
+    if s.weight_streaming:
+        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    if trt.__name__ == "tensorrt_rtx":
+        config.num_compute_capabilities = len(s.targets)
+        for i, target in enumerate(s.targets):
+            config.set_compute_capability(getattr(trt.ComputeCapability, target.upper()), i)
+    if s.timing_cache and timing_cache is not None and trt.__name__ != "tensorrt_rtx":  # RTX: documented no-op
+        data = timing_cache.read_bytes() if timing_cache.is_file() else b""
+        config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False)
+    return config
+
+
+def _save_timing_cache(config, path: Path) -> None:
+    cache = config.get_timing_cache()
+    if cache is not None:
+        data = bytes(cache.serialize())
+        if data:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+
+
+def _default_profiles(network, max_batch: int, max_input: int, max_seq: int) -> list[dict]:
+    """Profiles read off the network's inputs (for graphs without export.json)."""
+    config = {"vocab_size": 1, "num_layers": 1, "num_heads": 1, "hidden_size": 1, "num_kv_heads": 0, "head_dim": 0}
+    io = {"inputs": []}
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        io["inputs"].append({"name": t.name})
+        if t.name.startswith("past_key_values."):
+            config["num_kv_heads"], config["head_dim"] = t.shape[1], t.shape[3]
+    return plan_shapes(io, config, ShapesSection(max_batch=max_batch, max_input_len=max_input,
+                                                 max_seq_len=max_seq), 2).profiles
 
 
 _LAYER = re.compile(r"^Name: (.*?), LayerType: ([^,]+),", re.M)

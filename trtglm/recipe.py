@@ -1,0 +1,175 @@
+"""Build recipes: the schema is code (pydantic), the YAML is data.
+
+Precedence: built-in defaults < recipe file < command-line flags. Unknown keys and bad values are
+errors naming the file, the field and, for a misspelt key, the closest known one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import TrtglmError
+
+TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm90", "sm100", "sm120", "sm121")
+DTYPES = ("fp32", "fp16", "bf16", "int8", "int4", "fp8")
+
+
+class RecipeError(TrtglmError):
+    exit_code = 2
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    name: str | None = None
+    source: str | None = Field(None, description="checkpoint directory or hub id the recipe is meant for")
+
+
+class FusionSection(_Section):
+    fusions: tuple[Literal["rms_norm", "rotary", "rotary_keys", "attention"], ...] = ("rms_norm", "rotary", "attention")
+    strict: bool = True
+
+
+class QuantizationSection(_Section):
+    tool: Literal["modelopt", "ort"] = "modelopt"
+    block_size: int = Field(128, gt=0)
+    awq: bool = False
+    smoothquant: bool = False
+
+
+class PrecisionSection(_Section):
+    dtype: Literal[DTYPES] | None = None  # type: ignore[valid-type]  # None: as exported
+    fp32_ops: tuple[str, ...] = ()
+    logits_dtype: Literal["fp32", "fp16"] = "fp32"
+    quantization: QuantizationSection = QuantizationSection()
+
+
+class CalibrationSection(_Section):
+    data: str | None = None
+    samples: int = Field(64, gt=0)
+    seq_len: int = Field(256, gt=0)
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+
+
+class ShapesSection(_Section):
+    max_batch: int = Field(1, gt=0)
+    max_input_len: int = Field(512, gt=0)
+    max_seq_len: int = Field(2048, gt=0)
+    opt_batch: int | None = Field(None, gt=0)
+    opt_input_len: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.max_input_len > self.max_seq_len:
+            raise ValueError(f"max_input_len {self.max_input_len} exceeds max_seq_len {self.max_seq_len}")
+        if self.opt_batch is not None and self.opt_batch > self.max_batch:
+            raise ValueError(f"opt_batch {self.opt_batch} exceeds max_batch {self.max_batch}")
+        if self.opt_input_len is not None and self.opt_input_len > self.max_input_len:
+            raise ValueError(f"opt_input_len {self.opt_input_len} exceeds max_input_len {self.max_input_len}")
+        return self
+
+
+class BuilderSection(_Section):
+    backend: Literal["auto", "tensorrt", "tensorrt_rtx"] = "auto"
+    targets: tuple[str, ...] = ("sm89",)
+    optimization_level: int = Field(3, ge=0, le=5)
+    workspace_mb: int | None = Field(None, gt=0)
+    tactic_shared_memory_kb: int | None = Field(None, gt=0)
+    timing_cache: bool = True
+    tiling_level: Literal["none", "fast", "moderate", "full"] = "none"
+    max_aux_streams: int | None = Field(None, ge=0)
+    weight_streaming: bool = False
+    profiling_verbosity: Literal["none", "layer_names_only", "detailed"] = "detailed"
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _targets(cls, value):
+        items = value.split(",") if isinstance(value, str) else list(value)
+        out = tuple(str(t).strip().lower() for t in items if str(t).strip())
+        for t in out:
+            if t not in TARGETS:
+                raise ValueError(f"unknown target {t!r} (known: {', '.join(TARGETS)})")
+        if not out:
+            raise ValueError("at least one target is needed")
+        return out
+
+
+class AccuracySection(_Section):
+    max_ppl_delta: float = Field(0.005, ge=0)
+    min_next_token_agreement: float = Field(0.98, ge=0, le=1)
+    min_logits_cosine: float = Field(0.99, ge=0, le=1)
+    gate: bool = False
+
+
+class Recipe(_Section):
+    model: ModelSection = ModelSection()
+    fusion: FusionSection = FusionSection()
+    precision: PrecisionSection = PrecisionSection()
+    calibration: CalibrationSection = CalibrationSection()
+    shapes: ShapesSection = ShapesSection()
+    builder: BuilderSection = BuilderSection()
+    accuracy: AccuracySection = AccuracySection()
+
+    def resolved(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def load_recipe(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Recipe:
+    """Defaults, then the YAML file, then `overrides` ({section: {field: value}}, None values ignored)."""
+    data: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        import yaml
+
+        source = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise RecipeError(f"{path}: no such recipe file") from None
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    for section, fields in (overrides or {}).items():
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if fields:
+            base = data.get(section) or {}
+            if not isinstance(base, dict):
+                raise RecipeError(f"{source}: {section}: expected a mapping")
+            data[section] = {**base, **fields}
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_explain(source, e)) from None
+
+
+def _explain(source: str, error: ValidationError) -> str:
+    problems = []
+    for err in error.errors():
+        loc = [str(p) for p in err["loc"]]
+        where = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            known = _known_fields(loc[:-1])
+            guess = difflib.get_close_matches(loc[-1], known, n=1)
+            hint = f" (did you mean '{guess[0]}'?)" if guess else f" (known: {', '.join(known)})"
+            problems.append(f"{where}: unknown field{hint}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {msg}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def _known_fields(path: list[str]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            break
+        model = field.annotation
+    return list(model.model_fields)
