@@ -107,7 +107,7 @@ def test_build_cli(exports, tmp_path, capsys):
     code, _, err = run("build", str(tmp_path / "empty"), "-o", str(tmp_path / "d"), "--onnx-only")
     assert code == 1 and "no model.onnx" in err and "Traceback" not in err
     code, _, err = run("build", str(exports["glm"]), "-o", str(tmp_path / "d"), "--onnx-only", "--fusions", "x")
-    assert code == 1 and "unknown fusion" in err and not (tmp_path / "d").exists()
+    assert code == 2 and "fusion.fusions" in err and not (tmp_path / "d").exists()
 
 
 def test_no_fusion_is_a_faithful_copy(exports, tmp_path):

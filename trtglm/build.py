@@ -118,7 +118,10 @@ def _resolve(r: Recipe, meta: dict | None, overrides: dict, export_dir: Path) ->
 def _graph_dtype(onnx_path: Path) -> str:
     import onnx
 
-    model = onnx.load(onnx_path, load_external_data=False)
+    try:
+        model = onnx.load(onnx_path, load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line
+        raise TrtglmError(f"{onnx_path}: cannot be read as ONNX ({str(e).splitlines()[0]})") from None
     names = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
     for i in model.graph.input:
         if i.name.startswith("past_key_values."):

@@ -59,10 +59,17 @@ class CalibrationSection(_Section):
 
 class ShapesSection(_Section):
     max_batch: int = Field(1, gt=0)
-    max_input_len: int = Field(512, gt=0)
+    max_input_len: int = Field(512, gt=0)  # when not given: 512, or max_seq_len if that is shorter
     max_seq_len: int = Field(2048, gt=0)
     opt_batch: int | None = Field(None, gt=0)
     opt_input_len: int | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _input_fits(cls, data):
+        if isinstance(data, dict) and data.get("max_input_len") is None and isinstance(data.get("max_seq_len"), int):
+            data = {**data, "max_input_len": min(512, data["max_seq_len"])}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self):
