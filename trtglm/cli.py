@@ -134,6 +134,72 @@ def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, m
     click.echo(f"written to {out_dir}")
 
 
+@cli.command("inspect")
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def inspect_cmd(path, as_json):
+    """Describe an ONNX file, an engine, an export or a build directory."""
+    from .inspect import inspect_path
+
+    info = inspect_path(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for line in _summary(info):
+        click.echo(line)
+
+
+def _summary(info: dict) -> list[str]:
+    """A few lines for people; --json has everything."""
+    def io_lines(io):
+        return [f"  {t['name']}: {t['dtype']} {t['shape']}" for t in io[:4]] + (
+            [f"  ... and {len(io) - 4} more"] if len(io) > 4 else [])
+
+    if info["kind"] in ("onnx", "export"):
+        o = info["onnx"]
+        ops = ", ".join(f"{k} {v}" for k, v in list(o["ops"].items())[:8])
+        return [f"ONNX, opset {o['opset']}, {o['nodes']} nodes: {ops}",
+                f"initializers: {o['initializer_dtypes']}", "inputs:", *io_lines(o["inputs"]),
+                "outputs:", *io_lines(o["outputs"])]
+    if info["kind"] == "engine":
+        e = info["engine"]
+        r = e["runtime"]
+        return [f"engine, {e['bytes'] / 1e6:.1f} MB, sha256 {e['sha256'][:16]}..., built by {e.get('backend')} "
+                f"for {e.get('targets')}", "load check: " + ("ok" if r.get("ok") else r["reason"])]
+    lines = [f"build ({info['stage']}): {info['precision']['dtype']}, fusion {info['fusion']['fused']}, "
+             f"nodes {info['fusion']['nodes_before']} -> {info['fusion']['nodes_after']}"]
+    if info.get("engine"):
+        e = info["engine"]
+        lines.append(f"engine: {info['backend']['name']} {info['backend']['version']} for {', '.join(info['targets'])}, "
+                     f"{e['bytes'] / 1e6:.1f} MB, {e['kernels']} kernels, {e['network_layers']} network layers")
+        lines.append("engine layer types: " + ", ".join(f"{k} {v}" for k, v in info.get("engine_layer_types", {}).items()))
+        for name, profile in info["profiles"].items():
+            ids = profile["input_ids"]
+            past = next((v for k, v in profile.items() if k.startswith("past_key_values.")), None)
+            lines.append(f"profile {name}: input_ids min/opt/max {ids}" + (f", past {[p[2] for p in past]}" if past else ""))
+        est = info["estimate"]
+        lines.append(f"memory estimate: weights {est['weights_bytes'] / 1e6:.1f} MB, KV cache "
+                     f"{est['kv_cache_bytes'] / 1e6:.1f} MB, activations {est['activation_bytes'] / 1e6:.1f} MB")
+    return lines
+
+
+@cli.command("verify")
+@click.argument("build_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify_cmd(build_dir, as_json):
+    """Check a build directory: file hashes against the manifest, and (with a GPU) that the engine loads here."""
+    from .inspect import verify
+
+    result = verify(build_dir)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    engine = result.get("engine")
+    click.echo(f"{build_dir}: hashes match the manifest ({', '.join(result['files'])})")
+    if engine:
+        click.echo("engine: " + ("loads on this GPU" if engine.get("ok") else f"not loaded ({engine['reason']})"))
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:

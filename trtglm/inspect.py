@@ -1,0 +1,145 @@
+"""`trtglm inspect` (what is in an ONNX file, an engine or a build dir) and `trtglm verify` (is a build intact)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from .build import ENGINE_FILE, LAYERS_FILE, MANIFEST_FILE
+from .errors import TrtglmError
+from .export import ONNX_FILE, sha256
+
+
+class VerifyFailed(TrtglmError):
+    pass
+
+
+def inspect_path(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        if (path / MANIFEST_FILE).is_file():
+            return _build_dir(path)
+        if (path / ONNX_FILE).is_file():
+            return {"kind": "export", "onnx": _onnx(path / ONNX_FILE)}
+        raise TrtglmError(f"{path}: neither a build directory (manifest.json) nor an export (model.onnx)")
+    if not path.is_file():
+        raise TrtglmError(f"{path}: no such file or directory")
+    if path.suffix == ".onnx":
+        return {"kind": "onnx", "onnx": _onnx(path)}
+    if path.suffix in (".engine", ".plan"):
+        return {"kind": "engine", "engine": _engine(path)}
+    raise TrtglmError(f"{path}: not an .onnx or .engine file")
+
+
+def _onnx(path: Path) -> dict:
+    import onnx
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as e:  # noqa: BLE001
+        raise TrtglmError(f"{path}: cannot be read as ONNX ({str(e).splitlines()[0]})") from None
+    names = {v: onnx.TensorProto.DataType.Name(v).lower() for v in onnx.TensorProto.DataType.values()}
+
+    def io(values):
+        return [{"name": v.name, "dtype": names[v.type.tensor_type.elem_type],
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+
+    return {"opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+            "inputs": io(model.graph.input), "outputs": io(model.graph.output),
+            "nodes": len(model.graph.node), "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
+            "initializer_dtypes": dict(Counter(names[i.data_type] for i in model.graph.initializer))}
+
+
+def _engine(path: Path) -> dict:
+    info = {"bytes": path.stat().st_size, "sha256": sha256(path)}
+    manifest = path.parent / MANIFEST_FILE
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        info.update(backend=m.get("backend"), targets=m.get("targets"), profiles=m.get("profile_names"))
+    info["runtime"] = _deserialize(path)
+    return info
+
+
+def _build_dir(path: Path) -> dict:
+    m = json.loads((path / MANIFEST_FILE).read_text())
+    out = {"kind": "build", "stage": m.get("stage"), "backend": m.get("backend"), "targets": m.get("targets"),
+           "precision": m.get("precision"), "fusion": {k: m["fusion"][k] for k in ("fused", "nodes_before", "nodes_after")},
+           "profiles": dict(zip(m.get("profile_names") or [], m.get("profiles") or [])),
+           "io": m.get("io"), "engine": m.get("engine"), "estimate": m.get("estimate"), "cache": m.get("cache")}
+    if (path / LAYERS_FILE).is_file():
+        layers = json.loads((path / LAYERS_FILE).read_text())
+        out["engine_layer_types"] = dict(Counter(layer["type"] for layer in layers["engine_layers"]).most_common())
+    return out
+
+
+def _deserialize(engine: Path) -> dict:
+    """Deserialize when a GPU and TensorRT are present; otherwise say why not."""
+    try:
+        from .engine import import_backend
+
+        trt = import_backend()
+    except TrtglmError as e:
+        return {"checked": False, "reason": str(e)}
+    if not _gpu_present():
+        return {"checked": False, "reason": "no GPU: TensorRT cannot deserialize an engine without one"}
+    runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+    obj = runtime.deserialize_cuda_engine(engine.read_bytes())
+    if obj is None:
+        return {"checked": True, "ok": False,
+                "reason": f"{trt.__name__} {trt.__version__} cannot load this engine on this GPU "
+                          "(built by another TensorRT version or for another compute capability)"}
+    return {"checked": True, "ok": True, "io": [obj.get_tensor_name(i) for i in range(obj.num_io_tensors)],
+            "profiles": obj.num_optimization_profiles}
+
+
+def _gpu_present() -> bool:
+    try:
+        from cuda.bindings import driver  # cuda-python, when installed
+    except ImportError:
+        import shutil
+
+        return shutil.which("nvidia-smi") is not None
+    try:
+        return driver.cuInit(0)[0] == driver.CUresult.CUDA_SUCCESS
+    except Exception:  # noqa: BLE001 - no driver library at all
+        return False
+
+
+def verify(build_dir: str | Path) -> dict:
+    build_dir = Path(build_dir)
+    manifest_file = build_dir / MANIFEST_FILE
+    if not manifest_file.is_file():
+        raise VerifyFailed(f"{build_dir}: no {MANIFEST_FILE} (not a `trtglm build` directory)")
+    try:
+        m = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as e:
+        raise VerifyFailed(f"{manifest_file}: corrupt ({e})") from None
+    problems = []
+    for name, digest in m.get("files", {}).get("sha256", {}).items():
+        f = build_dir / name
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256(f) != digest:
+            problems.append(f"{name} does not match its sha256 in the manifest")
+    if problems:
+        raise VerifyFailed(f"{build_dir}: " + "; ".join(problems))
+    result = {"hashes": "ok", "files": sorted(m.get("files", {}).get("sha256", {}))}
+    if (build_dir / ENGINE_FILE).is_file():
+        runtime = _deserialize(build_dir / ENGINE_FILE)
+        if runtime.get("checked") and not runtime.get("ok"):
+            raise VerifyFailed(f"{build_dir / ENGINE_FILE}: {runtime['reason']}")
+        result["engine"] = runtime
+        backend = m.get("backend") or {}
+        try:
+            from .engine import import_backend
+
+            trt = import_backend(backend.get("name", "auto"))
+            if backend.get("version") and trt.__version__ != backend["version"]:
+                raise VerifyFailed(f"engine built with {backend['name']} {backend['version']}, "
+                                   f"this machine has {trt.__version__}: rebuild it here")
+        except VerifyFailed:
+            raise
+        except TrtglmError:
+            pass
+    return result
