@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 DEMO   ?= out/demo
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench engines venv clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,16 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/export.py
 	$(PY) bench/fusion.py
+	$(PY) bench/build.py
+
+# The demo model's engine for every target of its recipe, as the CI workflow builds them.
+engines: $(STAMP)
+	$(PY) scripts/demo.py $(DEMO) --export-only
+	@for t in sm86 sm89 sm120; do \
+	  $(PY) -m trtglm build $(DEMO)/export -o out/engines/demo-glm4-fp16-$$t --recipe recipes/demo-glm4-fp16.yaml \
+	    --target $$t --force || exit 1; \
+	  $(PY) -m trtglm verify out/engines/demo-glm4-fp16-$$t || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) out .bench

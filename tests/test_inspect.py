@@ -39,7 +39,7 @@ def test_verify_passes_then_catches_tampering(built, tmp_path):
 
 def test_inspect_every_kind(built):
     b = inspect_path(built / "b")
-    assert b["kind"] == "build" and b["precision"]["dtype"] == "fp16" and set(b["profiles"]) == {"prefill", "decode"}
+    assert b["kind"] == "build" and b["precision"]["dtype"] == "fp16" and set(b["profiles"]) == {"prefill+decode"}
     assert b["engine_layer_types"]["gemm"] > 0
     o = inspect_path(built / "b" / "model.onnx")
     assert o["onnx"]["ops"]["Attention"] == 2 and o["onnx"]["inputs"][0]["name"] == "input_ids"
@@ -53,7 +53,7 @@ def test_inspect_every_kind(built):
 def test_inspect_and_verify_cli(built, capsys):
     main(["inspect", str(built / "b")])
     out = capsys.readouterr().out
-    assert "profile prefill" in out and "memory estimate" in out
+    assert "profile prefill+decode" in out and "memory estimate" in out
     main(["verify", str(built / "b"), "--json"])
     assert json.loads(capsys.readouterr().out)["hashes"] == "ok"
     with pytest.raises(SystemExit) as e:

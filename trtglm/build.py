@@ -212,7 +212,7 @@ def _engine_step(tmp: Path, meta: dict | None, r: Recipe, dtype: str, progress) 
         "backend": {"name": engine.backend, "version": engine.version},
         "targets": list(r.builder.targets),
         "profiles": [{name: [list(s) for s in shapes] for name, shapes in p.items()} for p in plan.profiles],
-        "profile_names": ["prefill", "decode"],
+        "profile_names": ["prefill", "decode"] if len(plan.profiles) == 2 else ["prefill+decode"],
         "estimate": {"weights_bytes": weights, "kv_cache_bytes": plan.kv_cache_bytes,
                      "activation_bytes": plan.activation_bytes},
         "engine": {"bytes": len(engine.plan), "network_layers": engine.network_layers,

@@ -24,7 +24,7 @@ from .recipe import BuilderSection, ShapesSection
 BACKENDS = ("tensorrt_rtx", "tensorrt")
 RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
 # Engine layers that launch no GPU kernel of their own.
-NOT_KERNELS = {"shape_call", "ShapeHostToDevice", "NoOp", "Reformat"}
+NOT_KERNELS = {"shape_call", "ShapeHostToDevice", "NoOp", "Reformat", "signal", "wait"}  # signal/wait: stream events
 INT32_MAX = 2**31 - 1
 _LOGGER = None  # one logger for the whole process: TensorRT-RTX segfaults when loggers are freed and re-made
 
@@ -80,7 +80,14 @@ class Plan:
 
 
 def plan_shapes(io: dict, config: dict, shapes: ShapesSection, kv_bytes: int) -> Plan:
-    """Prefill (no past, up to max_input_len new tokens) and decode (one token, up to max_seq_len-1 past)."""
+    """Optimization profiles covering prefill (past 0, up to max_input_len tokens) and decode (1 token, past up
+    to max_seq_len-1).
+
+    TensorRT checks that total = past + seq holds at each profile's min, opt and max. `single` (default) is one
+    profile whose max corner is (max_input_len, max_seq_len-1, their sum); `split` is one profile per phase.
+    Measured with TensorRT-RTX 1.7: split compiles one Myelin graph per profile, each with its own copy of the
+    weights (engine and build memory double), for about one decode kernel per layer less.
+    """
     b, inp, seq = shapes.max_batch, shapes.max_input_len, shapes.max_seq_len
     if not 0 < inp <= seq:
         raise TrtglmError(f"impossible shapes: max_input_len {inp} must be between 1 and max_seq_len {seq}")
@@ -94,8 +101,12 @@ def plan_shapes(io: dict, config: dict, shapes: ShapesSection, kv_bytes: int) ->
                               "lower max_batch or max_input_len")
     ob = shapes.opt_batch or 1
     oi = shapes.opt_input_len or max(1, inp // 2)
+    if shapes.profiles == "split":
+        ranges = [((1, oi, inp), (0, 0, 0)), ((1, 1, 1), (0, seq // 2, seq - 1))]
+    else:  # opt at decode: the step that runs most often
+        ranges = [((1, 1, inp), (0, seq // 2, seq - 1))]
     profiles = []
-    for (s_min, s_opt, s_max), (p_min, p_opt, p_max) in (((1, oi, inp), (0, 0, 0)), ((1, 1, 1), (0, seq // 2, seq - 1))):
+    for (s_min, s_opt, s_max), (p_min, p_opt, p_max) in ranges:
         profile = {}
         for spec in io["inputs"]:
             name = spec["name"]
@@ -267,7 +278,7 @@ def _default_profiles(network, max_batch: int, max_input: int, max_seq: int) -> 
         if t.name.startswith("past_key_values."):
             config["num_kv_heads"], config["head_dim"] = t.shape[1], t.shape[3]
     return plan_shapes(io, config, ShapesSection(max_batch=max_batch, max_input_len=max_input,
-                                                 max_seq_len=max_seq), 2).profiles
+                                                 max_seq_len=max_seq, profiles="split"), 2).profiles
 
 
 _LAYER = re.compile(r"^Name: (.*?), LayerType: ([^,]+),", re.M)

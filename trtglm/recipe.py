@@ -63,6 +63,8 @@ class ShapesSection(_Section):
     max_seq_len: int = Field(2048, gt=0)
     opt_batch: int | None = Field(None, gt=0)
     opt_input_len: int | None = Field(None, gt=0)
+    # single: one profile for prefill and decode; split: one each (TensorRT-RTX then stores the weights twice)
+    profiles: Literal["single", "split"] = "single"
 
     @model_validator(mode="before")
     @classmethod

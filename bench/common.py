@@ -1,0 +1,44 @@
+"""Shared by the benchmarks: model shapes, and peak RSS of a child process measured on its own."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+from trtglm.config import normalize
+from trtglm.synthetic import glm4_config
+from trtglm.weights import weight_specs
+
+SHAPES = {  # GLM-4 proportions: 2 KV heads, MLP about 3x hidden
+    "50M": dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1536, vocab=32000),
+    "100M": dict(hidden=640, layers=12, heads=10, kv_heads=2, intermediate=2048, vocab=32000),
+    "400M": dict(hidden=1024, layers=20, heads=16, kv_heads=2, intermediate=4096, vocab=64000),
+    "1.5B": dict(hidden=2048, layers=24, heads=16, kv_heads=2, intermediate=6144, vocab=64000, head_dim=128),
+}
+
+# Runs a command and reports its own wall time and the peak RSS of that child alone.
+_MEASURE = """
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+r = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(json.dumps({"rc": r.returncode, "seconds": time.perf_counter() - t, "err": r.stderr[-500:], "out": r.stdout,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
+"""
+
+
+def config_of(size: str) -> dict:
+    return glm4_config(**SHAPES[size])
+
+
+def parameters(config: dict) -> int:
+    return sum(math.prod(s.shape) for s in weight_specs(normalize(config)).values())
+
+
+def measure(cmd: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    if result["rc"]:
+        raise SystemExit(f"{' '.join(cmd)} failed: {result['err']}")
+    return result
