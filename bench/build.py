@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from common import config_of, measure, parameters
+from trtglm.engine import NOT_KERNELS
 from trtglm.synthetic import write_random_checkpoint
 
 
@@ -49,7 +50,7 @@ def main() -> None:
         per_profile = {}
         for layer in layers:
             m = re.search(r"_myl(\d+)_\d+$", layer["name"])
-            if m and layer["type"] not in ("shape_call", "ShapeHostToDevice"):
+            if m and layer["type"] not in NOT_KERNELS:
                 per_profile[m.group(1)] = per_profile.get(m.group(1), 0) + 1
         counts = [per_profile[k] for k in sorted(per_profile)]
         L = config["num_hidden_layers"]

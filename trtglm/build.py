@@ -156,6 +156,7 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
     report = fuse(model, max_positions=r.shapes.max_seq_len, expected=expected, strict=r.fusion.strict,
                   fusions=fusions)
     ir.save(model, tmp / ONNX_FILE, external_data=DATA_FILE, max_in_flight_bytes=256 << 20)
+    _release(model)  # the export's weights are memory-mapped: mapped pages count as resident during the build
     del model
     for f in _sidecars(export_dir, meta):
         shutil.copy2(f, tmp / f.name)
@@ -184,6 +185,17 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
     manifest["build_seconds"] = round(time.perf_counter() - started, 2)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _release(model) -> None:
+    import gc
+
+    import onnx_ir as ir
+
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value.release()
+    gc.collect()
 
 
 def _engine_step(tmp: Path, meta: dict | None, r: Recipe, dtype: str, progress) -> dict:
