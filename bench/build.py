@@ -9,32 +9,23 @@ prefill and decode profiles.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
 import sys
-from pathlib import Path
 
-from common import config_of, measure, parameters
+from common import checkpoint, config_of, measure, parameters, parse_args
 from trtglm.engine import NOT_KERNELS
-from trtglm.synthetic import write_random_checkpoint
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="100M,400M,1.5B")
-    ap.add_argument("--workdir", default=".bench")
-    args = ap.parse_args()
-    work = Path(args.workdir)
+    args = parse_args(__doc__, "100M,400M,1.5B")
+    work = args.workdir
     rows = []
-    for size in args.sizes.split(","):
+    for size in args.sizes:
         config = config_of(size)
         params = parameters(config)
-        ckpt, export_dir = work / f"ckpt-{size}", work / f"export-fp16-{size}"
-        if not (ckpt / "config.json").exists():
-            shutil.rmtree(ckpt, ignore_errors=True)
-            write_random_checkpoint(ckpt, config, dtype="fp16")
+        ckpt, export_dir = checkpoint(work, size), work / f"export-fp16-{size}"
         if not (export_dir / "export.json").exists():
             measure([sys.executable, "-m", "trtglm", "export", str(ckpt), "-o", str(export_dir), "--dtype", "fp16",
                      "--no-validate", "--force"])

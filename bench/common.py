@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from trtglm.config import normalize
-from trtglm.synthetic import glm4_config
+from trtglm.synthetic import glm4_config, write_random_checkpoint
 from trtglm.weights import weight_specs
 
 SHAPES = {  # GLM-4 proportions: 2 KV heads, MLP about 3x hidden
@@ -42,3 +45,22 @@ def measure(cmd: list[str]) -> dict:
     if result["rc"]:
         raise SystemExit(f"{' '.join(cmd)} failed: {result['err']}")
     return result
+
+
+def parse_args(doc: str, sizes: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default=sizes, help=f"comma-separated, from {', '.join(SHAPES)}")
+    ap.add_argument("--workdir", default=".bench")
+    args = ap.parse_args()
+    args.workdir = Path(args.workdir)
+    args.sizes = args.sizes.split(",")
+    return args
+
+
+def checkpoint(work: Path, size: str) -> Path:
+    """The random fp16 checkpoint of `size`, written once and reused by every benchmark."""
+    path = work / f"ckpt-{size}"
+    if not (path / "config.json").exists():
+        shutil.rmtree(path, ignore_errors=True)
+        write_random_checkpoint(path, config_of(size), dtype="fp16")
+    return path

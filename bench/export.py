@@ -9,31 +9,22 @@ growing linearly with size.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
-from pathlib import Path
 
-from common import config_of, measure, parameters
-from trtglm.synthetic import write_random_checkpoint
+from common import checkpoint, config_of, measure, parameters, parse_args
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="50M,400M,1.5B")
-    ap.add_argument("--workdir", default=".bench")
-    args = ap.parse_args()
-    work = Path(args.workdir)
+    args = parse_args(__doc__, "50M,400M,1.5B")
+    work = args.workdir
     rows = []
-    for size in args.sizes.split(","):
+    for size in args.sizes:
         config = config_of(size)
         params = parameters(config)
         weight_bytes = 2 * params
-        ckpt = work / f"ckpt-{size}"
-        if not (ckpt / "config.json").exists():
-            shutil.rmtree(ckpt, ignore_errors=True)
-            write_random_checkpoint(ckpt, config, dtype="fp16")
+        ckpt = checkpoint(work, size)
         row = {"size": size, "params_m": params / 1e6, "weight_gb": weight_bytes / 1e9}
         for label, extra in (("export", ["--no-validate"]), ("export+validate", [])):
             out = work / f"export-{size}"

@@ -21,7 +21,6 @@ from . import __version__
 from .atomic import atomic_dir
 from .errors import TrtglmError, UsageError
 from .export import DATA_FILE, META_FILE, ONNX_FILE, sha256, tool_versions
-from .fusion import expected_counts, fuse
 from .recipe import Recipe, load_recipe
 
 MANIFEST_FILE, ENGINE_FILE, LAYERS_FILE, LOG_FILE = "manifest.json", "model.engine", "layers.json", "build.log"
@@ -141,6 +140,8 @@ def _cache_key(export_dir: Path, meta: dict | None, r: Recipe, backend: dict | N
 def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype: str, recipe_file, key: str,
                 progress, onnx_only: bool = False) -> dict:
     import onnx_ir as ir
+
+    from .fusion import expected_counts, fuse
 
     started = time.perf_counter()
     try:

@@ -29,6 +29,13 @@ def _progress():
                     TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
 
 
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON for machines.")
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="trtglm")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
@@ -49,7 +56,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Longest sequence (past + new tokens) later stages plan for. [default: the model's maximum]")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs transformers logits check.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print export.json to stdout.")
+@json_option
 def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as_json):
     """Export MODEL (a local HF checkpoint directory or a hub id) to ONNX with a KV cache."""
     from .export import export
@@ -58,7 +65,7 @@ def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as
         meta = export(model, out_dir, dtype=dtype, opset=opset, max_seq_len=max_seq_len,
                       validate=not no_validate, force=force, progress=progress)
     if as_json:
-        click.echo(json.dumps(meta, indent=2))
+        _echo_json(meta)
         return
     v = meta["validation"]
     check = (f"max |logits diff| {v['max_abs_diff']:.2e} (tolerance {v['tolerance']:g}), "
@@ -96,7 +103,7 @@ def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as
               help="Engine cache. [default: ~/.cache/trtglm/engines]")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the engine cache.")
 @click.option("--force", is_flag=True, help="Replace BUILD_DIR if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print manifest.json to stdout.")
+@json_option
 def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, max_input_len, max_seq_len,
               onnx_only, fusions, strict, cache_dir, no_cache, force, as_json):
     """Fuse the graph of a `trtglm export` directory and build a TensorRT engine from it."""
@@ -118,7 +125,7 @@ def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, m
                          cache_dir=Path(cache_dir) if cache_dir else None, use_cache=not no_cache, force=force,
                          progress=progress)
     if as_json:
-        click.echo(json.dumps(manifest, indent=2))
+        _echo_json(manifest)
         return
     f = manifest["fusion"]
     click.echo(f"fused graph: {f['nodes_before']} -> {f['nodes_after']} nodes "
@@ -136,14 +143,14 @@ def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, m
 
 @cli.command("inspect")
 @click.argument("path", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@json_option
 def inspect_cmd(path, as_json):
     """Describe an ONNX file, an engine, an export or a build directory."""
     from .inspect import inspect_path
 
     info = inspect_path(path)
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        _echo_json(info)
         return
     for line in _summary(info):
         click.echo(line)
@@ -185,14 +192,14 @@ def _summary(info: dict) -> list[str]:
 
 @cli.command("verify")
 @click.argument("build_dir", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 def verify_cmd(build_dir, as_json):
     """Check a build directory: file hashes against the manifest, and (with a GPU) that the engine loads here."""
     from .inspect import verify
 
     result = verify(build_dir)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        _echo_json(result)
         return
     engine = result.get("engine")
     click.echo(f"{build_dir}: hashes match the manifest ({', '.join(result['files'])})")

@@ -14,7 +14,6 @@ from . import __version__
 from .atomic import atomic_dir
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import UsageError
-from .graph import DTYPES, IR_VERSION, build_decoder, io_spec
 from .weights import WeightSpec
 
 FORMAT_VERSION = 1
@@ -24,6 +23,8 @@ ONNX_FILE, DATA_FILE, META_FILE = "model.onnx", "model.onnx.data", "export.json"
 def export(model: str, out_dir: str | Path, dtype: str = "fp32", opset: int = 23, max_seq_len: int | None = None,
            validate: bool = True, force: bool = False, progress=None) -> dict:
     """Export a GLM checkpoint; returns the contents of export.json. `progress` is a rich Progress or None."""
+    from .graph import DTYPES, IR_VERSION, build_decoder
+
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if opset not in IR_VERSION:
@@ -112,6 +113,8 @@ def sha256(path: Path, chunk: int = 16 << 20) -> str:
 
 def _metadata(ckpt: Checkpoint, tmp: Path, dtype: str, opset: int, max_seq_len: int, validation: dict,
               progress) -> dict:
+    from .graph import IR_VERSION, io_spec
+
     inputs, outputs = io_spec(ckpt.config, dtype)
     with _task(progress, "hashing source and outputs"):
         source_files = {str(f.relative_to(ckpt.path)): sha256(f) for f in
