@@ -158,3 +158,37 @@ def test_cli_engine_build_and_errors(fp16_export, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "did you mean 'targets'" in err and str(recipe) in err
     assert not (tmp_path / "b").exists()
+
+
+def test_concurrent_builds_of_one_key_build_once(fp16_export, tmp_path):
+    """Two processes, same export and recipe, same cache: the file lock makes one build and the other reuse it."""
+    cmd = [sys.executable, "-m", "trtglm", "build", str(fp16_export), "--cache-dir", str(tmp_path / "cache"),
+           "--max-input-len", "32", "--max-seq-len", "64", "--json"]
+    procs = [subprocess.Popen([*cmd, "-o", str(tmp_path / name)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for name in ("a", "b")]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in results]
+    hits = sorted(json.loads(out)["cache"]["hit"] for out, _ in results)
+    assert hits == [False, True]
+    assert (tmp_path / "a" / "model.engine").read_bytes() == (tmp_path / "b" / "model.engine").read_bytes()
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == [
+        json.loads(results[0][0])["cache"]["key"]]
+
+
+def test_every_parser_error_is_reported(tmp_path):
+    """A graph the parser refuses in several places: all of them are listed."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from trtglm.engine import BuildError, build_engine
+
+    nodes = [helper.make_node("Attention", ["q", "k", "v"], [f"o{i}"], softmax_precision=1) for i in range(3)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT16, [1, 2, 4, 8])
+                                           for n in "qkv"],
+                              [helper.make_tensor_value_info(f"o{i}", TensorProto.FLOAT16, None) for i in range(3)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=11), tmp_path / "m.onnx")
+    with pytest.raises(BuildError) as e:
+        build_engine(tmp_path / "m.onnx", profiles=[])
+    assert len(e.value.errors) == 3 and str(e.value).count("softmax precision") == 3
+    assert np.all([("\n  " + err) in str(e.value) for err in e.value.errors])

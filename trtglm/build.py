@@ -207,6 +207,10 @@ def _engine_step(tmp: Path, meta: dict | None, r: Recipe, dtype: str, progress) 
                          hint="pass --onnx-only for graphs from other exporters")
     plan = plan_shapes(meta["io"], meta["config"], r.shapes, BYTES[dtype])
     weights = (tmp / DATA_FILE).stat().st_size if (tmp / DATA_FILE).exists() else 0
+    if progress is not None and hasattr(progress, "console"):
+        progress.console.print(f"estimate: engine about {weights / 1e6:.0f} MB of weights, KV cache "
+                               f"{plan.kv_cache_bytes / 1e6:.0f} MB and activations {plan.activation_bytes / 1e6:.0f} MB "
+                               f"at the maximum shapes; building for {', '.join(r.builder.targets)}")
     task = progress.add_task("TensorRT build", total=None) if progress else None
 
     def on_step(phase: str, step: int, total: int) -> None:

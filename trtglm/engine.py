@@ -32,8 +32,8 @@ _LOGGER = None  # one logger for the whole process: TensorRT-RTX segfaults when 
 class BuildError(TrtglmError):
     def __init__(self, message: str, errors: list[str] | None = None):
         self.errors = errors or []
-        detail = "; ".join(self.errors[:5]) + (f" (and {len(self.errors) - 5} more)" if len(self.errors) > 5 else "")
-        super().__init__(message + (f": {detail}" if detail else ""))
+        detail = "".join(f"\n  {e}" for e in self.errors)  # every error, one per line under the summary
+        super().__init__(message + (f" ({len(self.errors)} error(s)):{detail}" if detail else ""))
 
 
 class BuildCancelled(TrtglmError):
