@@ -1,0 +1,180 @@
+"""The generation loop over the ONNX Runtime backend against transformers' generate, and the TensorRT
+backend's logic that needs no GPU."""
+
+import numpy as np
+import pytest
+import torch
+
+from trtglm.backends import OrtBackend, open_backend
+from trtglm.build import build
+from trtglm.errors import TrtglmError
+from trtglm.generate import generate, make_prefix
+from trtglm.sampling import Sampling, choose
+
+FAMILIES = ["glm", "glm4", "chatglm"]
+
+
+@pytest.fixture(scope="module")
+def builds(exports, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime")
+    return {f: build(exports[f], root / f, onnx_only=True) and root / f for f in FAMILIES}
+
+
+def hf_greedy(model, prompts, new_tokens):
+    """transformers generate, greedy, left padding, no stop token."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), longest), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p)
+        mask[i, longest - len(p):] = 1
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                             min_new_tokens=new_tokens)
+    return out[:, longest:].tolist()
+
+
+PROMPTS = [[5, 17, 99, 3, 42, 8, 150], [11, 12], [77, 1, 60, 61]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_equals_transformers_generate(family, batch, models, builds):
+    prompts = PROMPTS[:batch]
+    ours = generate(OrtBackend(builds[family]), prompts, max_new_tokens=12).tokens
+    assert ours == hf_greedy(models[family], prompts, 12)
+
+
+def test_seeded_sampling_is_reproducible(builds):
+    backend = OrtBackend(builds["glm4"])
+    s = Sampling(temperature=1.0, top_k=50, top_p=0.9, seed=1234)
+    a = generate(backend, PROMPTS, max_new_tokens=10, sampling=s).tokens
+    b = generate(backend, PROMPTS, max_new_tokens=10, sampling=s).tokens
+    c = generate(backend, PROMPTS, max_new_tokens=10, sampling=Sampling(temperature=1.0, seed=99)).tokens
+    assert a == b and a != c
+
+
+def test_stop_tokens_end_generation(builds):
+    backend = OrtBackend(builds["glm"])
+    free = generate(backend, PROMPTS[:1], max_new_tokens=8).tokens[0]
+    stop = free[3]
+    first = free.index(stop)
+    out = generate(backend, PROMPTS[:1], max_new_tokens=8, stop_ids={stop})
+    assert out.tokens[0] == free[:first + 1] and out.finish == ["stop"]
+    assert generate(backend, PROMPTS[:1], max_new_tokens=8).finish == ["length"]
+
+
+def test_stop_in_one_row_does_not_end_the_others(builds):
+    backend = OrtBackend(builds["glm"])
+    free = generate(backend, PROMPTS, max_new_tokens=6).tokens
+    stop = free[1][0]  # row 1 stops at once
+    out = generate(backend, PROMPTS, max_new_tokens=6, stop_ids={stop})
+    assert out.tokens[1] == [stop] and out.finish[1] == "stop"
+    for row in (0, 2):
+        expect = free[row][:free[row].index(stop) + 1] if stop in free[row] else free[row]
+        assert out.tokens[row] == expect
+
+
+def test_prefix_reuse_equals_recomputation(builds):
+    backend = OrtBackend(builds["glm4"])
+    system = [9, 8, 7, 6, 5, 4, 3]
+    suffixes = [[100, 101], [102, 103, 104, 105], [106]]
+    full = generate(backend, [system + s for s in suffixes], max_new_tokens=10).tokens
+    prefix = make_prefix(backend, system)
+    reused = generate(backend, suffixes, max_new_tokens=10, prefix=prefix).tokens
+    again = generate(backend, suffixes, max_new_tokens=10, prefix=prefix).tokens
+    assert reused == full and again == full
+
+
+def test_max_seq_len_is_respected(builds):
+    backend = OrtBackend(builds["glm"])
+    backend.max_seq_len = 12
+    out = generate(backend, [[1, 2, 3, 4, 5, 6, 7, 8]], max_new_tokens=50)
+    assert len(out.tokens[0]) == 4 and out.finish == ["length"]
+    with pytest.raises(TrtglmError, match="leaves no room in the engine's max_seq_len 12"):
+        generate(backend, [list(range(1, 13))], max_new_tokens=5)
+
+
+def test_streaming_callback_sees_every_token_in_order(builds):
+    seen = []
+    out = generate(OrtBackend(builds["glm"]), PROMPTS, max_new_tokens=5, on_token=lambda r, t: seen.append((r, t)))
+    for row in range(3):
+        assert [t for r, t in seen if r == row] == out.tokens[row]
+
+
+def test_sampling_rules():
+    rng = np.random.default_rng(0)
+    logits = np.array([[0.0, 3.0, 2.9, -1.0]], np.float32)
+    assert choose(logits, [np.array([])], Sampling(), rng).tolist() == [1]
+    assert choose(logits, [np.array([])], Sampling(temperature=5.0, top_k=1, seed=1), rng).tolist() == [1]
+    assert choose(logits, [np.array([])], Sampling(temperature=5.0, top_p=0.01), rng).tolist() == [1]
+    assert choose(logits, [np.array([1])], Sampling(repetition_penalty=1.5), rng).tolist() == [2]  # 3/1.5 < 2.9
+    draws = [choose(logits, [np.array([])], Sampling(temperature=1.0, top_k=2), rng)[0] for _ in range(200)]
+    assert set(draws) == {1, 2}
+    with pytest.raises(ValueError):
+        Sampling(top_p=0.0)
+
+
+def test_auto_backend_says_why_it_fell_back(builds):
+    backend, why = open_backend(builds["glm"], "auto")
+    assert backend.name == "ort" and "because the build has no engine" in why
+    with pytest.raises(TrtglmError, match="--backend trt: the build has no engine"):
+        open_backend(builds["glm"], "trt")
+
+
+# ---------------------------------------------------------------- TensorRT backend, without a GPU
+
+@pytest.fixture(scope="module")
+def engine_build(checkpoints, tmp_path_factory):
+    from trtglm.export import export
+
+    root = tmp_path_factory.mktemp("trt")
+    export(str(checkpoints["glm4"]), root / "e", dtype="fp16", validate=False, max_seq_len=64)
+    build(root / "e", root / "b", overrides={"shapes": {"max_batch": 2, "max_input_len": 16, "max_seq_len": 64}},
+          use_cache=False)
+    return root / "b"
+
+
+def test_buffer_plan_covers_the_largest_shapes(engine_build):
+    from trtglm.backends import read_manifest
+    from trtglm.trt_backend import plan_buffers
+
+    plan = plan_buffers(read_manifest(engine_build))
+    assert plan["input_ids"].max_shape == (2, 16) and plan["attention_mask"].max_shape == (2, 16 + 63)
+    assert plan["past_key_values.0.key"].max_shape == (2, 2, 63, 16)
+    assert plan["present.1.value"].max_shape == (2, 2, 79, 16) and plan["present.1.value"].nbytes == 2 * 2 * 79 * 16 * 2
+    assert plan["logits"].max_shape == (2, 16, 160) and plan["logits"].dtype == "float32"
+
+
+def test_engine_availability_reasons(engine_build):
+    from trtglm.trt_backend import unavailable_reason
+
+    assert unavailable_reason(engine_build, cc=None) == "there is no GPU"
+    assert unavailable_reason(engine_build, cc="sm90") == "this GPU is sm90 and the engine was built for sm89"
+    assert unavailable_reason(engine_build, cc="sm89") in (None, "pycuda is not installed (pip install 'trtglm[cuda]')")
+
+
+def test_corrupt_engine_is_refused_before_tensorrt_sees_it(engine_build, tmp_path):
+    import shutil
+
+    from trtglm.inspect import VerifyFailed, verify
+
+    copy = tmp_path / "b"
+    shutil.copytree(engine_build, copy)
+    (copy / "model.engine").write_bytes(b"garbage")
+    with pytest.raises(VerifyFailed, match="model.engine does not match its sha256"):
+        verify(copy)
+
+
+@pytest.mark.gpu
+def test_engine_generates_like_onnx_runtime(engine_build):
+    from trtglm.trt_backend import TrtBackend, unavailable_reason
+
+    reason = unavailable_reason(engine_build)
+    if reason:
+        pytest.skip(f"TensorRT engine cannot run here: {reason}")
+    trt_tokens = generate(TrtBackend(engine_build), PROMPTS[:2], max_new_tokens=8).tokens
+    ort_tokens = generate(OrtBackend(engine_build), PROMPTS[:2], max_new_tokens=8).tokens
+    assert trt_tokens == ort_tokens

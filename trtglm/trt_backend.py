@@ -1,0 +1,189 @@
+"""The TensorRT engine as a generation backend (pycuda, imported only here and only when used).
+
+    manifest checks ─ deserialize ─ allocate once for the maximum shapes ─ per step:
+    set_input_shape / set_tensor_address ─ execute_async_v3 ─ logits to pinned host memory
+    KV cache: two device buffer sets; each step reads past from one and writes present to the other
+    (the graph's present = past + new, so swapping needs no copy and no host round trip).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .backends import read_manifest
+from .errors import TrtglmError
+
+DTYPE_BYTES = {"int64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class Buffer:
+    name: str
+    dtype: str
+    max_shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.max_shape) * DTYPE_BYTES[self.dtype]
+
+
+def plan_buffers(manifest: dict) -> dict[str, Buffer]:
+    """Every IO tensor at the largest shape any profile allows (one allocation per session)."""
+    io, profiles = manifest.get("io"), manifest.get("profiles")
+    if not io or not profiles:
+        raise TrtglmError("manifest has no IO spec or profiles: not an engine build")
+    largest: dict[str, tuple[int, ...]] = {}
+    for profile in profiles:
+        for name, (_, _, mx) in profile.items():
+            largest[name] = tuple(max(a, b) for a, b in zip(largest.get(name, mx), mx))
+    out = {}
+    for spec in io["inputs"]:
+        out[spec["name"]] = Buffer(spec["name"], spec["dtype"], largest[spec["name"]])
+    batch, tokens = largest["input_ids"]
+    total = largest["attention_mask"][1]
+    for spec in io["outputs"]:
+        dims = []
+        for d in spec["shape"]:
+            dims.append({"batch": batch, "sequence": tokens, "total_sequence": total}.get(d, d)
+                        if isinstance(d, str) else d)
+        out[spec["name"]] = Buffer(spec["name"], spec["dtype"], tuple(dims))
+    return out
+
+
+def gpu_compute_capability() -> str | None:
+    """'sm89' for the first GPU, or None without one (nvidia-smi, no CUDA import needed)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return "sm" + out[0].replace(".", "") if out else None
+
+
+def unavailable_reason(build_dir: Path, cc: str | None | bool = False) -> str | None:
+    """Why the engine cannot run here (None: it can). `cc` overrides GPU detection (tests)."""
+    manifest = read_manifest(build_dir)
+    if not (build_dir / "model.engine").is_file():
+        return "the build has no engine (it was built with --onnx-only)"
+    cc = gpu_compute_capability() if cc is False else cc
+    if cc is None:
+        return "there is no GPU"
+    targets = manifest.get("targets") or []
+    backend = (manifest.get("backend") or {}).get("name")
+    if backend == "tensorrt_rtx" and cc not in targets:
+        return f"this GPU is {cc} and the engine was built for {', '.join(targets)}"
+    try:
+        from .engine import import_backend
+
+        trt = import_backend(backend or "auto")
+    except TrtglmError:
+        return f"the {backend} Python module is not installed"
+    version = (manifest.get("backend") or {}).get("version")
+    if version and trt.__version__ != version:
+        return f"the engine was built with {backend} {version}, this machine has {trt.__version__}"
+    try:
+        import pycuda.driver  # noqa: F401
+    except ImportError:
+        return "pycuda is not installed (pip install 'trtglm[cuda]')"
+    return None
+
+
+@dataclass
+class TrtCache:
+    batch: int
+    length: int
+    buffers: list  # device allocations holding past_key_values in input order
+
+
+class TrtBackend:
+    name = "trt"
+
+    def __init__(self, build_dir: str | Path):
+        import pycuda.autoinit  # noqa: F401 - creates the context
+        import pycuda.driver as cuda
+
+        from .engine import import_backend
+        from .inspect import verify
+
+        build_dir = Path(build_dir)
+        verify(build_dir)  # hashes and TensorRT version, with clear messages
+        manifest = read_manifest(build_dir)
+        trt = import_backend(manifest["backend"]["name"])
+        self._cuda, self._trt = cuda, trt
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(self._logger).deserialize_cuda_engine((build_dir / "model.engine").read_bytes())
+        if self.engine is None:
+            raise TrtglmError(f"{build_dir / 'model.engine'}: TensorRT could not load it on this GPU")
+        self.context = self.engine.create_execution_context()
+        self.stream = cuda.Stream()
+        self.buffers = plan_buffers(manifest)
+        self.max_seq_len = int(manifest["max_seq_len"])
+        self.vocab_size = self.buffers["logits"].max_shape[-1]
+        self.past_names = [n for n in self.buffers if n.startswith("past_key_values.")]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        self._dev = {n: cuda.mem_alloc(b.nbytes) for n, b in self.buffers.items()
+                     if not n.startswith(("past_key_values.", "present."))}
+        self._sets = [[cuda.mem_alloc(self.buffers[n].nbytes) for n in self.present_names] for _ in range(2)]
+        self._logits = cuda.pagelocked_empty(math.prod(self.buffers["logits"].max_shape), np.float32)
+        self._elt = DTYPE_BYTES[self.buffers[self.past_names[0]].dtype]
+        self._kv, self._d = self.buffers[self.past_names[0]].max_shape[1], self.buffers[self.past_names[0]].max_shape[3]
+
+    def new_cache(self, batch: int) -> TrtCache:
+        return TrtCache(batch, 0, self._sets[0])
+
+    def _other(self, buffers) -> list:
+        return self._sets[1] if buffers is self._sets[0] else self._sets[0]
+
+    def forward(self, input_ids, attention_mask, position_ids, cache: TrtCache):
+        cuda = self._cuda
+        b, s = input_ids.shape
+        total = cache.length + s
+        for name, array in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                            ("position_ids", position_ids)):
+            host = np.ascontiguousarray(array, dtype=np.int64)
+            cuda.memcpy_htod_async(self._dev[name], host, self.stream)
+            self.context.set_input_shape(name, host.shape)
+            self.context.set_tensor_address(name, int(self._dev[name]))
+        out = self._other(cache.buffers)
+        for i, (past, present) in enumerate(zip(self.past_names, self.present_names)):
+            self.context.set_input_shape(past, (b, self._kv, cache.length, self._d))
+            self.context.set_tensor_address(past, int(cache.buffers[i]))
+            self.context.set_tensor_address(present, int(out[i]))
+        self.context.set_tensor_address("logits", int(self._dev["logits"]))
+        if not self.context.execute_async_v3(self.stream.handle):
+            raise TrtglmError("TensorRT failed to run the engine step")
+        n = b * s * self.vocab_size
+        cuda.memcpy_dtoh_async(self._logits[:n], self._dev["logits"], self.stream)
+        self.stream.synchronize()
+        return self._logits[:n].reshape(b, s, self.vocab_size).copy(), TrtCache(b, total, out)
+
+    def expand_cache(self, cache: TrtCache, batch: int) -> TrtCache:
+        """A batch-1 cache (a prefix) tiled to `batch` rows in a working buffer set."""
+        cuda = self._cuda
+        out = self._other(cache.buffers)
+        row = self._kv * cache.length * self._d * self._elt
+        for src, dst in zip(cache.buffers, out):
+            for r in range(batch):
+                cuda.memcpy_dtod_async(int(dst) + r * row, src, row, self.stream)
+        self.stream.synchronize()
+        return TrtCache(batch, cache.length, out)
+
+    def snapshot(self, cache: TrtCache) -> TrtCache:
+        """A copy in its own device memory, so later steps cannot overwrite it (prefix reuse)."""
+        cuda = self._cuda
+        size = cache.batch * self._kv * cache.length * self._d * self._elt
+        copies = []
+        for src in cache.buffers:
+            dst = cuda.mem_alloc(max(size, 1))
+            cuda.memcpy_dtod_async(dst, src, size, self.stream)
+            copies.append(dst)
+        self.stream.synchronize()
+        return TrtCache(cache.batch, cache.length, copies)
