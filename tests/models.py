@@ -110,3 +110,25 @@ def dynamo_export(model, path: Path, opset: int = 18) -> Path:
     path.mkdir(parents=True)
     program.save(str(path / "model.onnx"), external_data=True)
     return path
+
+
+def add_tokenizer(path: Path, vocab_size: int = 160) -> Path:
+    """A small byte-level BPE with GLM-style special tokens, a chat template and generation_config stop tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|user|>", "<|assistant|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:100])
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20 + ["hello world"] * 20, trainer)
+    template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = template
+    fast.save_pretrained(path)
+    eos = tok.token_to_id("<|endoftext|>")
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos], "pad_token_id": eos}))
+    return path

@@ -178,3 +178,95 @@ def test_engine_generates_like_onnx_runtime(engine_build):
     trt_tokens = generate(TrtBackend(engine_build), PROMPTS[:2], max_new_tokens=8).tokens
     ort_tokens = generate(OrtBackend(engine_build), PROMPTS[:2], max_new_tokens=8).tokens
     assert trt_tokens == ort_tokens
+
+
+# ---------------------------------------------------------------- trtglm run / bench
+
+@pytest.fixture(scope="module")
+def text_build(checkpoints, tmp_path_factory):
+    import shutil
+
+    from models import add_tokenizer
+    from trtglm.export import export
+
+    root = tmp_path_factory.mktemp("text")
+    shutil.copytree(checkpoints["glm4"], root / "ckpt")
+    add_tokenizer(root / "ckpt")
+    export(str(root / "ckpt"), root / "e", validate=False)
+    build(root / "e", root / "b", onnx_only=True)
+    return root / "b"
+
+
+def cli(*args, stdin=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "trtglm", *args], capture_output=True, text=True, input=stdin)
+
+
+def test_run_prompts_json_and_stream(text_build):
+    import json
+
+    from trtglm.text import load_text
+
+    r = cli("run", str(text_build), "--prompt", "the quick", "--prompt", "hello", "--max-new-tokens", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "backend: ONNX Runtime (cpu) over model.onnx, because the build has no engine" in r.stderr
+    out = json.loads(r.stdout)
+    text = load_text(text_build)
+    ids = [text.encode(p) for p in ("the quick", "hello")]
+    expect = generate(OrtBackend(text_build), ids, max_new_tokens=6, stop_ids=text.stop_ids, pad_id=text.pad_id)
+    assert [row["tokens"] for row in out["rows"]] == expect.tokens
+    assert out["rows"][0]["completion"] == text.decode(expect.tokens[0])
+    streamed = cli("run", str(text_build), "--prompt", "the quick", "--max-new-tokens", "6", "--stream")
+    assert streamed.returncode == 0 and streamed.stdout.strip() == out["rows"][0]["completion"].strip()
+
+
+def test_run_chat_uses_the_template(text_build):
+    from trtglm.text import load_text
+
+    text = load_text(text_build)
+    ids = text.chat([{"role": "user", "content": "hello"}])
+    assert ids[0] == text.tokenizer.convert_tokens_to_ids("<|user|>")
+    assert ids[-1] == text.tokenizer.convert_tokens_to_ids("<|assistant|>")
+    r = cli("run", str(text_build), "--chat", "--max-new-tokens", "4", stdin="hello\nthe dog\n\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("> ") >= 2
+
+
+def test_run_prefix_equals_full_prompts(text_build):
+    """--prefix: its tokens, computed once, then each prompt's tokens; the same as feeding them all each time."""
+    import json
+
+    from trtglm.text import load_text
+
+    a = cli("run", str(text_build), "--prefix", "the lazy dog ", "--prompt", "jumps", "--prompt", "hello world",
+            "--max-new-tokens", "5", "--json")
+    assert a.returncode == 0, a.stderr
+    text = load_text(text_build)
+    full = [text.encode("the lazy dog ") + text.encode(p) for p in ("jumps", "hello world")]
+    expect = generate(OrtBackend(text_build), full, max_new_tokens=5, stop_ids=text.stop_ids, pad_id=text.pad_id)
+    assert [r["tokens"] for r in json.loads(a.stdout)["rows"]] == expect.tokens
+
+
+def test_run_errors_are_one_line(text_build, builds):
+    r = cli("run", str(text_build))
+    assert r.returncode == 2 and "give --prompt, --input-file or --chat" in r.stderr and "Traceback" not in r.stderr
+    r = cli("run", str(builds["glm"]), "--prompt", "x")
+    assert r.returncode == 1 and "no tokenizer.json" in r.stderr and "Traceback" not in r.stderr
+    r = cli("run", str(text_build), "--prompt", "x", "--top-p", "0")
+    assert r.returncode == 2 and "top_p" in r.stderr
+    r = cli("run", str(text_build), "--prompt", "x", "--backend", "trt")
+    assert r.returncode == 1 and "--backend trt: the build has no engine" in r.stderr
+
+
+def test_bench_json_is_the_same_for_every_backend(text_build):
+    import json
+
+    r = cli("bench", str(text_build), "--backend", "ort", "--batch", "2", "--input-len", "16", "--output-len", "8",
+            "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) == {"backend", "batch", "input_len", "output_len", "ttft_ms", "decode_tokens_per_s",
+                        "decode_tokens_per_s_all_rows", "p50_ms", "p99_ms", "peak_rss_mb", "device_memory_mb"}
+    assert out["decode_tokens_per_s"] > 0 and out["p99_ms"] >= out["p50_ms"] > 0

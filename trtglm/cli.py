@@ -207,6 +207,127 @@ def verify_cmd(build_dir, as_json):
         click.echo("engine: " + ("loads on this GPU" if engine.get("ok") else f"not loaded ({engine['reason']})"))
 
 
+def _sampling_options(f):
+    for option in reversed([
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy."),
+        click.option("--top-k", type=int, default=0, show_default=True),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
+        click.option("--seed", type=int, default=None, help="Makes sampling reproducible."),
+    ]):
+        f = option(f)
+    return f
+
+
+@cli.command("run")
+@click.argument("build_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", "prompts", multiple=True, help="A prompt (repeat for a left-padded batch).")
+@click.option("--input-file", type=click.Path(exists=True, dir_okay=False), help="One prompt per line.")
+@click.option("--chat", is_flag=True, help="Chat on the terminal with the model's chat template.")
+@click.option("--prefix", default=None, help="Text put before every prompt; its KV cache is computed once.")
+@click.option("--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@_sampling_options
+@click.option("--stream", is_flag=True, help="Print tokens as they come (first prompt).")
+@json_option
+def run_cmd(build_dir, prompts, input_file, chat, prefix, backend, max_new_tokens, temperature, top_k, top_p,
+            repetition_penalty, seed, stream, as_json):
+    """Generate text with a build: the TensorRT engine on a GPU, else ONNX Runtime over the same graph."""
+    from pathlib import Path
+
+    from .backends import open_backend
+    from .errors import UsageError
+    from .generate import generate, make_prefix
+    from .sampling import Sampling
+    from .text import load_text
+
+    prompts = list(prompts)
+    if input_file:
+        prompts += [line for line in Path(input_file).read_text().splitlines() if line.strip()]
+    if not prompts and not chat:
+        raise UsageError("give --prompt, --input-file or --chat")
+    try:
+        sampling = Sampling(temperature, top_k, top_p, repetition_penalty, seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    text = load_text(build_dir)
+    model, why = open_backend(build_dir, backend)
+    click.echo(f"backend: {why}", err=True)
+    if chat:
+        return _chat(model, text, sampling, max_new_tokens)
+    shared = make_prefix(model, text.encode(prefix)) if prefix else None
+    printed = {"n": 0}
+
+    def on_token(row, token, out=[]):  # noqa: B006 - the streamed tokens of row 0
+        if row == 0:
+            out.append(token)
+            now = text.decode(out)
+            click.echo(now[printed["n"]:], nl=False)
+            printed["n"] = len(now)
+
+    result = generate(model, [text.encode(p) for p in prompts], max_new_tokens=max_new_tokens, sampling=sampling,
+                      stop_ids=text.stop_ids, pad_id=text.pad_id, prefix=shared,
+                      on_token=on_token if stream and not as_json else None)
+    if stream and not as_json:
+        click.echo()
+    rows = [{"prompt": p, "completion": text.decode(t), "tokens": t, "finish": f}
+            for p, t, f in zip(prompts, result.tokens, result.finish)]
+    if as_json:
+        _echo_json({"backend": model.name, "rows": rows, "prefill_ms": 1000 * result.prefill_seconds,
+                    "decode_tokens_per_s": result.decode_tokens_per_second})
+        return
+    for r in rows[1 if stream else 0:]:
+        click.echo(f"{r['prompt']}{r['completion']}")
+
+
+def _chat(model, text, sampling, max_new_tokens):
+    from .generate import generate
+
+    messages = []
+    click.echo("chat: an empty line or end of input ends it", err=True)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        out = []
+
+        def on_token(row, token):
+            out.append(token)
+
+        reply = generate(model, [text.chat(messages)], max_new_tokens=max_new_tokens, sampling=sampling,
+                         stop_ids=text.stop_ids, pad_id=text.pad_id, on_token=on_token)
+        answer = text.decode(reply.tokens[0])
+        click.echo(answer)
+        messages.append({"role": "assistant", "content": answer})
+
+
+@cli.command("bench")
+@click.argument("build_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--input-len", type=int, default=128, show_default=True)
+@click.option("--output-len", type=int, default=64, show_default=True)
+@json_option
+def bench_cmd(build_dir, backend, batch, input_len, output_len, as_json):
+    """Time to first token, decode tokens/s, p50/p99 per-token latency and peak memory (same JSON for every backend)."""
+    from .backends import open_backend
+    from .benchmark import run_bench
+
+    model, why = open_backend(build_dir, backend)
+    click.echo(f"backend: {why}", err=True)
+    r = run_bench(model, batch=batch, input_len=input_len, output_len=output_len)
+    if as_json:
+        _echo_json(r)
+        return
+    click.echo(f"{r['backend']}: batch {batch}, {input_len} in, {output_len} out: time to first token "
+               f"{r['ttft_ms']:.1f} ms, decode {r['decode_tokens_per_s']:.1f} tok/s per sequence, per token "
+               f"p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms, peak RSS {r['peak_rss_mb']:.0f} MB")
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:

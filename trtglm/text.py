@@ -1,0 +1,49 @@
+"""Text in and out of a build: its tokenizer, chat template and stop tokens (files copied from the checkpoint)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import TrtglmError
+
+
+@dataclass
+class Text:
+    tokenizer: object
+    stop_ids: frozenset[int]
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise TrtglmError("this model's tokenizer has no chat template (tokenizer_config.json chat_template)")
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i not in self.stop_ids], skip_special_tokens=True)
+
+
+def load_text(build_dir: str | Path) -> Text:
+    """The fast tokenizer (tokenizer.json) of a build. Remote-code tokenizers are never executed."""
+    from transformers import PreTrainedTokenizerFast
+
+    build_dir = Path(build_dir)
+    if not (build_dir / "tokenizer.json").is_file():
+        raise TrtglmError(f"{build_dir}: no tokenizer.json (checkpoints whose tokenizer is remote code, such as "
+                          "glm-4-9b-chat's tiktoken file, are not loaded)",
+                          hint="pass token ids with --input-ids, or use the -hf checkpoint's tokenizer")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(build_dir))
+    gen = build_dir / "generation_config.json"
+    config = json.loads(gen.read_text()) if gen.is_file() else {}
+    eos = config.get("eos_token_id", tokenizer.eos_token_id)
+    stop = {eos} if isinstance(eos, int) else set(eos or [])
+    if tokenizer.eos_token_id is not None:
+        stop.add(tokenizer.eos_token_id)
+    pad = config.get("pad_token_id", tokenizer.pad_token_id)
+    pad = pad if isinstance(pad, int) else (min(stop) if stop else 0)
+    return Text(tokenizer, frozenset(stop), pad)
