@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) bench/export.py
 	$(PY) bench/fusion.py
 	$(PY) bench/build.py
+	$(PY) bench/runtime.py
 
 # The demo model's engine for every target of its recipe, as the CI workflow builds them.
 engines: $(STAMP)
