@@ -1,9 +1,9 @@
-"""`make demo`: the main job end to end on a small GLM-4 model.
+"""`make demo`: the main job end to end on the shipped model (models/tiny-glm4, a 4.2M-parameter GLM-4
+trained on the King James Bible by scripts/train_tiny.py).
 
-Until the project ships its small trained model, the demo writes a random-weight GLM-4 checkpoint
-of about 7M parameters; then `trtglm export` (validated against transformers), `trtglm build`
-(fusion + fp16 TensorRT engine for RTX GPUs, built on this CPU with TensorRT-RTX), `trtglm verify`,
-and generation on the engine with a GPU, else ONNX Runtime over the same graph (`trtglm bench`).
+export (validated against transformers) -> build (fusion + fp16 TensorRT engine for RTX GPUs, built on
+this CPU with TensorRT-RTX) -> verify -> generate: on the engine when a GPU is there, else with ONNX
+Runtime over the same built graph (the backend line says which).
 """
 
 import shutil
@@ -11,25 +11,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trtglm.synthetic import glm4_config, write_random_checkpoint
-
+MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-glm4"
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "out/demo")
 export_only = "--export-only" in sys.argv
 
 
 def trtglm(*args: str) -> None:
-    print("[demo] $ trtglm " + " ".join(args), flush=True)
+    print("\n[demo] $ trtglm " + " ".join(args), flush=True)
     subprocess.run([sys.executable, "-m", "trtglm", *args], check=True)
 
 
 shutil.rmtree(out, ignore_errors=True)
-print(f"[demo] writing a random-weight GLM-4 checkpoint to {out / 'checkpoint'} (no trained model ships yet)")
-write_random_checkpoint(out / "checkpoint",
-                        glm4_config(hidden=256, layers=4, heads=8, kv_heads=2, intermediate=704, vocab=8192))
-trtglm("export", str(out / "checkpoint"), "-o", str(out / "export"), "--dtype", "fp16", "--max-seq-len", "1024")
+trtglm("export", str(MODEL), "-o", str(out / "export"), "--dtype", "fp16")
 if not export_only:
     trtglm("build", str(out / "export"), "-o", str(out / "build"), "--recipe", "recipes/demo-glm4-fp16.yaml")
     trtglm("verify", str(out / "build"))
-    trtglm("inspect", str(out / "build"))
-    print("[demo] the checkpoint has random weights and no tokenizer yet, so the demo generates token ids:")
-    trtglm("bench", str(out / "build"), "--input-len", "32", "--output-len", "32")
+    trtglm("run", str(out / "build"), "--prompt", "In the beginning", "--prompt", "And the LORD said unto Moses,",
+           "--max-new-tokens", "40")
+    trtglm("run", str(out / "build"), "--prompt", "Blessed are the", "--max-new-tokens", "40", "--temperature",
+           "0.8", "--top-p", "0.9", "--seed", "1", "--stream")

@@ -256,14 +256,13 @@ def run_cmd(build_dir, prompts, input_file, chat, prefix, backend, max_new_token
     if chat:
         return _chat(model, text, sampling, max_new_tokens)
     shared = make_prefix(model, text.encode(prefix)) if prefix else None
-    printed = {"n": 0}
+    streamed: list[int] = []  # row 0's tokens so far; printed as the growth of their decoded text
 
-    def on_token(row, token, out=[]):  # noqa: B006 - the streamed tokens of row 0
+    def on_token(row, token):
         if row == 0:
-            out.append(token)
-            now = text.decode(out)
-            click.echo(now[printed["n"]:], nl=False)
-            printed["n"] = len(now)
+            before = text.decode(streamed)
+            streamed.append(token)
+            click.echo(text.decode(streamed)[len(before):], nl=False)
 
     result = generate(model, [text.encode(p) for p in prompts], max_new_tokens=max_new_tokens, sampling=sampling,
                       stop_ids=text.stop_ids, pad_id=text.pad_id, prefix=shared,
