@@ -130,7 +130,10 @@ def main() -> None:
     print(f"{params / 1e6:.2f}M parameters; train {len(train):,} tokens, eval {len(held):,}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     budget, started, step, warmup = args.minutes * 60, time.time(), 0, 100
-    while (elapsed := time.time() - started) < budget if args.steps is None else step < args.steps:
+    while True:
+        elapsed = time.time() - started
+        if (elapsed >= budget) if args.steps is None else (step >= args.steps):
+            break
         frac = elapsed / budget if args.steps is None else step / args.steps
         lr = 3e-3 * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for group in opt.param_groups:
