@@ -28,7 +28,7 @@ from trtglm.build import build
 from trtglm.engine import build_engine
 from trtglm.export import export
 from trtglm.synthetic import glm4_config, write_random_checkpoint
-from trtglm.validate import OrtDecoder
+from trtglm.backends import OrtBackend
 
 FUSION_SETS = {
     "plain export": None,
@@ -50,22 +50,22 @@ def kernels_by_profile(engine) -> dict[str, list[str]]:
 
 
 def ort_timings(onnx_path: Path, vocab: int, prefill: int = 512, context: int = 1024, decode: int = 32) -> dict:
-    dec = OrtDecoder(onnx_path)
+    dec = OrtBackend(onnx_path)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, vocab, (1, prefill))
     mask = np.ones((1, prefill), np.int64)
     times = []
     for _ in range(3):
         t = time.perf_counter()
-        dec(ids, mask, np.arange(prefill)[None], dec.empty_past(1))
+        dec.forward(ids, mask, np.arange(prefill)[None], dec.new_cache(1))
         times.append(time.perf_counter() - t)
     ids = rng.integers(0, vocab, (1, context))
-    _, past = dec(ids, np.ones((1, context), np.int64), np.arange(context)[None], dec.empty_past(1))
+    _, past = dec.forward(ids, np.ones((1, context), np.int64), np.arange(context)[None], dec.new_cache(1))
     steps = []
     for i in range(decode):
         total = context + i + 1
         t = time.perf_counter()
-        _, past = dec(rng.integers(0, vocab, (1, 1)), np.ones((1, total), np.int64), np.array([[total - 1]]), past)
+        _, past = dec.forward(rng.integers(0, vocab, (1, 1)), np.ones((1, total), np.int64), np.array([[total - 1]]), past)
         steps.append(time.perf_counter() - t)
     return {"prefill_512_ms": 1000 * min(times), "decode_tok_s_at_1024": 1 / statistics.median(steps)}
 

@@ -58,7 +58,7 @@ def transformers_speed(ckpt: Path, prompt: list[int], new: int) -> dict:
 
 
 def ort_speed(build_dir: Path, prompt: list[int], new: int) -> dict:
-    backend = OrtBackend(build_dir)
+    backend = OrtBackend.from_build(build_dir)
     generate(backend, [prompt], max_new_tokens=4)
     r = generate(backend, [prompt], max_new_tokens=new)
     return {"ttft_ms": 1000 * r.prefill_seconds, "decode_tok_s": r.decode_tokens_per_second, "tokens": r.tokens[0]}

@@ -10,7 +10,8 @@ import torch
 
 from trtglm.checkpoint import read_header
 from trtglm.export import export
-from trtglm.validate import OrtDecoder, Steps
+from trtglm.backends import OrtBackend
+from trtglm.validate import Steps, run_steps
 
 FAMILIES = ["glm", "glm4", "chatglm"]
 
@@ -38,29 +39,29 @@ def max_diff(ref, got, steps):
 def test_fp32_matches_transformers_prefill_decode_padded_batch(family, models, exports):
     steps = Steps.random(vocab=160, batch=3, prefill=7, decode=3, pad=3, seed=42)
     ref = hf_logits(models[family], steps)
-    got = OrtDecoder(exports[family] / "model.onnx").run_steps(steps)
+    got = run_steps(OrtBackend(exports[family] / "model.onnx"), steps)
     assert max_diff(ref, got, steps) < 1e-4
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_left_padding_gives_the_unpadded_logits(family, exports):
-    dec = OrtDecoder(exports[family] / "model.onnx")
+    dec = OrtBackend(exports[family] / "model.onnx")
     rng = np.random.default_rng(3)
     short = rng.integers(0, 160, (1, 4))
-    alone, _ = dec(short, np.ones((1, 4), np.int64), np.arange(4)[None], dec.empty_past(1))
+    alone, _ = dec.forward(short, np.ones((1, 4), np.int64), np.arange(4)[None], dec.new_cache(1))
     ids = np.concatenate([np.zeros((1, 3), np.int64), short], axis=1)
     ids = np.concatenate([ids, rng.integers(0, 160, (1, 7))])
     mask = np.ones((2, 7), np.int64)
     mask[0, :3] = 0
     pos = np.clip(mask.cumsum(1) - 1, 0, None)
-    batched, _ = dec(ids, mask, pos, dec.empty_past(2))
+    batched, _ = dec.forward(ids, mask, pos, dec.new_cache(2))
     np.testing.assert_allclose(batched[0, 3:], alone[0], atol=1e-5)
 
 
 def test_chatglm_layout_gives_the_glm_logits(exports):
     steps = Steps.random(vocab=160, seed=7)
-    a = OrtDecoder(exports["glm"] / "model.onnx").run_steps(steps)
-    b = OrtDecoder(exports["chatglm"] / "model.onnx").run_steps(steps)
+    a = run_steps(OrtBackend(exports["glm"] / "model.onnx"), steps)
+    b = run_steps(OrtBackend(exports["chatglm"] / "model.onnx"), steps)
     assert max_diff(a, b, steps) < 1e-5
 
 
@@ -71,9 +72,9 @@ def test_fp16_matches_transformers(models, checkpoints, tmp_path):
     steps = Steps.random(vocab=160, batch=3, prefill=7, decode=2, pad=2, seed=5)
     rounded = copy.deepcopy(models["glm4"]).half().float()
     ref = hf_logits(rounded, steps)
-    dec = OrtDecoder(tmp_path / "e" / "model.onnx")
-    got = dec.run_steps(steps)
-    assert dec.inputs["past_key_values.0.key"].type == "tensor(float16)"
+    dec = OrtBackend(tmp_path / "e" / "model.onnx")
+    got = run_steps(dec, steps)
+    assert dec.past[0].type == "tensor(float16)"
     assert max_diff(ref, got, steps) < 1e-2
     decided = 0
     for i, (r, g) in enumerate(zip(ref, got)):
@@ -105,8 +106,8 @@ def test_sharded_checkpoint_with_index(checkpoints, exports):
     assert (checkpoints["glm4-sharded"] / "model.safetensors.index.json").is_file()
     assert len(list(checkpoints["glm4-sharded"].glob("*.safetensors"))) > 1
     steps = Steps.random(vocab=160)
-    a = OrtDecoder(exports["glm4"] / "model.onnx").run_steps(steps)
-    b = OrtDecoder(exports["glm4-sharded"] / "model.onnx").run_steps(steps)
+    a = run_steps(OrtBackend(exports["glm4"] / "model.onnx"), steps)
+    b = run_steps(OrtBackend(exports["glm4-sharded"] / "model.onnx"), steps)
     assert max_diff(a, b, steps) == 0.0
 
 

@@ -11,7 +11,8 @@ from trtglm.build import build
 from trtglm.errors import TrtglmError
 from trtglm.export import export
 from trtglm.fusion import FusionError, expected_counts, fuse
-from trtglm.validate import OrtDecoder, Steps
+from trtglm.backends import OrtBackend
+from trtglm.validate import Steps, run_steps
 
 FAMILIES = ["glm", "glm4", "chatglm"]
 ALL = frozenset({"rms_norm", "rotary", "rotary_keys", "attention"})
@@ -19,8 +20,8 @@ ALL = frozenset({"rms_norm", "rotary", "rotary_keys", "attention"})
 
 def max_diff(a_path, b_path, atol_scale=False):
     steps = Steps.random(vocab=160, batch=3, prefill=7, decode=3, pad=3, seed=11)
-    a = OrtDecoder(a_path, optimize=False).run_steps(steps)
-    b = OrtDecoder(b_path, optimize=False).run_steps(steps)
+    a = run_steps(OrtBackend(a_path, optimize=False), steps)
+    b = run_steps(OrtBackend(b_path, optimize=False), steps)
     return max(float(np.abs(x[steps.real(i)] - y[steps.real(i)]).max()) for i, (x, y) in enumerate(zip(a, b)))
 
 

@@ -43,12 +43,12 @@ PROMPTS = [[5, 17, 99, 3, 42, 8, 150], [11, 12], [77, 1, 60, 61]]
 @pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_equals_transformers_generate(family, batch, models, builds):
     prompts = PROMPTS[:batch]
-    ours = generate(OrtBackend(builds[family]), prompts, max_new_tokens=12).tokens
+    ours = generate(OrtBackend.from_build(builds[family]), prompts, max_new_tokens=12).tokens
     assert ours == hf_greedy(models[family], prompts, 12)
 
 
 def test_seeded_sampling_is_reproducible(builds):
-    backend = OrtBackend(builds["glm4"])
+    backend = OrtBackend.from_build(builds["glm4"])
     s = Sampling(temperature=1.0, top_k=50, top_p=0.9, seed=1234)
     a = generate(backend, PROMPTS, max_new_tokens=10, sampling=s).tokens
     b = generate(backend, PROMPTS, max_new_tokens=10, sampling=s).tokens
@@ -57,7 +57,7 @@ def test_seeded_sampling_is_reproducible(builds):
 
 
 def test_stop_tokens_end_generation(builds):
-    backend = OrtBackend(builds["glm"])
+    backend = OrtBackend.from_build(builds["glm"])
     free = generate(backend, PROMPTS[:1], max_new_tokens=8).tokens[0]
     stop = free[3]
     first = free.index(stop)
@@ -67,7 +67,7 @@ def test_stop_tokens_end_generation(builds):
 
 
 def test_stop_in_one_row_does_not_end_the_others(builds):
-    backend = OrtBackend(builds["glm"])
+    backend = OrtBackend.from_build(builds["glm"])
     free = generate(backend, PROMPTS, max_new_tokens=6).tokens
     stop = free[1][0]  # row 1 stops at once
     out = generate(backend, PROMPTS, max_new_tokens=6, stop_ids={stop})
@@ -78,7 +78,7 @@ def test_stop_in_one_row_does_not_end_the_others(builds):
 
 
 def test_prefix_reuse_equals_recomputation(builds):
-    backend = OrtBackend(builds["glm4"])
+    backend = OrtBackend.from_build(builds["glm4"])
     system = [9, 8, 7, 6, 5, 4, 3]
     suffixes = [[100, 101], [102, 103, 104, 105], [106]]
     full = generate(backend, [system + s for s in suffixes], max_new_tokens=10).tokens
@@ -89,7 +89,7 @@ def test_prefix_reuse_equals_recomputation(builds):
 
 
 def test_max_seq_len_is_respected(builds):
-    backend = OrtBackend(builds["glm"])
+    backend = OrtBackend.from_build(builds["glm"])
     backend.max_seq_len = 12
     out = generate(backend, [[1, 2, 3, 4, 5, 6, 7, 8]], max_new_tokens=50)
     assert len(out.tokens[0]) == 4 and out.finish == ["length"]
@@ -99,7 +99,7 @@ def test_max_seq_len_is_respected(builds):
 
 def test_streaming_callback_sees_every_token_in_order(builds):
     seen = []
-    out = generate(OrtBackend(builds["glm"]), PROMPTS, max_new_tokens=5, on_token=lambda r, t: seen.append((r, t)))
+    out = generate(OrtBackend.from_build(builds["glm"]), PROMPTS, max_new_tokens=5, on_token=lambda r, t: seen.append((r, t)))
     for row in range(3):
         assert [t for r, t in seen if r == row] == out.tokens[row]
 
@@ -176,7 +176,7 @@ def test_engine_generates_like_onnx_runtime(engine_build):
     if reason:
         pytest.skip(f"TensorRT engine cannot run here: {reason}")
     trt_tokens = generate(TrtBackend(engine_build), PROMPTS[:2], max_new_tokens=8).tokens
-    ort_tokens = generate(OrtBackend(engine_build), PROMPTS[:2], max_new_tokens=8).tokens
+    ort_tokens = generate(OrtBackend.from_build(engine_build), PROMPTS[:2], max_new_tokens=8).tokens
     assert trt_tokens == ort_tokens
 
 
@@ -215,7 +215,7 @@ def test_run_prompts_json_and_stream(text_build):
     out = json.loads(r.stdout)
     text = load_text(text_build)
     ids = [text.encode(p) for p in ("the quick", "hello")]
-    expect = generate(OrtBackend(text_build), ids, max_new_tokens=6, stop_ids=text.stop_ids, pad_id=text.pad_id)
+    expect = generate(OrtBackend.from_build(text_build), ids, max_new_tokens=6, stop_ids=text.stop_ids, pad_id=text.pad_id)
     assert [row["tokens"] for row in out["rows"]] == expect.tokens
     assert out["rows"][0]["completion"] == text.decode(expect.tokens[0])
     streamed = cli("run", str(text_build), "--prompt", "the quick", "--max-new-tokens", "6", "--stream")
@@ -245,7 +245,7 @@ def test_run_prefix_equals_full_prompts(text_build):
     assert a.returncode == 0, a.stderr
     text = load_text(text_build)
     full = [text.encode("the lazy dog ") + text.encode(p) for p in ("jumps", "hello world")]
-    expect = generate(OrtBackend(text_build), full, max_new_tokens=5, stop_ids=text.stop_ids, pad_id=text.pad_id)
+    expect = generate(OrtBackend.from_build(text_build), full, max_new_tokens=5, stop_ids=text.stop_ids, pad_id=text.pad_id)
     assert [r["tokens"] for r in json.loads(a.stdout)["rows"]] == expect.tokens
 
 

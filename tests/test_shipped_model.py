@@ -43,7 +43,7 @@ def test_loads_with_transformers_and_generates_like_trtglm(tmp_path):
     with torch.inference_mode():
         ref = model.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
                              pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
-    assert generate(OrtBackend(tmp_path / "b"), [ids], max_new_tokens=20).tokens[0] == ref
+    assert generate(OrtBackend.from_build(tmp_path / "b"), [ids], max_new_tokens=20).tokens[0] == ref
     assert "[gMASK]<sop><|user|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
 
 

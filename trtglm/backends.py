@@ -39,46 +39,52 @@ def read_manifest(build_dir: Path) -> dict:
         raise TrtglmError(f"{f}: corrupt ({e})") from None
 
 
-def _kv_specs(build_dir: Path, manifest: dict) -> tuple[list[dict], dict]:
-    export = json.loads((build_dir / "export.json").read_text()) if (build_dir / "export.json").is_file() else None
-    io = manifest.get("io") or (export or {}).get("io")
-    if io is None:
-        raise TrtglmError(f"{build_dir}: no IO description (manifest io / export.json)")
-    return io["inputs"], (export or {}).get("config", {})
-
-
 class OrtBackend:
-    """BUILD_DIR/model.onnx in ONNX Runtime (CPU, or CUDA where onnxruntime-gpu finds a GPU)."""
+    """A decoder graph in ONNX Runtime (CPU, or CUDA where onnxruntime-gpu finds a GPU).
+
+    The cache layout is read from the session's own inputs, so any trtglm graph runs: an export,
+    a build, or a test's. `low_memory` drops ONNX Runtime's arena (fp16 weights cast to fp32 per op
+    are then freed at once); `optimize=False` turns its graph optimizations off.
+    """
 
     name = "ort"
 
-    def __init__(self, build_dir: str | Path, threads: int = 0, device: str = "auto"):
+    def __init__(self, onnx_path: str | Path, *, max_seq_len: int | None = None, threads: int = 0,
+                 device: str = "auto", optimize: bool = True, low_memory: bool = False):
         import onnxruntime as ort
 
-        build_dir = Path(build_dir)
-        manifest = read_manifest(build_dir)
-        inputs, config = _kv_specs(build_dir, manifest)
-        self.max_seq_len = int(manifest.get("max_seq_len") or config.get("max_position_embeddings", 2048))
-        self.vocab_size = int(config.get("vocab_size", 0))
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.intra_op_num_threads = threads
+        if low_memory:
+            opts.enable_cpu_mem_arena = False
+        if not optimize:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         providers = ["CPUExecutionProvider"]
         if device in ("auto", "cuda") and _cuda_usable(ort):
             providers.insert(0, "CUDAExecutionProvider")
         elif device == "cuda":
             raise TrtglmError("--device cuda: ONNX Runtime has no usable CUDA provider here")
-        self.session = ort.InferenceSession(str(build_dir / "model.onnx"), opts, providers=providers)
+        self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        self.past = [i for i in inputs if i["name"].startswith("past_key_values.")]
+        inputs = self.session.get_inputs()
+        self.past = [i for i in inputs if i.name.startswith("past_key_values.")]
         self.present = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
-        self._dtype = {"float32": np.float32, "float16": np.float16}.get(self.past[0]["dtype"])
+        self.vocab_size = self.session.get_outputs()[0].shape[-1]
+        self.max_seq_len = max_seq_len or 1 << 30
+        self._dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(self.past[0].type)
         if self._dtype is None:
-            raise TrtglmError(f"ONNX Runtime cannot run a {self.past[0]['dtype']} KV cache on this machine")
+            raise TrtglmError(f"ONNX Runtime cannot run a {self.past[0].type} KV cache on this machine")
         self._ort = ort
 
+    @classmethod
+    def from_build(cls, build_dir: str | Path, threads: int = 0) -> "OrtBackend":
+        build_dir = Path(build_dir)
+        manifest = read_manifest(build_dir)
+        return cls(build_dir / "model.onnx", max_seq_len=int(manifest["max_seq_len"]), threads=threads)
+
     def new_cache(self, batch: int):
-        return [self._ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, p["shape"][1], 0, p["shape"][3]), self._dtype))
+        return [self._ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, p.shape[1], 0, p.shape[3]), self._dtype))
                 for p in self.past]
 
     def expand_cache(self, cache, batch: int):
@@ -90,7 +96,7 @@ class OrtBackend:
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         for spec, value in zip(self.past, cache):
-            binding.bind_ortvalue_input(spec["name"], value)
+            binding.bind_ortvalue_input(spec.name, value)
         binding.bind_output("logits")  # ORT allocates; presents stay OrtValues for the next step
         for name in self.present:
             binding.bind_output(name, self.device)
@@ -118,9 +124,9 @@ def open_backend(build_dir: str | Path, kind: str = "auto", threads: int = 0) ->
             return TrtBackend(build_dir), "TensorRT engine"
         if kind == "trt":
             raise TrtglmError(f"--backend trt: {reason}")
-        backend = OrtBackend(build_dir, threads=threads)
+        backend = OrtBackend.from_build(build_dir, threads=threads)
         return backend, f"ONNX Runtime ({backend.device}) over model.onnx, because {reason}"
     if kind == "ort":
-        backend = OrtBackend(build_dir, threads=threads)
+        backend = OrtBackend.from_build(build_dir, threads=threads)
         return backend, f"ONNX Runtime ({backend.device}) over model.onnx"
     raise TrtglmError(f"unknown backend {kind!r}: auto, trt or ort")

@@ -69,43 +69,13 @@ def reference_logits(ckpt: Checkpoint, dtype: str, steps: Steps) -> list[np.ndar
     return out
 
 
-class OrtDecoder:
-    """The exported graph in ONNX Runtime (CPU), threading its own KV cache between calls."""
-
-    def __init__(self, onnx_path: Path, optimize: bool = True, threads: int = 0, low_memory: bool = False):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = threads
-        if low_memory:  # no arena, so casts of fp16 weights to fp32 (ORT's x86 CPU path) are freed per op
-            opts.enable_cpu_mem_arena = False
-        if not optimize:
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
-        self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
-
-    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        past = {}
-        for name in self.past_names:
-            i = self.inputs[name]
-            dtype = np.float16 if i.type == "tensor(float16)" else np.float32
-            past[name] = np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype)
-        return past
-
-    def __call__(self, input_ids, attention_mask, position_ids, past):
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **past}
-        logits, *presents = self.session.run(["logits", *self.present_names], feeds)
-        return logits, dict(zip(self.past_names, presents))
-
-    def run_steps(self, steps: Steps) -> list[np.ndarray]:
-        past, out = self.empty_past(steps.input_ids[0].shape[0]), []
-        for ids, mask, pos in zip(steps.input_ids, steps.attention_mask, steps.position_ids):
-            logits, past = self(ids, mask, pos, past)
-            out.append(logits)
-        return out
+def run_steps(backend, steps: Steps) -> list[np.ndarray]:
+    """Logits of every step, threading the backend's own cache."""
+    cache, out = backend.new_cache(steps.input_ids[0].shape[0]), []
+    for ids, mask, pos in zip(steps.input_ids, steps.attention_mask, steps.position_ids):
+        logits, cache = backend.forward(ids, mask, pos, cache)
+        out.append(logits)
+    return out
 
 
 # ONNX Runtime's x86 CPU path holds every weight in fp32 (fp16 weights are folded into fp32 copies),
@@ -141,7 +111,9 @@ def validate(ckpt: Checkpoint, onnx_path: Path, dtype: str) -> dict:
         return {"status": "skipped", "reason": f"ONNX Runtime on the CPU cannot run {dtype} compute"}
     steps = Steps.random(ckpt.config.vocab_size)
     ref = reference_logits(ckpt, dtype, steps)
-    got = OrtDecoder(onnx_path, low_memory=True).run_steps(steps)
+    from .backends import OrtBackend
+
+    got = run_steps(OrtBackend(onnx_path, low_memory=True), steps)
     scale = max(1.0, max(float(np.abs(r).max()) for r in ref)) if dtype == "fp16" else 1.0
     tolerance = TOLERANCE[dtype] * scale
     diffs, agree, total = [], 0, 0
