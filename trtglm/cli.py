@@ -327,6 +327,31 @@ def bench_cmd(build_dir, backend, batch, input_len, output_len, as_json):
                f"p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms, peak RSS {r['peak_rss_mb']:.0f} MB")
 
 
+@cli.command("eval")
+@click.argument("build_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--reference", type=click.Path(exists=True, file_okay=False),
+              help="The fp32 export to compare with. [default: the build's source export]")
+@click.option("--data", default="calibration_data/eval.jsonl", show_default=True, help="JSONL with a \"text\" field.")
+@click.option("--samples", type=int, default=16, show_default=True, help="Windows of --seq-len tokens.")
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True)
+@json_option
+def eval_cmd(build_dir, reference, data, samples, seq_len, backend, as_json):
+    """Accuracy of a build against its fp32 reference; exit 3 when outside the recipe's accuracy limits."""
+    from .evaluate import GateFailed, evaluate
+
+    r = evaluate(build_dir, reference, data, samples=samples, seq_len=seq_len, backend=backend)
+    if as_json:
+        _echo_json(r)
+    else:
+        click.echo(f"backend: {r['backend']}", err=True)
+        click.echo(f"{r['tokens']} tokens: perplexity {r['candidate_perplexity']:.3f} vs reference "
+                   f"{r['reference_perplexity']:.3f} ({r['perplexity_delta']:+.2%}), next-token agreement "
+                   f"{r['next_token_agreement']:.1%}, logits cosine {r['logits_cosine']:.5f}")
+    if not r["gate"]["passed"]:
+        raise GateFailed("accuracy gate failed: " + "; ".join(r["gate"]["failures"]))
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:

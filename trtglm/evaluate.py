@@ -1,0 +1,96 @@
+"""`trtglm eval`: a build against its fp32 reference on held-out text (the accuracy gate).
+
+    eval.jsonl ─ tokenizer ─ windows of seq_len ─┬─ candidate (BUILD_DIR) ─┐
+                                                 └─ reference (EXPORT_DIR) ┴─ perplexity, delta, agreement, cosine
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .backends import OrtBackend, open_backend, read_manifest
+from .errors import TrtglmError
+from .text import load_text
+
+
+class GateFailed(TrtglmError):
+    exit_code = 3
+
+
+def read_texts(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise TrtglmError(f"{path}: no such evaluation file", hint="pass --data PATH (JSONL with a \"text\" field)")
+    texts = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise TrtglmError(f"{path}:{n}: expected a JSON object with a \"text\" field") from None
+    if not texts:
+        raise TrtglmError(f"{path}: no text")
+    return texts
+
+
+def evaluate(build_dir: str | Path, reference: str | Path | None = None, data: str | Path = "calibration_data/eval.jsonl",
+             samples: int = 16, seq_len: int = 256, backend: str = "auto") -> dict:
+    build_dir = Path(build_dir)
+    manifest = read_manifest(build_dir)
+    reference = Path(reference or manifest["source"]["export_dir"])
+    ref_meta = reference / "export.json"
+    if not ref_meta.is_file():
+        raise TrtglmError(f"{reference}: not a `trtglm export` directory (the fp32 reference)")
+    if json.loads(ref_meta.read_text())["dtype"] != "fp32":
+        raise TrtglmError(f"{reference}: the reference must be an fp32 export", hint="trtglm export ... --dtype fp32")
+    if manifest["precision"]["dtype"] == "bf16" and backend != "trt":
+        raise TrtglmError("bf16 cannot run on ONNX Runtime's CPU provider: evaluate it on the engine with a GPU")
+    text = load_text(build_dir)
+    windows = _windows([text.encode(t) for t in read_texts(data)], seq_len, samples)
+    candidate, why = open_backend(build_dir, backend)
+    ref = OrtBackend(reference / "model.onnx")
+    nll_c, nll_r, agree, cosines, count = 0.0, 0.0, 0, [], 0
+    for ids in windows:
+        x, y = np.array([ids[:-1]]), np.array(ids[1:])
+        n = len(y)
+        args = (x, np.ones((1, n), np.int64), np.arange(n)[None])
+        lc = candidate.forward(*args, candidate.new_cache(1))[0][0].astype(np.float64)
+        lr = ref.forward(*args, ref.new_cache(1))[0][0].astype(np.float64)
+        nll_c += _nll(lc, y)
+        nll_r += _nll(lr, y)
+        agree += int((lc.argmax(-1) == lr.argmax(-1)).sum())
+        cosines.append((lc * lr).sum(-1) / (np.linalg.norm(lc, axis=-1) * np.linalg.norm(lr, axis=-1)))
+        count += n
+    ppl_c, ppl_r = float(np.exp(nll_c / count)), float(np.exp(nll_r / count))
+    result = {"backend": why, "tokens": count, "windows": len(windows), "candidate_perplexity": ppl_c,
+              "reference_perplexity": ppl_r, "perplexity_delta": (ppl_c - ppl_r) / ppl_r,
+              "next_token_agreement": agree / count, "logits_cosine": float(np.concatenate(cosines).mean())}
+    result["gate"] = _gate(result, manifest["recipe"]["resolved"]["accuracy"])
+    return result
+
+
+def _windows(token_lists: list[list[int]], seq_len: int, samples: int) -> list[list[int]]:
+    stream = [t for ids in token_lists for t in ids]
+    if len(stream) < seq_len + 1:
+        raise TrtglmError(f"the evaluation text has {len(stream)} tokens, fewer than --seq-len {seq_len} + 1")
+    return [stream[i:i + seq_len + 1] for i in range(0, len(stream) - seq_len, seq_len)][:samples]
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    m = logits.max(-1, keepdims=True)
+    logz = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[:, 0]
+    return float((logz - logits[np.arange(len(targets)), targets]).sum())
+
+
+def _gate(r: dict, limits: dict) -> dict:
+    failures = []
+    if r["perplexity_delta"] > limits["max_ppl_delta"]:
+        failures.append(f"perplexity +{r['perplexity_delta']:.2%} > {limits['max_ppl_delta']:.2%}")
+    if r["next_token_agreement"] < limits["min_next_token_agreement"]:
+        failures.append(f"agreement {r['next_token_agreement']:.1%} < {limits['min_next_token_agreement']:.0%}")
+    if r["logits_cosine"] < limits["min_logits_cosine"]:
+        failures.append(f"logits cosine {r['logits_cosine']:.4f} < {limits['min_logits_cosine']}")
+    return {"passed": not failures, "failures": failures, "limits": limits}
