@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) bench/fusion.py
 	$(PY) bench/build.py
 	$(PY) bench/runtime.py
+	$(PY) bench/accuracy.py
 
 # The demo model's engine for every target of its recipe, as the CI workflow builds them.
 engines: $(STAMP)
