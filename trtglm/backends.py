@@ -108,9 +108,9 @@ class OrtBackend:
 def _cuda_usable(ort) -> bool:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
-    from .inspect import _gpu_present
+    from .trt_backend import gpu_compute_capability
 
-    return _gpu_present()
+    return gpu_compute_capability() is not None
 
 
 def open_backend(build_dir: str | Path, kind: str = "auto", threads: int = 0) -> tuple[Backend, str]:

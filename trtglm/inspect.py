@@ -81,7 +81,9 @@ def _deserialize(engine: Path) -> dict:
         trt = import_backend()
     except TrtglmError as e:
         return {"checked": False, "reason": str(e)}
-    if not _gpu_present():
+    from .trt_backend import gpu_compute_capability
+
+    if gpu_compute_capability() is None:
         return {"checked": False, "reason": "no GPU: TensorRT cannot deserialize an engine without one"}
     runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
     obj = runtime.deserialize_cuda_engine(engine.read_bytes())
@@ -91,19 +93,6 @@ def _deserialize(engine: Path) -> dict:
                           "(built by another TensorRT version or for another compute capability)"}
     return {"checked": True, "ok": True, "io": [obj.get_tensor_name(i) for i in range(obj.num_io_tensors)],
             "profiles": obj.num_optimization_profiles}
-
-
-def _gpu_present() -> bool:
-    try:
-        from cuda.bindings import driver  # cuda-python, when installed
-    except ImportError:
-        import shutil
-
-        return shutil.which("nvidia-smi") is not None
-    try:
-        return driver.cuInit(0)[0] == driver.CUresult.CUDA_SUCCESS
-    except Exception:  # noqa: BLE001 - no driver library at all
-        return False
 
 
 def verify(build_dir: str | Path) -> dict:
