@@ -67,8 +67,6 @@ class Checkpoint:
         return sum(math.prod(s.shape) for role, s in self.specs.items()
                    if not (role == "lm_head" and self.config.tie_word_embeddings))
 
-    def weight(self, role: str):
-        return self.load(self.specs[role].name)
 
 
 def open_checkpoint(model: str | os.PathLike) -> Checkpoint:
