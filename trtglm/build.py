@@ -142,6 +142,7 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
     import onnx_ir as ir
 
     from .fusion import expected_counts, fuse
+    from .inspect import describe_onnx
 
     started = time.perf_counter()
     try:
@@ -171,7 +172,7 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
         "source": {"export_dir": str(export_dir.resolve()), "export_sha256": (meta or {}).get("files", {}).get("sha256"),
                    "checkpoint": (meta or {}).get("source")},
         "calibration": None,
-        "precision": {"dtype": dtype, "ops": _dtype_histogram(tmp / ONNX_FILE)},
+        "precision": {"dtype": dtype, "ops": describe_onnx(tmp / ONNX_FILE)["initializer_dtypes"]},
         "max_seq_len": r.shapes.max_seq_len,
         "io": (meta or {}).get("io"),
         "fusion": report.to_dict() | {"strict": r.fusion.strict, "fusions": sorted(fusions)},
@@ -236,17 +237,6 @@ def _engine_step(tmp: Path, meta: dict | None, r: Recipe, dtype: str, progress) 
                    "engine_layers": len(engine.layers), "kernels": len(engine.kernels),
                    "tensorrt_build_seconds": round(engine.seconds, 2)},
     }
-
-
-def _dtype_histogram(onnx_path: Path) -> dict[str, int]:
-    import onnx
-
-    model = onnx.load(onnx_path, load_external_data=False)
-    names = {v: onnx.TensorProto.DataType.Name(v).lower() for v in onnx.TensorProto.DataType.values()}
-    counts: dict[str, int] = {}
-    for init in model.graph.initializer:
-        counts[names[init.data_type]] = counts.get(names[init.data_type], 0) + 1
-    return counts
 
 
 def _store(tmp: Path, cache: Path) -> None:

@@ -21,18 +21,18 @@ def inspect_path(path: str | Path) -> dict:
         if (path / MANIFEST_FILE).is_file():
             return _build_dir(path)
         if (path / ONNX_FILE).is_file():
-            return {"kind": "export", "onnx": _onnx(path / ONNX_FILE)}
+            return {"kind": "export", "onnx": describe_onnx(path / ONNX_FILE)}
         raise TrtglmError(f"{path}: neither a build directory (manifest.json) nor an export (model.onnx)")
     if not path.is_file():
         raise TrtglmError(f"{path}: no such file or directory")
     if path.suffix == ".onnx":
-        return {"kind": "onnx", "onnx": _onnx(path)}
+        return {"kind": "onnx", "onnx": describe_onnx(path)}
     if path.suffix in (".engine", ".plan"):
         return {"kind": "engine", "engine": _engine(path)}
     raise TrtglmError(f"{path}: not an .onnx or .engine file")
 
 
-def _onnx(path: Path) -> dict:
+def describe_onnx(path: Path) -> dict:
     import onnx
 
     try:
