@@ -99,6 +99,15 @@ def plan_shapes(io: dict, config: dict, shapes: ShapesSection, kv_bytes: int) ->
         if elements > INT32_MAX:
             raise TrtglmError(f"impossible shapes: {what} has {elements:,} elements, over TensorRT's int32 limit; "
                               "lower max_batch or max_input_len")
+    profiles = make_profiles([spec["name"] for spec in io["inputs"]], kv, d, shapes)
+    kv_cache = 2 * layers * b * kv * seq * d * kv_bytes
+    activations = b * inp * (vocab * 4 + 4 * hidden * kv_bytes + config["num_heads"] * seq * kv_bytes)
+    return Plan(profiles, kv_cache, activations)
+
+
+def make_profiles(input_names: list[str], kv_heads: int, head_dim: int, shapes: ShapesSection) -> list[dict]:
+    """min/opt/max shapes of every decoder input for each profile (see plan_shapes for single vs split)."""
+    b, inp, seq = shapes.max_batch, shapes.max_input_len, shapes.max_seq_len
     ob = shapes.opt_batch or 1
     oi = shapes.opt_input_len or max(1, inp // 2)
     if shapes.profiles == "split":
@@ -108,18 +117,16 @@ def plan_shapes(io: dict, config: dict, shapes: ShapesSection, kv_bytes: int) ->
     profiles = []
     for (s_min, s_opt, s_max), (p_min, p_opt, p_max) in ranges:
         profile = {}
-        for spec in io["inputs"]:
-            name = spec["name"]
+        for name in input_names:
             if name in ("input_ids", "position_ids"):
                 profile[name] = [(1, s_min), (ob, s_opt), (b, s_max)]
             elif name == "attention_mask":
                 profile[name] = [(1, s_min + p_min), (ob, s_opt + p_opt), (b, s_max + p_max)]
             else:
-                profile[name] = [(1, kv, p_min, d), (ob, kv, p_opt, d), (b, kv, p_max, d)]
+                profile[name] = [(1, kv_heads, p_min, head_dim), (ob, kv_heads, p_opt, head_dim),
+                                 (b, kv_heads, p_max, head_dim)]
         profiles.append(profile)
-    kv_cache = 2 * layers * b * kv * seq * d * kv_bytes
-    activations = b * inp * (vocab * 4 + 4 * hidden * kv_bytes + config["num_heads"] * seq * kv_bytes)
-    return Plan(profiles, kv_cache, activations)
+    return profiles
 
 
 @dataclass
@@ -269,16 +276,12 @@ def _save_timing_cache(config, path: Path) -> None:
 
 
 def _default_profiles(network, max_batch: int, max_input: int, max_seq: int) -> list[dict]:
-    """Profiles read off the network's inputs (for graphs without export.json)."""
-    config = {"vocab_size": 1, "num_layers": 1, "num_heads": 1, "hidden_size": 1, "num_kv_heads": 0, "head_dim": 0}
-    io = {"inputs": []}
-    for i in range(network.num_inputs):
-        t = network.get_input(i)
-        io["inputs"].append({"name": t.name})
-        if t.name.startswith("past_key_values."):
-            config["num_kv_heads"], config["head_dim"] = t.shape[1], t.shape[3]
-    return plan_shapes(io, config, ShapesSection(max_batch=max_batch, max_input_len=max_input,
-                                                 max_seq_len=max_seq, profiles="split"), 2).profiles
+    """Split profiles read off the network's inputs (for graphs without export.json)."""
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    past = next(t for t in inputs if t.name.startswith("past_key_values."))
+    return make_profiles([t.name for t in inputs], past.shape[1], past.shape[3],
+                         ShapesSection(max_batch=max_batch, max_input_len=max_input, max_seq_len=max_seq,
+                                       profiles="split"))
 
 
 _LAYER = re.compile(r"^Name: (.*?), LayerType: ([^,]+),", re.M)
