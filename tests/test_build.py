@@ -84,7 +84,7 @@ def test_fp32_engine_needs_decomposable_attention(exports, tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     ({"builder": {"targets": "sm90"}}, "TensorRT-RTX cannot build for sm90"),
     ({"builder": {"targets": "sm75"}, "precision": {"dtype": "bf16"}}, "precision bf16 requested but"),
-    ({"precision": {"dtype": "int8"}}, "int8 quantization is not available yet"),
+    ({"precision": {"dtype": "int8"}}, "precision conversion starts from an fp32 export"),
     ({"shapes": {"max_seq_len": 100000}}, "exceeds the export's max_seq_len 256"),
     ({"shapes": {"max_batch": 100000, "max_input_len": 256, "max_seq_len": 256}}, "over TensorRT.s int32 limit"),
 ])

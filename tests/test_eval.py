@@ -56,7 +56,7 @@ def test_a_broken_model_fails_the_gate(shipped, tmp_path):
 def test_eval_input_errors(shipped, tmp_path):
     with pytest.raises(TrtglmError, match="must be an fp32 export"):
         evaluate(shipped / "b16", shipped / "e16", EVAL)
-    with pytest.raises(TrtglmError, match="no such evaluation file"):
+    with pytest.raises(TrtglmError, match="no such data file"):
         evaluate(shipped / "b16", shipped / "e32", tmp_path / "none.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "In the beginning"}\n{"nope": 1}\n')

@@ -25,7 +25,7 @@ from .recipe import Recipe, load_recipe
 
 MANIFEST_FILE, ENGINE_FILE, LAYERS_FILE, LOG_FILE = "manifest.json", "model.engine", "layers.json", "build.log"
 MANIFEST_VERSION = 1
-BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 2, "int4": 2, "fp8": 2}  # KV cache element (quantized: fp16)
 
 
 def default_cache_dir() -> Path:
@@ -34,8 +34,11 @@ def default_cache_dir() -> Path:
 
 def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | None = None,
           overrides: dict | None = None, onnx_only: bool = False, cache_dir: Path | None = None,
-          use_cache: bool = True, force: bool = False, progress=None, **shortcuts) -> dict:
-    """Returns the manifest. `shortcuts` (fusions, strict, max_seq_len) are overrides for library callers."""
+          use_cache: bool = True, force: bool = False, reference: str | Path | None = None, progress=None,
+          **shortcuts) -> dict:
+    """Returns the manifest. `shortcuts` (fusions, strict, max_seq_len) are overrides for library callers.
+
+    `reference` is the fp32 export the accuracy gate compares with (default: EXPORT_DIR when it is fp32)."""
     export_dir = Path(export_dir)
     onnx_path = export_dir / ONNX_FILE
     if not onnx_path.is_file():
@@ -44,6 +47,8 @@ def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | N
     overrides = _merge_shortcuts(overrides or {}, shortcuts)
     r = load_recipe(recipe, overrides)
     r, dtype = _resolve(r, meta, overrides, export_dir)
+    calibration = _calibration(r, dtype, _exported_dtype(meta, export_dir), meta, export_dir)
+    gate = _gate_reference(r, dtype, export_dir, reference) if r.accuracy.gate else None
     if not onnx_only:
         from .engine import check_targets, import_backend
 
@@ -52,7 +57,7 @@ def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | N
         backend = {"name": trt.__name__, "version": trt.__version__}
     else:
         backend = None
-    key = _cache_key(export_dir, meta, r, backend, onnx_only)
+    key = _cache_key(export_dir, meta, r, backend, onnx_only, calibration)
     cache = (cache_dir or default_cache_dir()) / key if use_cache and not onnx_only else None
     started = time.perf_counter()
     with atomic_dir(out_dir, force=force) as tmp:
@@ -62,7 +67,7 @@ def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | N
             cache.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(cache) + ".lock"):
                 if not (cache / MANIFEST_FILE).is_file():
-                    _build_into(tmp, export_dir, meta, r, dtype, recipe, key, progress)
+                    _build_into(tmp, export_dir, meta, r, dtype, recipe, key, progress, calibration, gate)
                     _store(tmp, cache)
                     manifest = json.loads((tmp / MANIFEST_FILE).read_text())
                     manifest["cache"] = {"key": key, "hit": False}
@@ -71,7 +76,8 @@ def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | N
                     manifest = json.loads((tmp / MANIFEST_FILE).read_text())
                     manifest["cache"] = {"key": key, "hit": True, "seconds": round(time.perf_counter() - started, 2)}
         else:
-            manifest = _build_into(tmp, export_dir, meta, r, dtype, recipe, key, progress, onnx_only=onnx_only)
+            manifest = _build_into(tmp, export_dir, meta, r, dtype, recipe, key, progress, calibration, gate,
+                                   onnx_only=onnx_only)
             manifest["cache"] = {"key": key, "hit": False, "disabled": True}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -93,15 +99,12 @@ def _merge_shortcuts(overrides: dict, shortcuts: dict) -> dict:
 
 def _resolve(r: Recipe, meta: dict | None, overrides: dict, export_dir: Path) -> tuple[Recipe, str]:
     """Fill what the recipe leaves to the export (dtype, sequence length) and check they agree."""
-    exported = (meta or {}).get("dtype") or _graph_dtype(export_dir / ONNX_FILE)
+    exported = _exported_dtype(meta, export_dir)
     dtype = r.precision.dtype or exported
-    if dtype in ("int8", "int4", "fp8"):
-        raise UsageError(f"{dtype} quantization is not available yet (the precision stage is still to come)",
-                         hint="build the fp16 export, or pass --onnx-only")
-    if dtype != exported:
-        raise UsageError(f"precision {dtype} requested but {export_dir} was exported in {exported}; graph-level "
-                         "precision conversion is not available yet",
-                         hint=f"re-export with `trtglm export ... --dtype {dtype}`")
+    if dtype != exported and exported != "fp32":
+        raise UsageError(f"precision {dtype} requested but {export_dir} was exported in {exported}: precision "
+                         "conversion starts from an fp32 export",
+                         hint=f"re-export with `trtglm export ... --dtype fp32`, or with --dtype {dtype}")
     limit = (meta or {}).get("max_seq_len")
     shapes = r.shapes
     explicit = "max_seq_len" in shapes.model_fields_set
@@ -111,7 +114,12 @@ def _resolve(r: Recipe, meta: dict | None, overrides: dict, export_dir: Path) ->
         shapes = shapes.model_copy(update={"max_seq_len": limit,
                                            "max_input_len": min(shapes.max_input_len, limit)})
     precision = r.precision.model_copy(update={"dtype": dtype})
-    return r.model_copy(update={"shapes": shapes, "precision": precision}), dtype
+    return r.model_copy(update={"shapes": shapes, "precision": precision,
+                                "accuracy": r.accuracy.for_dtype(dtype)}), dtype
+
+
+def _exported_dtype(meta: dict | None, export_dir: Path) -> str:
+    return (meta or {}).get("dtype") or _graph_dtype(export_dir / ONNX_FILE)
 
 
 def _graph_dtype(onnx_path: Path) -> str:
@@ -128,17 +136,50 @@ def _graph_dtype(onnx_path: Path) -> str:
     return "fp32"
 
 
-def _cache_key(export_dir: Path, meta: dict | None, r: Recipe, backend: dict | None, onnx_only: bool) -> str:
+def _calibration(r: Recipe, dtype: str, exported: str, meta: dict | None, export_dir: Path):
+    """The token windows a precision conversion calibrates on: required for int8/fp8, used by fp16 for its
+    range check when the export has a tokenizer; None otherwise."""
+    from .precision import CALIBRATED
+
+    wanted = dtype != exported and (dtype in CALIBRATED or dtype == "fp16")
+    if not wanted:
+        return None
+    if dtype == "fp16" and not (export_dir / "tokenizer.json").is_file():
+        return None  # the manifest records that no range check ran
+    if meta is None:
+        raise UsageError(f"{dtype} calibration needs the export's export.json (vocabulary, IO)")
+    from .calibration import CalibrationSet
+
+    c = r.calibration
+    method = {"fp8": "distribution", "fp16": "minmax"}.get(dtype, c.method)  # what ONNX Runtime will use
+    return CalibrationSet.load(c.data, export_dir, c.samples, c.seq_len, method, meta["config"]["vocab_size"])
+
+
+def _gate_reference(r: Recipe, dtype: str, export_dir: Path, reference) -> Path:
+    if dtype == "bf16":
+        raise UsageError("the accuracy gate runs on ONNX Runtime's CPU provider, which cannot compute bf16",
+                         hint="build without the gate and check the engine with `trtglm eval --backend trt` on a GPU")
+    ref = Path(reference) if reference else export_dir
+    meta = _export_meta(ref)
+    if meta is None or meta.get("dtype") != "fp32":
+        raise UsageError(f"the accuracy gate compares with an fp32 export, and {ref} is not one",
+                         hint="pass --reference FP32_EXPORT_DIR")
+    return ref
+
+
+def _cache_key(export_dir: Path, meta: dict | None, r: Recipe, backend: dict | None, onnx_only: bool,
+               calibration) -> str:
     h = hashlib.sha256()
     hashes = (meta or {}).get("files", {}).get("sha256") or {
         n: sha256(export_dir / n) for n in (ONNX_FILE, DATA_FILE) if (export_dir / n).is_file()}
     h.update(json.dumps({"export": hashes, "recipe": r.resolved(), "backend": backend, "trtglm": __version__,
-                         "onnx_only": onnx_only}, sort_keys=True).encode())
+                         "onnx_only": onnx_only, "calibration": calibration and calibration.fingerprint},
+                        sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 
 def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype: str, recipe_file, key: str,
-                progress, onnx_only: bool = False) -> dict:
+                progress, calibration, gate: Path | None, onnx_only: bool = False) -> dict:
     import onnx_ir as ir
 
     from .fusion import expected_counts, fuse
@@ -162,6 +203,10 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
     del model
     for f in _sidecars(export_dir, meta):
         shutil.copy2(f, tmp / f.name)
+    precision = {"dtype": dtype}
+    if dtype != _exported_dtype(meta, export_dir):
+        precision = _precision_step(tmp, r, dtype, calibration, progress)
+    accuracy = _gate_step(tmp, r, gate, progress) if gate else None
     manifest = {
         "format_version": MANIFEST_VERSION,
         "stage": "onnx" if onnx_only else "engine",
@@ -171,8 +216,9 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
                    "resolved_sha256": hashlib.sha256(json.dumps(r.resolved(), sort_keys=True).encode()).hexdigest()},
         "source": {"export_dir": str(export_dir.resolve()), "export_sha256": (meta or {}).get("files", {}).get("sha256"),
                    "checkpoint": (meta or {}).get("source")},
-        "calibration": None,
-        "precision": {"dtype": dtype, "ops": describe_onnx(tmp / ONNX_FILE)["initializer_dtypes"]},
+        "calibration": calibration.describe() if calibration else None,
+        "precision": precision | {"ops": describe_onnx(tmp / ONNX_FILE)["initializer_dtypes"]},
+        "accuracy": accuracy,
         "max_seq_len": r.shapes.max_seq_len,
         "io": (meta or {}).get("io"),
         "fusion": report.to_dict() | {"strict": r.fusion.strict, "fusions": sorted(fusions)},
@@ -187,6 +233,40 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
     manifest["build_seconds"] = round(time.perf_counter() - started, 2)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _precision_step(tmp: Path, r: Recipe, dtype: str, calibration, progress) -> dict:
+    from .precision import convert
+
+    task = progress.add_task(f"{dtype}: calibrating" if calibration else f"{dtype}: converting",
+                             total=None) if progress else None
+
+    def on_sample(i: int, n: int) -> None:
+        if progress:
+            progress.update(task, completed=i, total=n)
+
+    graph = hashlib.sha256((sha256(tmp / ONNX_FILE) + sha256(tmp / DATA_FILE)).encode()).hexdigest()
+    record = convert(tmp / ONNX_FILE, DATA_FILE, dtype, r.precision, calibration,
+                     default_cache_dir().parent / "calibration", graph, on_sample)
+    if progress:
+        progress.remove_task(task)
+    return record
+
+
+def _gate_step(tmp: Path, r: Recipe, reference: Path, progress) -> dict:
+    from .backends import OrtBackend
+    from .evaluate import GateFailed, compare, judge
+    from .text import load_text
+
+    task = progress.add_task("accuracy gate", total=None) if progress else None
+    a = r.accuracy
+    result = compare(OrtBackend(tmp / ONNX_FILE), reference, load_text(tmp), a.data, a.samples, a.seq_len)
+    result["gate"] = judge(result, a)
+    if progress:
+        progress.remove_task(task)
+    if not result["gate"]["passed"]:
+        raise GateFailed("accuracy gate failed: " + "; ".join(result["gate"]["failures"]) + " (nothing published)")
+    return result
 
 
 def _release(model) -> None:

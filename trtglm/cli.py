@@ -99,13 +99,25 @@ def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as
                    "with fused attention), attention; 'none' for no fusion. [default: rms_norm,rotary,attention]")
 @click.option("--strict/--no-strict", default=None,
               help="Fail unless every rule fused as often as the model needs. [default: strict]")
+@click.option("--calib-data", type=click.Path(dir_okay=False), default=None,
+              help="Calibration text, JSONL with a \"text\" field or plain text. [default: the shipped split]")
+@click.option("--calib-samples", type=int, default=None, help="Calibration windows. [default: 64]")
+@click.option("--calib-seq-len", type=int, default=None, help="Tokens per calibration window. [default: 256]")
+@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
+              help="int8 activation ranges (fp8 always calibrates by distribution). [default: minmax]")
+@click.option("--gate/--no-gate", default=None,
+              help="Evaluate the graph against the fp32 reference before the engine build; publish nothing "
+                   "(exit 3) when outside the recipe's accuracy limits. [default: the recipe's accuracy.gate]")
+@click.option("--reference", type=click.Path(exists=True, file_okay=False), default=None,
+              help="fp32 export the gate compares with. [default: EXPORT_DIR when it is fp32]")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Engine cache. [default: ~/.cache/trtglm/engines]")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the engine cache.")
 @click.option("--force", is_flag=True, help="Replace BUILD_DIR if it exists.")
 @json_option
 def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, max_input_len, max_seq_len,
-              onnx_only, fusions, strict, cache_dir, no_cache, force, as_json):
+              onnx_only, fusions, strict, calib_data, calib_samples, calib_seq_len, calib_method, gate, reference,
+              cache_dir, no_cache, force, as_json):
     """Fuse the graph of a `trtglm export` directory and build a TensorRT engine from it."""
     from pathlib import Path
 
@@ -119,11 +131,14 @@ def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, m
         "builder": {"targets": targets, "backend": backend},
         "shapes": {"max_batch": max_batch, "max_input_len": max_input_len, "max_seq_len": max_seq_len},
         "fusion": {"fusions": fusion_list, "strict": strict},
+        "calibration": {"data": calib_data, "samples": calib_samples, "seq_len": calib_seq_len,
+                        "method": calib_method},
+        "accuracy": {"gate": gate},
     }
     with _progress() as progress:
         manifest = build(export_dir, out_dir, recipe=recipe, overrides=overrides, onnx_only=onnx_only,
                          cache_dir=Path(cache_dir) if cache_dir else None, use_cache=not no_cache, force=force,
-                         progress=progress)
+                         reference=reference, progress=progress)
     if as_json:
         _echo_json(manifest)
         return
@@ -132,6 +147,18 @@ def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, m
                f"({f['nodes_after'] / f['nodes_before']:.0%}); "
                + ", ".join(f"{kind} {n}" + (f"/{f['expected'][kind]}" if f["expected"] else "")
                            for kind, n in f["fused"].items()))
+    p = manifest["precision"]
+    if "from" in p:
+        what = (f", {p['quantized_nodes']} linear layers quantized" if "quantized_nodes" in p else "")
+        islands = p["fp32_islands"]["overflowing_nodes"]
+        click.echo(f"precision: fp32 -> {p['dtype']}{what}"
+                   + (f", {len(islands)} fp32 islands from calibrated ranges" if islands else "")
+                   + (f", calibrated on {manifest['calibration']['samples']} x {manifest['calibration']['seq_len']}"
+                      f" tokens ({manifest['calibration']['method']})" if manifest["calibration"] else ""))
+    if manifest.get("accuracy"):
+        a = manifest["accuracy"]
+        click.echo(f"accuracy gate passed: perplexity {a['perplexity_delta']:+.2%}, next-token agreement "
+                   f"{a['next_token_agreement']:.1%}, logits cosine {a['logits_cosine']:.5f}")
     if manifest["stage"] == "engine":
         e, c = manifest["engine"], manifest["cache"]
         how = "cache hit" if c.get("hit") else f"built in {e['tensorrt_build_seconds']:.1f} s"
@@ -331,7 +358,8 @@ def bench_cmd(build_dir, backend, batch, input_len, output_len, as_json):
 @click.argument("build_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--reference", type=click.Path(exists=True, file_okay=False),
               help="The fp32 export to compare with. [default: the build's source export]")
-@click.option("--data", default="calibration_data/eval.jsonl", show_default=True, help="JSONL with a \"text\" field.")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="Held-out text, JSONL with a \"text\" field. [default: the shipped eval split]")
 @click.option("--samples", type=int, default=16, show_default=True, help="Windows of --seq-len tokens.")
 @click.option("--seq-len", type=int, default=256, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True)

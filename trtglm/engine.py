@@ -284,11 +284,20 @@ def _default_profiles(network, max_batch: int, max_input: int, max_seq: int) -> 
                                        profiles="split"))
 
 
-_LAYER = re.compile(r"^Name: (.*?), LayerType: ([^,]+),", re.M)
+_LAYER = re.compile(r"^Name: (.*?), LayerType: ([^,]+),(.*)$", re.M)
+_WEIGHTS = re.compile(r"Constants: \[(.*?)\], Outputs:")
 
 
 def _engine_layers(messages) -> list[dict]:
+    """Each engine layer's name, type and the datatypes it reads (inputs) and holds (constants, i.e. weights):
+    an int8 GEMM reads Int8 activations and holds Int8 weights; an int4 one holds Int4."""
     for _, msg in messages:
         if msg.startswith("Layers:"):
-            return [{"name": n, "type": t} for n, t in _LAYER.findall(msg)]
+            layers = []
+            for name, kind, rest in _LAYER.findall(msg):
+                weights = _WEIGHTS.search(rest)
+                held = sorted(set(re.findall(r"Datatype: (\w+)", weights.group(1)))) if weights else []
+                reads = sorted(set(re.findall(r"Datatype: (\w+)", rest.split("Constants:")[0].split("Outputs:")[0])))
+                layers.append({"name": name, "type": kind, "reads": reads, "holds": held})
+            return layers
     return []

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from .backends import OrtBackend, open_backend, read_manifest
+from .calibration import EVAL_DATA, read_texts
 from .errors import TrtglmError
+from .recipe import AccuracySection
 from .text import load_text
 
 
@@ -20,37 +22,27 @@ class GateFailed(TrtglmError):
     exit_code = 3
 
 
-def read_texts(path: str | Path) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise TrtglmError(f"{path}: no such evaluation file", hint="pass --data PATH (JSONL with a \"text\" field)")
-    texts = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise TrtglmError(f"{path}:{n}: expected a JSON object with a \"text\" field") from None
-    if not texts:
-        raise TrtglmError(f"{path}: no text")
-    return texts
-
-
-def evaluate(build_dir: str | Path, reference: str | Path | None = None, data: str | Path = "calibration_data/eval.jsonl",
+def evaluate(build_dir: str | Path, reference: str | Path | None = None, data: str | Path | None = None,
              samples: int = 16, seq_len: int = 256, backend: str = "auto") -> dict:
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
     reference = Path(reference or manifest["source"]["export_dir"])
-    ref_meta = reference / "export.json"
-    if not ref_meta.is_file():
-        raise TrtglmError(f"{reference}: not a `trtglm export` directory (the fp32 reference)")
-    if json.loads(ref_meta.read_text())["dtype"] != "fp32":
-        raise TrtglmError(f"{reference}: the reference must be an fp32 export", hint="trtglm export ... --dtype fp32")
     if manifest["precision"]["dtype"] == "bf16" and backend != "trt":
         raise TrtglmError("bf16 cannot run on ONNX Runtime's CPU provider: evaluate it on the engine with a GPU")
-    text = load_text(build_dir)
-    windows = _windows([text.encode(t) for t in read_texts(data)], seq_len, samples)
+    _check_reference(reference)
     candidate, why = open_backend(build_dir, backend)
+    result = {"backend": why, **compare(candidate, reference, load_text(build_dir), data, samples, seq_len)}
+    limits = manifest["recipe"]["resolved"]["accuracy"]
+    if any(v is None for v in limits.values()):  # builds from before per-precision goals
+        limits = AccuracySection.model_validate(limits).for_dtype(manifest["precision"]["dtype"]).model_dump()
+    result["gate"] = judge(result, AccuracySection.model_validate(limits))
+    return result
+
+
+def compare(candidate, reference: Path, text, data: str | Path | None, samples: int, seq_len: int) -> dict:
+    """Perplexity of `candidate` (a backend) and of the fp32 export `reference` on windows of held-out text."""
+    _check_reference(reference)
+    windows = _windows([text.encode(t) for t in read_texts(data or EVAL_DATA)], seq_len, samples)
     ref = OrtBackend(reference / "model.onnx")
     nll_c, nll_r, agree, cosines, count = 0.0, 0.0, 0, [], 0
     for ids in windows:
@@ -65,11 +57,17 @@ def evaluate(build_dir: str | Path, reference: str | Path | None = None, data: s
         cosines.append((lc * lr).sum(-1) / (np.linalg.norm(lc, axis=-1) * np.linalg.norm(lr, axis=-1)))
         count += n
     ppl_c, ppl_r = float(np.exp(nll_c / count)), float(np.exp(nll_r / count))
-    result = {"backend": why, "tokens": count, "windows": len(windows), "candidate_perplexity": ppl_c,
-              "reference_perplexity": ppl_r, "perplexity_delta": (ppl_c - ppl_r) / ppl_r,
-              "next_token_agreement": agree / count, "logits_cosine": float(np.concatenate(cosines).mean())}
-    result["gate"] = _gate(result, manifest["recipe"]["resolved"]["accuracy"])
-    return result
+    return {"tokens": count, "windows": len(windows), "candidate_perplexity": ppl_c,
+            "reference_perplexity": ppl_r, "perplexity_delta": (ppl_c - ppl_r) / ppl_r,
+            "next_token_agreement": agree / count, "logits_cosine": float(np.concatenate(cosines).mean())}
+
+
+def _check_reference(reference: Path) -> None:
+    meta = reference / "export.json"
+    if not meta.is_file():
+        raise TrtglmError(f"{reference}: not a `trtglm export` directory (the fp32 reference)")
+    if json.loads(meta.read_text())["dtype"] != "fp32":
+        raise TrtglmError(f"{reference}: the reference must be an fp32 export", hint="trtglm export ... --dtype fp32")
 
 
 def _windows(token_lists: list[list[int]], seq_len: int, samples: int) -> list[list[int]]:
@@ -85,12 +83,13 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
     return float((logz - logits[np.arange(len(targets)), targets]).sum())
 
 
-def _gate(r: dict, limits: dict) -> dict:
+def judge(r: dict, limits: AccuracySection) -> dict:
     failures = []
-    if r["perplexity_delta"] > limits["max_ppl_delta"]:
-        failures.append(f"perplexity +{r['perplexity_delta']:.2%} > {limits['max_ppl_delta']:.2%}")
-    if r["next_token_agreement"] < limits["min_next_token_agreement"]:
-        failures.append(f"agreement {r['next_token_agreement']:.1%} < {limits['min_next_token_agreement']:.0%}")
-    if r["logits_cosine"] < limits["min_logits_cosine"]:
-        failures.append(f"logits cosine {r['logits_cosine']:.4f} < {limits['min_logits_cosine']}")
-    return {"passed": not failures, "failures": failures, "limits": limits}
+    if r["perplexity_delta"] > limits.max_ppl_delta:
+        failures.append(f"perplexity +{r['perplexity_delta']:.2%} > {limits.max_ppl_delta:.2%}")
+    if r["next_token_agreement"] < limits.min_next_token_agreement:
+        failures.append(f"agreement {r['next_token_agreement']:.1%} < {limits.min_next_token_agreement:.0%}")
+    if r["logits_cosine"] < limits.min_logits_cosine:
+        failures.append(f"logits cosine {r['logits_cosine']:.4f} < {limits.min_logits_cosine}")
+    keys = ("max_ppl_delta", "min_next_token_agreement", "min_logits_cosine")
+    return {"passed": not failures, "failures": failures, "limits": {k: getattr(limits, k) for k in keys}}

@@ -37,10 +37,8 @@ class FusionSection(_Section):
 
 
 class QuantizationSection(_Section):
-    tool: Literal["modelopt", "ort"] = "modelopt"
-    block_size: int = Field(128, gt=0)
-    awq: bool = False
-    smoothquant: bool = False
+    block_size: int = Field(128, gt=0)  # int4: weights per scale, along the input dimension
+    lm_head: bool = False  # quantize the output projection too (int8/int4/fp8)
 
 
 class PrecisionSection(_Section):
@@ -109,11 +107,25 @@ class BuilderSection(_Section):
         return out
 
 
+# Accuracy goals per precision against the fp32 reference: perplexity delta, next-token agreement, logits cosine.
+ACCURACY_GOALS = {"fp32": (0.001, 0.995, 0.9999), "fp16": (0.005, 0.98, 0.999), "bf16": (0.005, 0.98, 0.999),
+                  "int8": (0.03, 0.90, 0.99), "fp8": (0.03, 0.80, 0.99), "int4": (0.10, 0.85, 0.99)}
+
+
 class AccuracySection(_Section):
-    max_ppl_delta: float = Field(0.005, ge=0)
-    min_next_token_agreement: float = Field(0.98, ge=0, le=1)
-    min_logits_cosine: float = Field(0.99, ge=0, le=1)
-    gate: bool = False
+    """Limits left out take the precision's goals (ACCURACY_GOALS) when the build resolves its dtype."""
+
+    max_ppl_delta: float | None = Field(None, ge=0)
+    min_next_token_agreement: float | None = Field(None, ge=0, le=1)
+    min_logits_cosine: float | None = Field(None, ge=0, le=1)
+    gate: bool = False  # `trtglm build` evaluates the result and publishes nothing when it is out of bounds
+    data: str | None = None  # held-out text (default: the shipped eval split)
+    samples: int = Field(16, gt=0)
+    seq_len: int = Field(256, gt=0)
+
+    def for_dtype(self, dtype: str) -> "AccuracySection":
+        goals = dict(zip(("max_ppl_delta", "min_next_token_agreement", "min_logits_cosine"), ACCURACY_GOALS[dtype]))
+        return self.model_copy(update={k: v for k, v in goals.items() if getattr(self, k) is None})
 
 
 class Recipe(_Section):

@@ -1,0 +1,146 @@
+"""The precision stage of `trtglm build`: the fused fp32 graph rewritten into the recipe's precision.
+
+    fused fp32 ─┬─ fp16 | bf16 ─────────────────────────────────────────── to_half (islands from ranges)
+                ├─ int8 | fp8 ─ calibrate + quantize_static (W8A8 QDQ) ─── to_half(fp16)
+                └─ int4 ─────── MatMulNBitsQuantizer (weight-only QDQ) ─── to_half(fp16)
+
+TensorRT 11 and TensorRT-RTX are strongly typed: these types, Casts and Q/DQ nodes ARE the precision;
+no builder flag adds any. Calibration (token windows of real text, prefill, empty cache) runs on the
+fp32 graph in ONNX Runtime; its ranges are cached under a key of graph, data and method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..calibration import CalibrationSet
+from ..errors import UsageError
+
+HALF = ("fp16", "bf16")
+QUANTIZED = ("int8", "int4", "fp8")
+CALIBRATED = ("int8", "fp8")
+
+
+def convert(onnx_path: Path, data_file: str, dtype: str, precision, calibration: CalibrationSet | None,
+            cache_dir: Path, graph_sha256: str, on_calibration=None) -> dict:
+    """Rewrite `onnx_path` (fp32, weights in `data_file` beside it) in place; returns the manifest's record."""
+    import onnxruntime
+
+    started = time.perf_counter()
+    record = {"dtype": dtype, "from": "fp32", "tool": f"onnxruntime.quantization {onnxruntime.__version__}",
+              "compute": "fp16" if dtype in QUANTIZED else dtype}
+    with tempfile.TemporaryDirectory(dir=onnx_path.parent, prefix=".precision-") as work:
+        work = Path(work)
+        model = onnx.load(onnx_path)
+        ranges = None
+        if dtype == "fp16" and calibration is not None:
+            ranges, record["range_cache"] = _ranges(onnx_path, calibration, cache_dir, graph_sha256, on_calibration)
+        if dtype in QUANTIZED:
+            nodes, skipped = _linear(model, precision)
+            record["quantized_nodes"], record["kept_half"] = len(nodes), skipped
+            if dtype == "int4":
+                _check_blocks(model, nodes, precision.quantization.block_size)
+                model = _int4(model, nodes, precision.quantization.block_size)
+                record["block_size"] = precision.quantization.block_size
+            else:
+                if calibration is None:
+                    raise UsageError(f"{dtype} needs calibration data")
+                key = _key(graph_sha256, calibration, dtype)
+                cache = cache_dir / f"{key}.json"
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                hit = cache.is_file()
+                from .quantize import quantize_activations
+
+                quantize_activations(onnx_path, work / "q.onnx", dtype, nodes,
+                                     calibration.reader(_inputs(model), on_calibration), calibration.method, cache)
+                model = onnx.load(work / "q.onnx")
+                record["calibration_cache"] = {"key": key, "hit": hit}
+        from .half import overflowing_nodes, to_half
+
+        islands = overflowing_nodes(model, ranges) if ranges else []
+        model = to_half(model, "fp16" if dtype in QUANTIZED else dtype, fp32_ops=precision.fp32_ops,
+                        fp32_nodes=islands, keep_fp32_io=("logits",) if precision.logits_dtype == "fp32" else ())
+        record["fp32_islands"] = {"ops": list(precision.fp32_ops), "overflowing_nodes": islands}
+        onnx.save(model, work / onnx_path.name, save_as_external_data=True, location=data_file,
+                  all_tensors_to_one_file=True)
+        del model
+        (onnx_path.parent / data_file).unlink(missing_ok=True)
+        for f in (onnx_path.name, data_file):
+            shutil.move(work / f, onnx_path.parent / f)
+    record["seconds"] = round(time.perf_counter() - started, 2)
+    return record
+
+
+def _linear(model: onnx.ModelProto, precision) -> tuple[list[str], list[str]]:
+    from .quantize import linear_nodes
+
+    nodes, skipped = linear_nodes(model, precision.quantization.lm_head)
+    if not nodes:
+        raise UsageError("no MatMul with a constant weight to quantize in this graph")
+    return nodes, skipped
+
+
+def _int4(model, nodes, block_size):
+    from .quantize import quantize_weights_int4
+
+    return quantize_weights_int4(model, nodes, block_size)
+
+
+def _check_blocks(model: onnx.ModelProto, nodes: list[str], block_size: int) -> None:
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.name in nodes:
+            k = shapes[node.input[1]][0]
+            if k % block_size:
+                raise UsageError(f"int4 block size {block_size} does not divide the input width {k} of {node.name} "
+                                 f"({node.input[1]})", hint="set precision.quantization.block_size in the recipe")
+
+
+def _inputs(model: onnx.ModelProto) -> list[dict]:
+    names = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
+    out = []
+    for i in model.graph.input:
+        t = i.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+        out.append({"name": i.name, "dtype": names.get(t.elem_type, "float32"), "shape": dims})
+    return out
+
+
+def _key(graph_sha256: str, calibration: CalibrationSet, purpose: str) -> str:
+    import onnxruntime
+
+    h = hashlib.sha256(f"{graph_sha256} {calibration.fingerprint} {calibration.method} {purpose} "
+                       f"{onnxruntime.__version__}".encode())
+    return h.hexdigest()[:32]
+
+
+def _ranges(onnx_path: Path, calibration: CalibrationSet, cache_dir: Path, graph_sha256: str, on_calibration):
+    """The largest magnitude of every tensor of the fp32 graph over the calibration windows (cached)."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, load_tensors_data, save_tensors_data
+
+    from .quantize import _quiet
+
+    key = _key(graph_sha256, calibration, "ranges")
+    cache = cache_dir / f"{key}.json"
+    hit = cache.is_file()
+    if not hit:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="trtglm-ranges-") as tmp, _quiet():
+            calibrator = create_calibrator(onnx_path, [], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                           calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
+            calibrator.collect_data(calibration.reader(_inputs(onnx.load(onnx_path, load_external_data=False)),
+                                                       on_calibration))
+            data = calibrator.compute_data()
+        partial = cache.with_suffix(".partial")
+        save_tensors_data(data, partial)
+        partial.replace(cache)
+    data = load_tensors_data(cache)
+    ranges = {name: float(np.abs(np.asarray(r.range_value, dtype=np.float64)).max()) for name, r in data.data.items()}
+    return ranges, {"key": key, "hit": hit}

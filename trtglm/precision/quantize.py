@@ -1,0 +1,78 @@
+"""Explicit quantization of the linear layers with ONNX Runtime's quantizers, in the forms TensorRT builds.
+
+    int8  quantize_static: QDQ, symmetric (zero-point 0), weights per output channel, activations per tensor
+    fp8   quantize_static: QDQ, E4M3, per-channel weights (ONNX Runtime calibrates fp8 by distribution)
+    int4  MatMulNBitsQuantizer: weight-only DequantizeLinear, signed, blockwise along K, no zero-point
+
+Only MatMuls with a constant weight are touched (the linear layers); the lm_head is left out unless
+asked (NVIDIA's LLM recipes leave it too: logits are the most sensitive GEMM). Outputs of MatMuls are
+not quantized: TensorRT fuses the DQ-MatMul pair into an int8/fp8 GEMM with a half-precision output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import onnx
+
+METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+def linear_nodes(model: onnx.ModelProto, include_lm_head: bool) -> tuple[list[str], list[str]]:
+    """(MatMul nodes with a constant weight to quantize, the lm_head nodes left out)."""
+    consts = {t.name for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    heads = set()
+    for out in model.graph.output:
+        node = producers.get(out.name)
+        while node is not None and node.op_type in ("Cast", "Identity"):
+            node = producers.get(node.input[0])
+        if node is not None and node.op_type == "MatMul":
+            heads.add(node.name)
+    linear = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in consts]
+    skipped = [] if include_lm_head else [n for n in linear if n in heads]
+    return [n for n in linear if n not in skipped], skipped
+
+
+def quantize_activations(src: Path, dst: Path, dtype: str, nodes: list[str], reader, method: str,
+                         cache_file: Path) -> None:
+    """int8 or fp8 W8A8 QDQ of `nodes`; calibration ranges cached in `cache_file` (ORT's own cache format)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    qtype = {"int8": QuantType.QInt8, "fp8": QuantType.QFLOAT8E4M3FN}[dtype]
+    calibrate = CalibrationMethod.Distribution if dtype == "fp8" else getattr(CalibrationMethod, METHODS[method])
+    with _quiet():
+        quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, nodes_to_quantize=nodes,
+                        op_types_to_quantize=["MatMul"], per_channel=True, activation_type=qtype, weight_type=qtype,
+                        calibrate_method=calibrate, use_external_data_format=True,
+                        calibration_cache_path=str(cache_file),
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       "MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul"],
+                                       "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
+
+
+def quantize_weights_int4(model: onnx.ModelProto, nodes: list[str], block_size: int) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    with _quiet():
+        q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, quant_format=QuantFormat.QDQ,
+                                 op_types_to_quantize=("MatMul",), nodes_to_include=nodes)
+        q.process()
+    return q.model.model
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ONNX Runtime's quantizers log every node and advise pre-processing on the root logger."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
