@@ -67,7 +67,8 @@ def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | N
             cache.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(cache) + ".lock"):
                 if not (cache / MANIFEST_FILE).is_file():
-                    _build_into(tmp, export_dir, meta, r, dtype, recipe, key, progress, calibration, gate)
+                    _build_into(tmp, export_dir, meta, r, dtype, recipe, key, progress, calibration, gate,
+                                cache_dir)
                     _store(tmp, cache)
                     manifest = json.loads((tmp / MANIFEST_FILE).read_text())
                     manifest["cache"] = {"key": key, "hit": False}
@@ -77,7 +78,7 @@ def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | N
                     manifest["cache"] = {"key": key, "hit": True, "seconds": round(time.perf_counter() - started, 2)}
         else:
             manifest = _build_into(tmp, export_dir, meta, r, dtype, recipe, key, progress, calibration, gate,
-                                   onnx_only=onnx_only)
+                                   cache_dir, onnx_only=onnx_only)
             manifest["cache"] = {"key": key, "hit": False, "disabled": True}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -151,7 +152,7 @@ def _calibration(r: Recipe, dtype: str, exported: str, meta: dict | None, export
     from .calibration import CalibrationSet
 
     c = r.calibration
-    method = {"fp8": "distribution", "fp16": "minmax"}.get(dtype, c.method)  # what ONNX Runtime will use
+    method = {"fp8": "minmax", "fp16": "minmax"}.get(dtype, c.method)  # amax for fp8 scales and fp16 ranges
     return CalibrationSet.load(c.data, export_dir, c.samples, c.seq_len, method, meta["config"]["vocab_size"])
 
 
@@ -179,7 +180,7 @@ def _cache_key(export_dir: Path, meta: dict | None, r: Recipe, backend: dict | N
 
 
 def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype: str, recipe_file, key: str,
-                progress, calibration, gate: Path | None, onnx_only: bool = False) -> dict:
+                progress, calibration, gate: Path | None, cache_dir: Path | None, onnx_only: bool = False) -> dict:
     import onnx_ir as ir
 
     from .fusion import expected_counts, fuse
@@ -205,7 +206,8 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
         shutil.copy2(f, tmp / f.name)
     precision = {"dtype": dtype}
     if dtype != _exported_dtype(meta, export_dir):
-        precision = _precision_step(tmp, r, dtype, calibration, progress)
+        precision = _precision_step(tmp, r, dtype, calibration, (cache_dir or default_cache_dir()) / "calibration",
+                                    progress)
     accuracy = _gate_step(tmp, r, gate, progress) if gate else None
     manifest = {
         "format_version": MANIFEST_VERSION,
@@ -235,7 +237,7 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
     return manifest
 
 
-def _precision_step(tmp: Path, r: Recipe, dtype: str, calibration, progress) -> dict:
+def _precision_step(tmp: Path, r: Recipe, dtype: str, calibration, cache: Path, progress) -> dict:
     from .precision import convert
 
     task = progress.add_task(f"{dtype}: calibrating" if calibration else f"{dtype}: converting",
@@ -246,8 +248,7 @@ def _precision_step(tmp: Path, r: Recipe, dtype: str, calibration, progress) -> 
             progress.update(task, completed=i, total=n)
 
     graph = hashlib.sha256((sha256(tmp / ONNX_FILE) + sha256(tmp / DATA_FILE)).encode()).hexdigest()
-    record = convert(tmp / ONNX_FILE, DATA_FILE, dtype, r.precision, calibration,
-                     default_cache_dir().parent / "calibration", graph, on_sample)
+    record = convert(tmp / ONNX_FILE, DATA_FILE, dtype, r.precision, calibration, cache, graph, on_sample)
     if progress:
         progress.remove_task(task)
     return record

@@ -104,7 +104,7 @@ def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as
 @click.option("--calib-samples", type=int, default=None, help="Calibration windows. [default: 64]")
 @click.option("--calib-seq-len", type=int, default=None, help="Tokens per calibration window. [default: 256]")
 @click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
-              help="int8 activation ranges (fp8 always calibrates by distribution). [default: minmax]")
+              help="int8 activation ranges (fp8 scales always come from min/max). [default: minmax]")
 @click.option("--gate/--no-gate", default=None,
               help="Evaluate the graph against the fp32 reference before the engine build; publish nothing "
                    "(exit 3) when outside the recipe's accuracy limits. [default: the recipe's accuracy.gate]")

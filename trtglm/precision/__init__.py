@@ -40,7 +40,7 @@ def convert(onnx_path: Path, data_file: str, dtype: str, precision, calibration:
         work = Path(work)
         model = onnx.load(onnx_path)
         ranges = None
-        if dtype == "fp16" and calibration is not None:
+        if dtype in ("fp16", "fp8") and calibration is not None:
             ranges, record["range_cache"] = _ranges(onnx_path, calibration, cache_dir, graph_sha256, on_calibration)
         if dtype in QUANTIZED:
             nodes, skipped = _linear(model, precision)
@@ -59,15 +59,20 @@ def convert(onnx_path: Path, data_file: str, dtype: str, precision, calibration:
                 from .quantize import quantize_activations
 
                 quantize_activations(onnx_path, work / "q.onnx", dtype, nodes,
-                                     calibration.reader(_inputs(model), on_calibration), calibration.method, cache)
+                                     calibration.reader(_inputs(model), on_calibration), calibration.method, cache,
+                                     amax=ranges)
                 model = onnx.load(work / "q.onnx")
                 record["calibration_cache"] = {"key": key, "hit": hit}
-        from .half import overflowing_nodes, to_half
+        from .half import _name_nodes, overflowing_nodes, position_only_nodes, to_half
 
-        islands = overflowing_nodes(model, ranges) if ranges else []
+        _name_nodes(model)
+        islands = overflowing_nodes(model, ranges) if ranges and dtype == "fp16" else []
+        positions = position_only_nodes(model)
         model = to_half(model, "fp16" if dtype in QUANTIZED else dtype, fp32_ops=precision.fp32_ops,
-                        fp32_nodes=islands, keep_fp32_io=("logits",) if precision.logits_dtype == "fp32" else ())
-        record["fp32_islands"] = {"ops": list(precision.fp32_ops), "overflowing_nodes": islands}
+                        fp32_nodes=[*positions, *islands],
+                        keep_fp32_io=("logits",) if precision.logits_dtype == "fp32" else ())
+        record["fp32_islands"] = {"ops": list(precision.fp32_ops), "position_only_nodes": len(positions),
+                                  "overflowing_nodes": islands}
         onnx.save(model, work / onnx_path.name, save_as_external_data=True, location=data_file,
                   all_tensors_to_one_file=True)
         del model

@@ -4,8 +4,9 @@
                   │                           node_block_list=islands by node, keep_io_types=[logits])
                   └─ bf16: every FLOAT16 relabelled BFLOAT16, weights rounded from their fp32 originals
 
-Islands are kept fp32 with Casts around them: op types named in the recipe, and nodes whose calibrated
-output range would overflow fp16 (|x| > FP16_SAFE). RMSNormalization needs no island: its
+Islands are kept fp32 with Casts around them: op types named in the recipe; the position-only subgraph
+(rotary angles: positions up to thousands times inv_freq need fp32's mantissa, as in the fp16 export);
+and nodes that read or write a tensor whose calibrated range would overflow fp16 (|x| > FP16_SAFE). RMSNormalization needs no island: its
 `stash_type` computes the reduction in fp32 whatever the input type.
 """
 
@@ -19,8 +20,26 @@ FP16_SAFE = 16384.0  # a quarter of fp16's largest finite value: calibration doe
 
 
 def overflowing_nodes(model: onnx.ModelProto, absmax: dict[str, float]) -> list[str]:
-    """Names of nodes with an output whose calibrated magnitude exceeds FP16_SAFE."""
-    return [node.name for node in model.graph.node if any(absmax.get(o, 0.0) > FP16_SAFE for o in node.output)]
+    """Names of nodes reading or writing a tensor whose calibrated magnitude exceeds FP16_SAFE. Graph inputs
+    do not count: calibration feeds an empty KV cache, whose "range" is the reduction's identity."""
+    inputs = {i.name for i in model.graph.input}
+    return [node.name for node in model.graph.node
+            if any(absmax.get(t, 0.0) > FP16_SAFE for t in [*node.input, *node.output] if t not in inputs)]
+
+
+def position_only_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes computed from position_ids or attention_mask (and constants), with no path from the tokens or the
+    KV cache: rotary angles and tables, mask construction."""
+    positions = {"position_ids", "attention_mask"}
+    activations = {i.name for i in model.graph.input if i.name == "input_ids" or i.name.startswith("past_key_values.")}
+    out = []
+    for node in model.graph.node:  # ONNX graphs are topologically sorted
+        if any(i in activations for i in node.input):
+            activations.update(node.output)
+        elif any(i in positions for i in node.input):
+            positions.update(node.output)
+            out.append(node.name)
+    return out
 
 
 def to_half(model: onnx.ModelProto, dtype: str, *, fp32_ops=(), fp32_nodes=(), keep_fp32_io=("logits",)) -> onnx.ModelProto:
@@ -31,7 +50,38 @@ def to_half(model: onnx.ModelProto, dtype: str, *, fp32_ops=(), fp32_nodes=(), k
     io = {v.name for v in [*model.graph.input, *model.graph.output]}
     half = convert_float_to_float16(model, keep_io_types=[n for n in keep_fp32_io if n in io],
                                     op_block_list=[*DEFAULT_OP_BLOCK_LIST, *fp32_ops], node_block_list=list(fp32_nodes))
+    half = _repair(half)
     return _fp16_to_bf16(half, originals) if dtype == "bf16" else half
+
+
+def _repair(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Three flaws of the converter: a tensor feeding two fp32 nodes gets two identical Casts (same name, same
+    output: an invalid model); an edge between two fp32 islands goes through fp16 (fp32->fp16->fp32 Casts,
+    which overflow exactly where the islands were meant to prevent it); the Casts are appended at the end of
+    the node list (not topological)."""
+    import onnx_ir as ir
+
+    seen, keep = set(), []
+    for node in model.graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if key not in seen:
+            seen.add(key)
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    graph = ir.from_proto(model)
+    g = graph.graph
+    for node in list(g):
+        first = node.inputs[0].producer() if node.op_type == "Cast" and node.inputs else None
+        if (first is not None and first.op_type == "Cast" and node.attributes["to"].as_int() == TensorProto.FLOAT
+                and first.attributes["to"].as_int() == TensorProto.FLOAT16
+                and first.inputs[0].dtype == ir.DataType.FLOAT and not node.outputs[0].is_graph_output()):
+            ir.convenience.replace_all_uses_with(node.outputs[0], first.inputs[0])
+    ir.passes.common.RemoveUnusedNodesPass()(graph)
+    g.sort()
+    out = ir.to_proto(graph)
+    del out.graph.value_info[:]  # the converter's are partly stale; nothing downstream needs them
+    return out
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:

@@ -1,7 +1,8 @@
 """Explicit quantization of the linear layers with ONNX Runtime's quantizers, in the forms TensorRT builds.
 
     int8  quantize_static: QDQ, symmetric (zero-point 0), weights per output channel, activations per tensor
-    fp8   quantize_static: QDQ, E4M3, per-channel weights (ONNX Runtime calibrates fp8 by distribution)
+    fp8   quantize_static: QDQ, E4M3, per-channel weights; activation scale = calibrated amax / 448 (TensorRT's
+          rule, given as TensorQuantOverrides: ONNX Runtime's own fp8 scales assume a Gaussian and clip)
     int4  MatMulNBitsQuantizer: weight-only DequantizeLinear, signed, blockwise along K, no zero-point
 
 Only MatMuls with a constant weight are touched (the linear layers); the lm_head is left out unless
@@ -36,13 +37,26 @@ def linear_nodes(model: onnx.ModelProto, include_lm_head: bool) -> tuple[list[st
     return [n for n in linear if n not in skipped], skipped
 
 
+FP8_MAX = 448.0
+
+
 def quantize_activations(src: Path, dst: Path, dtype: str, nodes: list[str], reader, method: str,
-                         cache_file: Path) -> None:
-    """int8 or fp8 W8A8 QDQ of `nodes`; calibration ranges cached in `cache_file` (ORT's own cache format)."""
+                         cache_file: Path, amax: dict[str, float] | None = None) -> None:
+    """int8 or fp8 W8A8 QDQ of `nodes`; calibration ranges cached in `cache_file` (ORT's own cache format).
+    fp8 needs `amax`, the calibrated magnitude of each activation."""
+    import ml_dtypes
+    import numpy as np
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     qtype = {"int8": QuantType.QInt8, "fp8": QuantType.QFLOAT8E4M3FN}[dtype]
     calibrate = CalibrationMethod.Distribution if dtype == "fp8" else getattr(CalibrationMethod, METHODS[method])
+    overrides = {}
+    if dtype == "fp8":
+        model = onnx.load(src, load_external_data=False)
+        for node in model.graph.node:
+            if node.name in nodes:
+                overrides[node.input[0]] = [{"scale": np.array(max(amax[node.input[0]], 1e-6) / FP8_MAX, np.float32),
+                                             "zero_point": np.array(0, ml_dtypes.float8_e4m3fn)}]
     with _quiet():
         quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, nodes_to_quantize=nodes,
                         op_types_to_quantize=["MatMul"], per_channel=True, activation_type=qtype, weight_type=qtype,
@@ -50,7 +64,8 @@ def quantize_activations(src: Path, dst: Path, dtype: str, nodes: list[str], rea
                         calibration_cache_path=str(cache_file),
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                        "MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul"],
-                                       "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}})
+                                       "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+                                       "TensorQuantOverrides": overrides})
 
 
 def quantize_weights_int4(model: onnx.ModelProto, nodes: list[str], block_size: int) -> onnx.ModelProto:
@@ -58,21 +73,26 @@ def quantize_weights_int4(model: onnx.ModelProto, nodes: list[str], block_size: 
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     with _quiet():
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in nodes]
         q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, quant_format=QuantFormat.QDQ,
-                                 op_types_to_quantize=("MatMul",), nodes_to_include=nodes)
+                                 op_types_to_quantize=("MatMul",), nodes_to_exclude=others)  # _include is ignored
         q.process()
     return q.model.model
 
 
 @contextlib.contextmanager
 def _quiet():
-    """ONNX Runtime's quantizers log every node and advise pre-processing on the root logger."""
+    """ONNX Runtime's quantizers log every node and advise pre-processing on the root logger, and its
+    distribution calibrator prints to stdout (which `--json` owns)."""
+    import io
+
     loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
