@@ -296,3 +296,20 @@ def test_cli_quantized_build_and_errors(e32, cache, tmp_path):
     with pytest.raises(UsageError, match="block size 96 does not divide the input width 256"):
         build(e32, tmp_path / "d", onnx_only=True, overrides={"precision": {"dtype": "int4",
                                                                             "quantization": {"block_size": 96}}})
+
+
+def test_manifest_io_follows_the_converted_graph(graphs):
+    """The engine runner sizes its buffers from the manifest: an fp16 KV cache must be recorded as fp16."""
+    from trtglm.trt_backend import plan_buffers
+
+    for dtype, kv in (("fp16", "float16"), ("bf16", "bfloat16"), ("int8", "float16")):
+        io = json.loads((graphs[dtype] / "manifest.json").read_text())["io"]
+        types = {s["name"]: s["dtype"] for s in io["inputs"] + io["outputs"]}
+        assert types["past_key_values.0.key"] == types["present.3.value"] == kv
+        assert types["logits"] == "float32" and types["input_ids"] == "int64"
+    manifest = json.loads((graphs["int8"] / "manifest.json").read_text())
+    manifest["profiles"] = [{n: [[1, 1], [1, 8], [1, 16]] for n in ("input_ids", "position_ids")}
+                            | {"attention_mask": [[1, 1], [1, 9], [1, 20]]}
+                            | {f"past_key_values.{i}.{k}": [[1, 2, 0, 32], [1, 2, 1, 32], [1, 2, 4, 32]]
+                               for i in range(4) for k in ("key", "value")}]
+    assert plan_buffers(manifest)["present.0.key"].nbytes == 1 * 2 * 20 * 32 * 2  # fp16

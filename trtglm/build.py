@@ -222,7 +222,7 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
         "precision": precision | {"ops": describe_onnx(tmp / ONNX_FILE)["initializer_dtypes"]},
         "accuracy": accuracy,
         "max_seq_len": r.shapes.max_seq_len,
-        "io": (meta or {}).get("io"),
+        "io": _io(meta, tmp / ONNX_FILE),
         "fusion": report.to_dict() | {"strict": r.fusion.strict, "fusions": sorted(fusions)},
         "tools": tool_versions(),
         "host": platform.node(),
@@ -268,6 +268,18 @@ def _gate_step(tmp: Path, r: Recipe, reference: Path, progress) -> dict:
     if not result["gate"]["passed"]:
         raise GateFailed("accuracy gate failed: " + "; ".join(result["gate"]["failures"]) + " (nothing published)")
     return result
+
+
+def _io(meta: dict | None, onnx_path: Path) -> dict | None:
+    """The export's IO spec with the dtypes of the built graph (a precision conversion retypes the KV cache)."""
+    if not meta:
+        return None
+    from .inspect import describe_onnx
+
+    graph = describe_onnx(onnx_path)
+    dtypes = {v["name"]: {"float": "float32"}.get(v["dtype"], v["dtype"]) for v in graph["inputs"] + graph["outputs"]}
+    return {side: [{**spec, "dtype": dtypes.get(spec["name"], spec["dtype"])} for spec in specs]
+            for side, specs in meta["io"].items()}
 
 
 def _release(model) -> None:
