@@ -89,8 +89,8 @@ def main() -> None:
             out = work / f"build-{dtype}-{fusions or 'default'}"
             kw = {"fusions": frozenset({"rms_norm", "rotary", "rotary_keys", "attention"})} if fusions else {}
             build(work / f"export-{dtype}", out, onnx_only=True, **kw)
-            rows[f"trtglm run --backend ort, {dtype}, {label}"] = ort_speed(out, prompt, args.new)
-            print(json.dumps({label: rows[f"trtglm run --backend ort, {dtype}, {label}"] | {"tokens": None}}), flush=True)
+            rows[f"trtglm run --backend ort, {dtype} export, {label}"] = ort_speed(out, prompt, args.new)
+            print(json.dumps({label: rows[f"trtglm run --backend ort, {dtype} export, {label}"] | {"tokens": None}}), flush=True)
     read = {label: weight_bytes["fp32" if "fp32" in label or "transformers" in label else "fp16"] for label in rows}
     for dtype in ("fp16", "int8", "int4"):
         out = work / f"build-{dtype}-from-fp32"

@@ -3,7 +3,8 @@ trained on the King James Bible by scripts/train_tiny.py).
 
 export (validated against transformers) -> build (fusion + fp16 TensorRT engine for RTX GPUs, built on
 this CPU with TensorRT-RTX) -> verify -> generate: on the engine when a GPU is there, else with ONNX
-Runtime over the same built graph (the backend line says which).
+Runtime over the same built graph (the backend line says which). Then the fp32 export -> an int8
+engine (calibrated, gated on held-out text inside the build) -> eval -> generate.
 """
 
 import shutil
@@ -30,3 +31,7 @@ if not export_only:
            "--max-new-tokens", "40")
     trtglm("run", str(out / "build"), "--prompt", "Blessed are the", "--max-new-tokens", "40", "--temperature",
            "0.8", "--top-p", "0.9", "--seed", "1", "--stream")
+    trtglm("export", str(MODEL), "-o", str(out / "export-fp32"), "--dtype", "fp32")
+    trtglm("build", str(out / "export-fp32"), "-o", str(out / "build-int8"), "--recipe", "recipes/demo-glm4-int8.yaml")
+    trtglm("eval", str(out / "build-int8"), "--samples", "16")
+    trtglm("run", str(out / "build-int8"), "--prompt", "In the beginning", "--max-new-tokens", "40")

@@ -313,3 +313,20 @@ def test_manifest_io_follows_the_converted_graph(graphs):
                             | {f"past_key_values.{i}.{k}": [[1, 2, 0, 32], [1, 2, 1, 32], [1, 2, 4, 32]]
                                for i in range(4) for k in ("key", "value")}]
     assert plan_buffers(manifest)["present.0.key"].nbytes == 1 * 2 * 20 * 32 * 2  # fp16
+
+
+def test_ort_folds_w8a8_weights_without_changing_the_math(graphs):
+    """The CPU backend folds weight DequantizeLinear nodes of int8 graphs at load (speed); the logits equal
+    those of a session that dequantizes at every step."""
+    import onnxruntime as ort
+
+    from trtglm.backends import OrtBackend
+
+    backend = OrtBackend(graphs["int8"] / "model.onnx")
+    ids = np.array([[5, 17, 300, 42, 7, 99]])
+    args = (ids, np.ones_like(ids), np.arange(6)[None])
+    folded = backend.forward(*args, backend.new_cache(1))[0]
+    plain = ort.InferenceSession(str(graphs["int8"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": args[0], "attention_mask": args[1], "position_ids": args[2],
+             **{i.name: np.zeros((1, 2, 0, 32), np.float16) for i in plain.get_inputs() if i.name.startswith("past")}}
+    np.testing.assert_allclose(folded, plain.run(["logits"], feeds)[0], atol=1e-4, rtol=0)  # measured 1e-5
