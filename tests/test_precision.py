@@ -330,3 +330,12 @@ def test_ort_folds_w8a8_weights_without_changing_the_math(graphs):
     feeds = {"input_ids": args[0], "attention_mask": args[1], "position_ids": args[2],
              **{i.name: np.zeros((1, 2, 0, 32), np.float16) for i in plain.get_inputs() if i.name.startswith("past")}}
     np.testing.assert_allclose(folded, plain.run(["logits"], feeds)[0], atol=1e-4, rtol=0)  # measured 1e-5
+
+
+def test_logits_dtype_is_configurable(e32, cache, tmp_path):
+    m = build(e32, tmp_path / "b", onnx_only=True, cache_dir=cache,
+              overrides={"precision": {"dtype": "fp16", "logits_dtype": "fp16"}, **CALIB})
+    assert _io_types(_model(tmp_path / "b"))["logits"] == TensorProto.FLOAT16
+    assert {s["name"]: s["dtype"] for s in m["io"]["outputs"]}["logits"] == "float16"
+    r = evaluate(tmp_path / "b", e32, samples=2, seq_len=64, backend="ort")
+    assert r["gate"]["passed"], r
