@@ -146,6 +146,9 @@ def test_tensorrt_rtx_builds_each_precision(e32, cache, tmp_path, dtype, target)
     reads, holds = ENGINE_DTYPES[dtype]
     gemms = [x for x in layers if holds in x["holds"] and reads in x["reads"] and x["type"] in ("gemm", "runtime_fusion")]
     assert len(gemms) >= 4 * 3, [(x["type"], x["reads"], x["holds"]) for x in layers]
+    from trtglm.inspect import inspect_path
+
+    assert inspect_path(tmp_path / "b")["gemm_datatypes"][f"{reads} x {holds}"] == len(gemms)
 
 
 @pytest.mark.parametrize("dtype,target,message", [("int4", "sm75", "int4 needs SM80"), ("fp8", "sm86", "fp8 needs SM89"),

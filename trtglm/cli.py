@@ -147,18 +147,8 @@ def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, m
                f"({f['nodes_after'] / f['nodes_before']:.0%}); "
                + ", ".join(f"{kind} {n}" + (f"/{f['expected'][kind]}" if f["expected"] else "")
                            for kind, n in f["fused"].items()))
-    p = manifest["precision"]
-    if "from" in p:
-        what = (f", {p['quantized_nodes']} linear layers quantized" if "quantized_nodes" in p else "")
-        islands = p["fp32_islands"]["overflowing_nodes"]
-        click.echo(f"precision: fp32 -> {p['dtype']}{what}"
-                   + (f", {len(islands)} fp32 islands from calibrated ranges" if islands else "")
-                   + (f", calibrated on {manifest['calibration']['samples']} x {manifest['calibration']['seq_len']}"
-                      f" tokens ({manifest['calibration']['method']})" if manifest["calibration"] else ""))
-    if manifest.get("accuracy"):
-        a = manifest["accuracy"]
-        click.echo(f"accuracy gate passed: perplexity {a['perplexity_delta']:+.2%}, next-token agreement "
-                   f"{a['next_token_agreement']:.1%}, logits cosine {a['logits_cosine']:.5f}")
+    for line in _precision_lines(manifest):
+        click.echo(line)
     if manifest["stage"] == "engine":
         e, c = manifest["engine"], manifest["cache"]
         how = "cache hit" if c.get("hit") else f"built in {e['tensorrt_build_seconds']:.1f} s"
@@ -166,6 +156,22 @@ def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, m
                    f"{', '.join(manifest['targets'])}, {manifest['precision']['dtype']}, "
                    f"{e['bytes'] / 1e6:.1f} MB, {e['kernels']} kernels ({how})")
     click.echo(f"written to {out_dir}")
+
+
+def _precision_lines(m: dict) -> list[str]:
+    """What the precision stage did and what the gate measured (build output and `inspect`)."""
+    p, c, lines = m["precision"], m.get("calibration"), []
+    if "from" in p:
+        islands = p["fp32_islands"]["overflowing_nodes"]
+        lines.append(f"precision: {p['from']} -> {p['dtype']}"
+                     + (f", {p['quantized_nodes']} linear layers quantized" if "quantized_nodes" in p else "")
+                     + (f", {len(islands)} fp32 islands from calibrated ranges" if islands else "")
+                     + (f", calibrated on {c['samples']} x {c['seq_len']} tokens ({c['method']})" if c else ""))
+    if m.get("accuracy"):
+        a = m["accuracy"]
+        lines.append(f"accuracy gate passed: perplexity {a['perplexity_delta']:+.2%}, next-token agreement "
+                     f"{a['next_token_agreement']:.1%}, logits cosine {a['logits_cosine']:.5f}")
+    return lines
 
 
 @cli.command("inspect")
@@ -201,12 +207,15 @@ def _summary(info: dict) -> list[str]:
         return [f"engine, {e['bytes'] / 1e6:.1f} MB, sha256 {e['sha256'][:16]}..., built by {e.get('backend')} "
                 f"for {e.get('targets')}", "load check: " + ("ok" if r.get("ok") else r["reason"])]
     lines = [f"build ({info['stage']}): {info['precision']['dtype']}, fusion {info['fusion']['fused']}, "
-             f"nodes {info['fusion']['nodes_before']} -> {info['fusion']['nodes_after']}"]
+             f"nodes {info['fusion']['nodes_before']} -> {info['fusion']['nodes_after']}", *_precision_lines(info)]
     if info.get("engine"):
         e = info["engine"]
         lines.append(f"engine: {info['backend']['name']} {info['backend']['version']} for {', '.join(info['targets'])}, "
                      f"{e['bytes'] / 1e6:.1f} MB, {e['kernels']} kernels, {e['network_layers']} network layers")
         lines.append("engine layer types: " + ", ".join(f"{k} {v}" for k, v in info.get("engine_layer_types", {}).items()))
+        if info.get("gemm_datatypes"):
+            lines.append("GEMMs (activations x weights): "
+                         + ", ".join(f"{k}: {v}" for k, v in info["gemm_datatypes"].items()))
         for name, profile in info["profiles"].items():
             ids = profile["input_ids"]
             past = next((v for k, v in profile.items() if k.startswith("past_key_values.")), None)

@@ -66,11 +66,26 @@ def _build_dir(path: Path) -> dict:
     out = {"kind": "build", "stage": m.get("stage"), "backend": m.get("backend"), "targets": m.get("targets"),
            "precision": m.get("precision"), "fusion": {k: m["fusion"][k] for k in ("fused", "nodes_before", "nodes_after")},
            "profiles": dict(zip(m.get("profile_names") or [], m.get("profiles") or [])),
-           "io": m.get("io"), "engine": m.get("engine"), "estimate": m.get("estimate"), "cache": m.get("cache")}
+           "io": m.get("io"), "engine": m.get("engine"), "estimate": m.get("estimate"), "cache": m.get("cache"),
+           "calibration": m.get("calibration"), "accuracy": m.get("accuracy")}
     if (path / LAYERS_FILE).is_file():
-        layers = json.loads((path / LAYERS_FILE).read_text())
-        out["engine_layer_types"] = dict(Counter(layer["type"] for layer in layers["engine_layers"]).most_common())
+        layers = json.loads((path / LAYERS_FILE).read_text())["engine_layers"]
+        out["engine_layer_types"] = dict(Counter(layer["type"] for layer in layers).most_common())
+        out["gemm_datatypes"] = gemm_datatypes(layers)
     return out
+
+
+def gemm_datatypes(layers: list[dict]) -> dict[str, int]:
+    """How many engine GEMMs read which activations and hold which weights ("Int8 x Int8": 17), from the
+    build log's layer list: the proof that a quantized graph got quantized kernels."""
+    narrowest = ("Int4", "FP8", "Int8", "BFloat16", "Half", "Float")  # the weights; wider constants are scales
+    out = Counter()
+    for layer in layers:
+        held = [d for d in narrowest if d in layer.get("holds", [])]
+        if layer["type"] in ("gemm", "runtime_fusion") and held:
+            reads = [d for d in layer.get("reads", []) if d not in ("Int64", "Int32")]  # shapes and positions
+            out[f"{'/'.join(reads)} x {held[0]}"] += 1
+    return dict(out.most_common())
 
 
 def _deserialize(engine: Path) -> dict:
