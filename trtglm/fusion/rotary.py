@@ -18,7 +18,10 @@ repeated in pairs, or in halves for rotate-half, and cos^2 + sin^2 = 1). The res
 With keys=False only queries are fused: TensorRT-RTX 1.7 fails inside Myelin ("ssa.cpp CHECK
 failed ... proxy-HOST") building any profile with a non-empty past when a RotaryEmbedding output
 is concatenated onto the KV cache and read by a fused Attention (queries are fine, and so are keys
-when attention is not fused).
+when attention is not fused). Variants tried on the keys, all failing the same way: the 3-D input form
+(num_heads, before the head transpose), full-width tables (cos 1 / sin 0 past the rotary dimension,
+rotary_embedding_dim 0), cos/sin gathered per position outside the op (no position_ids input), and
+one profile instead of two.
 """
 
 from __future__ import annotations

@@ -60,6 +60,7 @@ def _repair(model: onnx.ModelProto) -> onnx.ModelProto:
     which overflow exactly where the islands were meant to prevent it); the Casts are appended at the end of
     the node list (not topological)."""
     import onnx_ir as ir
+    import onnx_ir.passes.common  # noqa: F401 - not imported by `import onnx_ir`
 
     seen, keep = set(), []
     for node in model.graph.node:
