@@ -52,11 +52,20 @@ def quantize_activations(src: Path, dst: Path, dtype: str, nodes: list[str], rea
     calibrate = CalibrationMethod.Distribution if dtype == "fp8" else getattr(CalibrationMethod, METHODS[method])
     overrides = {}
     if dtype == "fp8":
+        from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
         model = onnx.load(src, load_external_data=False)
         for node in model.graph.node:
             if node.name in nodes:
                 overrides[node.input[0]] = [{"scale": np.array(max(amax[node.input[0]], 1e-6) / FP8_MAX, np.float32),
                                              "zero_point": np.array(0, ml_dtypes.float8_e4m3fn)}]
+        # ONNX Runtime insists on a distribution calibration for fp8 even when every scale is given: hand it the
+        # calibrated magnitudes in that form instead of running a second, slower calibration (66 s -> 3 s).
+        if not cache_file.is_file():
+            save_tensors_data(TensorsData(CalibrationMethod.Distribution, {
+                name: TensorData(avg=np.float32(0), std=np.float32(amax[name]), lowest=np.float32(-amax[name]),
+                                 highest=np.float32(amax[name])) for name in overrides}), cache_file)
+        reader = None
     with _quiet():
         quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, nodes_to_quantize=nodes,
                         op_types_to_quantize=["MatMul"], per_channel=True, activation_type=qtype, weight_type=qtype,
