@@ -377,3 +377,11 @@ def test_every_family_quantizes(checkpoints, family, tmp_path):
         if dtype != "fp16":
             per_layer = {"glm": 6, "chatglm": 4}[family]  # chatglm's checkpoint keeps query_key_value fused
             assert m["precision"]["quantized_nodes"] == 2 * per_layer and len(m["precision"]["kept_half"]) == 1
+
+
+def test_fp16_without_a_tokenizer_says_the_range_check_was_skipped(exports, tmp_path):
+    m = build(exports["glm4"], tmp_path / "b", onnx_only=True, overrides={"precision": {"dtype": "fp16"}})
+    assert m["calibration"] is None and "no tokenizer.json" in m["precision"]["range_check"]
+    assert _io_types(_model(tmp_path / "b"))["past_key_values.0.key"] == TensorProto.FLOAT16
+    with pytest.raises(TrtglmError, match="no tokenizer.json"):  # int8 cannot go without calibration
+        build(exports["glm4"], tmp_path / "c", onnx_only=True, overrides={"precision": {"dtype": "int8"}})

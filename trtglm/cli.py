@@ -166,7 +166,8 @@ def _precision_lines(m: dict) -> list[str]:
         lines.append(f"precision: {p['from']} -> {p['dtype']}"
                      + (f", {p['quantized_nodes']} linear layers quantized" if "quantized_nodes" in p else "")
                      + (f", {len(islands)} fp32 islands from calibrated ranges" if islands else "")
-                     + (f", calibrated on {c['samples']} x {c['seq_len']} tokens ({c['method']})" if c else ""))
+                     + (f", calibrated on {c['samples']} x {c['seq_len']} tokens ({c['method']})" if c else "")
+                     + (f"; fp16 range check {p['range_check']}" if "range_check" in p else ""))
     if m.get("accuracy"):
         a = m["accuracy"]
         lines.append(f"accuracy gate passed: perplexity {a['perplexity_delta']:+.2%}, next-token agreement "

@@ -42,6 +42,8 @@ def convert(onnx_path: Path, data_file: str, dtype: str, precision, calibration:
         ranges = None
         if dtype in ("fp16", "fp8") and calibration is not None:
             ranges, record["range_cache"] = _ranges(onnx_path, calibration, cache_dir, graph_sha256, on_calibration)
+        elif dtype == "fp16":
+            record["range_check"] = "skipped: the export has no tokenizer.json to calibrate with"
         if dtype in QUANTIZED:
             nodes, skipped = _linear(model, precision)
             record["quantized_nodes"], record["kept_half"] = len(nodes), skipped
