@@ -385,3 +385,19 @@ def test_fp16_without_a_tokenizer_says_the_range_check_was_skipped(exports, tmp_
     assert _io_types(_model(tmp_path / "b"))["past_key_values.0.key"] == TensorProto.FLOAT16
     with pytest.raises(TrtglmError, match="no tokenizer.json"):  # int8 cannot go without calibration
         build(exports["glm4"], tmp_path / "c", onnx_only=True, overrides={"precision": {"dtype": "int8"}})
+
+
+def test_unfused_norm_reductions_and_softmax_stay_fp32(e32, cache, tmp_path):
+    """With fusion off the graph keeps its primitive norms and attention: their reductions and the softmax are
+    the recipe's default fp32 ops, the rest is fp16, and the result stays within the fp16 goal."""
+    build(e32, tmp_path / "b", onnx_only=True, cache_dir=cache, fusions=frozenset(),
+          overrides={"precision": {"dtype": "fp16"}, **CALIB})
+    m = _model(tmp_path / "b")
+    types = _float_types(m)
+    for node in m.graph.node:
+        if node.op_type in ("ReduceMean", "Softmax"):
+            assert types[node.input[0]] == types[node.output[0]] == TensorProto.FLOAT, node.name
+        if node.op_type == "MatMul" and node.input[1] in _inits(m):
+            assert types[node.output[0]] == TensorProto.FLOAT16, node.name
+    r = evaluate(tmp_path / "b", e32, samples=4, seq_len=128, backend="ort")
+    assert r["perplexity_delta"] <= GOALS["fp16"] and r["gate"]["passed"], r

@@ -43,7 +43,9 @@ class QuantizationSection(_Section):
 
 class PrecisionSection(_Section):
     dtype: Literal[DTYPES] | None = None  # type: ignore[valid-type]  # None: as exported
-    fp32_ops: tuple[str, ...] = ()
+    # op types computed in fp32 in fp16/bf16 graphs: the reductions of unfused norms and the softmax of unfused
+    # attention (as the fp16 export computes them); the fused RMSNormalization/Attention reduce in fp32 anyway
+    fp32_ops: tuple[str, ...] = ("Pow", "ReduceMean", "Sqrt", "Reciprocal", "Softmax")
     logits_dtype: Literal["fp32", "fp16"] = "fp32"
     quantization: QuantizationSection = QuantizationSection()
 
