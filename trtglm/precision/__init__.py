@@ -23,7 +23,6 @@ import onnx
 from ..calibration import CalibrationSet
 from ..errors import UsageError
 
-HALF = ("fp16", "bf16")
 QUANTIZED = ("int8", "int4", "fp8")
 CALIBRATED = ("int8", "fp8")
 
@@ -45,36 +44,11 @@ def convert(onnx_path: Path, data_file: str, dtype: str, precision, calibration:
         elif dtype == "fp16":
             record["range_check"] = "skipped: the export has no tokenizer.json to calibrate with"
         if dtype in QUANTIZED:
-            nodes, skipped = _linear(model, precision)
-            record["quantized_nodes"], record["kept_half"] = len(nodes), skipped
-            if dtype == "int4":
-                _check_blocks(model, nodes, precision.quantization.block_size)
-                model = _int4(model, nodes, precision.quantization.block_size)
-                record["block_size"] = precision.quantization.block_size
-            else:
-                if calibration is None:
-                    raise UsageError(f"{dtype} needs calibration data")
-                key = _key(graph_sha256, calibration, dtype)
-                cache = cache_dir / f"{key}.json"
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                hit = cache.is_file()
-                from .quantize import quantize_activations
-
-                quantize_activations(onnx_path, work / "q.onnx", dtype, nodes,
-                                     calibration.reader(_inputs(model), on_calibration), calibration.method, cache,
-                                     amax=ranges)
-                model = onnx.load(work / "q.onnx")
-                record["calibration_cache"] = {"key": key, "hit": hit}
-        from .half import _name_nodes, overflowing_nodes, position_only_nodes, to_half
-
-        _name_nodes(model)
-        islands = overflowing_nodes(model, ranges) if ranges and dtype == "fp16" else []
-        positions = position_only_nodes(model)
-        model = to_half(model, "fp16" if dtype in QUANTIZED else dtype, fp32_ops=precision.fp32_ops,
-                        fp32_nodes=[*positions, *islands],
-                        keep_fp32_io=("logits",) if precision.logits_dtype == "fp32" else ())
-        record["fp32_islands"] = {"ops": list(precision.fp32_ops), "position_only_nodes": len(positions),
-                                  "overflowing_nodes": islands}
+            model = _quantize(model, onnx_path, work, dtype, precision, calibration, ranges,
+                              cache_dir / f"{_key(graph_sha256, calibration, dtype)}.json" if calibration else None,
+                              on_calibration, record)
+        model = _half(model, "fp16" if dtype in QUANTIZED else dtype, precision, ranges if dtype == "fp16" else None,
+                      record)
         onnx.save(model, work / onnx_path.name, save_as_external_data=True, location=data_file,
                   all_tensors_to_one_file=True)
         del model
@@ -85,19 +59,38 @@ def convert(onnx_path: Path, data_file: str, dtype: str, precision, calibration:
     return record
 
 
-def _linear(model: onnx.ModelProto, precision) -> tuple[list[str], list[str]]:
-    from .quantize import linear_nodes
+def _quantize(model: onnx.ModelProto, onnx_path: Path, work: Path, dtype: str, precision, calibration,
+              ranges, cache: Path | None, on_calibration, record: dict) -> onnx.ModelProto:
+    from .quantize import linear_nodes, quantize_activations, quantize_weights_int4
 
     nodes, skipped = linear_nodes(model, precision.quantization.lm_head)
     if not nodes:
         raise UsageError("no MatMul with a constant weight to quantize in this graph")
-    return nodes, skipped
+    record["quantized_nodes"], record["kept_half"] = len(nodes), skipped
+    if dtype == "int4":
+        block = precision.quantization.block_size
+        _check_blocks(model, nodes, block)
+        record["block_size"] = block
+        return quantize_weights_int4(model, nodes, block)
+    if calibration is None:
+        raise UsageError(f"{dtype} needs calibration data")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    record["calibration_cache"] = {"key": cache.stem, "hit": cache.is_file()}
+    quantize_activations(onnx_path, work / "q.onnx", dtype, nodes, calibration.reader(_inputs(model), on_calibration),
+                         calibration.method, cache, amax=ranges)
+    return onnx.load(work / "q.onnx")
 
 
-def _int4(model, nodes, block_size):
-    from .quantize import quantize_weights_int4
+def _half(model: onnx.ModelProto, dtype: str, precision, ranges, record: dict) -> onnx.ModelProto:
+    from .half import name_nodes, overflowing_nodes, position_only_nodes, to_half
 
-    return quantize_weights_int4(model, nodes, block_size)
+    name_nodes(model)
+    islands = overflowing_nodes(model, ranges) if ranges else []
+    positions = position_only_nodes(model)
+    record["fp32_islands"] = {"ops": list(precision.fp32_ops), "position_only_nodes": len(positions),
+                              "overflowing_nodes": islands}
+    return to_half(model, dtype, fp32_ops=precision.fp32_ops, fp32_nodes=[*positions, *islands],
+                   keep_fp32_io=("logits",) if precision.logits_dtype == "fp32" else ())
 
 
 def _check_blocks(model: onnx.ModelProto, nodes: list[str], block_size: int) -> None:
@@ -132,14 +125,14 @@ def _ranges(onnx_path: Path, calibration: CalibrationSet, cache_dir: Path, graph
     """The largest magnitude of every tensor of the fp32 graph over the calibration windows (cached)."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, load_tensors_data, save_tensors_data
 
-    from .quantize import _quiet
+    from .quantize import quiet
 
     key = _key(graph_sha256, calibration, "ranges")
     cache = cache_dir / f"{key}.json"
     hit = cache.is_file()
     if not hit:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="trtglm-ranges-") as tmp, _quiet():
+        with tempfile.TemporaryDirectory(prefix="trtglm-ranges-") as tmp, quiet():
             calibrator = create_calibrator(onnx_path, [], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                            calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
             calibrator.collect_data(calibration.reader(_inputs(onnx.load(onnx_path, load_external_data=False)),

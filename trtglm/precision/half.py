@@ -45,7 +45,7 @@ def position_only_nodes(model: onnx.ModelProto) -> list[str]:
 def to_half(model: onnx.ModelProto, dtype: str, *, fp32_ops=(), fp32_nodes=(), keep_fp32_io=("logits",)) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    _name_nodes(model)
+    name_nodes(model)
     originals = {t.name: t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT} if dtype == "bf16" else {}
     io = {v.name for v in [*model.graph.input, *model.graph.output]}
     half = convert_float_to_float16(model, keep_io_types=[n for n in keep_fp32_io if n in io],
@@ -85,7 +85,7 @@ def _repair(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _name_nodes(model: onnx.ModelProto) -> None:
+def name_nodes(model: onnx.ModelProto) -> None:
     """The converter names its Casts after the nodes: unnamed nodes would give duplicate outputs."""
     seen = set()
     for i, node in enumerate(model.graph.node):

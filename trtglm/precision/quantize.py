@@ -66,7 +66,7 @@ def quantize_activations(src: Path, dst: Path, dtype: str, nodes: list[str], rea
                 name: TensorData(avg=np.float32(0), std=np.float32(amax[name]), lowest=np.float32(-amax[name]),
                                  highest=np.float32(amax[name])) for name in overrides}), cache_file)
         reader = None
-    with _quiet():
+    with quiet():
         quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, nodes_to_quantize=nodes,
                         op_types_to_quantize=["MatMul"], per_channel=True, activation_type=qtype, weight_type=qtype,
                         calibrate_method=calibrate, use_external_data_format=True,
@@ -81,7 +81,7 @@ def quantize_weights_int4(model: onnx.ModelProto, nodes: list[str], block_size: 
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    with _quiet():
+    with quiet():
         others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in nodes]
         q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, quant_format=QuantFormat.QDQ,
                                  op_types_to_quantize=("MatMul",), nodes_to_exclude=others)  # _include is ignored
@@ -90,7 +90,7 @@ def quantize_weights_int4(model: onnx.ModelProto, nodes: list[str], block_size: 
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """ONNX Runtime's quantizers log every node and advise pre-processing on the root logger, and its
     distribution calibrator prints to stdout (which `--json` owns)."""
     import io
