@@ -171,9 +171,9 @@ def test_debug_shows_the_traceback(checkpoints, tmp_path):
 
 
 def test_validation_that_cannot_fit_in_memory_fails_before_writing(capsys, checkpoints, tmp_path, monkeypatch):
-    import trtglm.validate
+    import trtglm.memory
 
-    monkeypatch.setattr(trtglm.validate, "_available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(trtglm.memory, "available_memory", lambda: 1 << 20)
     code, _, err = run(capsys, "export", str(checkpoints["glm"]), "-o", str(tmp_path / "e"))
     assert_clean_failure(code, err, tmp_path, "validation needs about")
     assert "--no-validate" in err and not (tmp_path / "e").exists()

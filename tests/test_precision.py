@@ -401,3 +401,12 @@ def test_unfused_norm_reductions_and_softmax_stay_fp32(e32, cache, tmp_path):
             assert types[node.output[0]] == TensorProto.FLOAT16, node.name
     r = evaluate(tmp_path / "b", e32, samples=4, seq_len=128, backend="ort")
     assert r["perplexity_delta"] <= GOALS["fp16"] and r["gate"]["passed"], r
+
+
+def test_conversion_that_cannot_fit_in_memory_fails_before_any_work(e32, tmp_path, monkeypatch):
+    import trtglm.memory
+
+    monkeypatch.setattr(trtglm.memory, "available_memory", lambda: 1 << 20)
+    with pytest.raises(UsageError, match=r"converting this fp32 graph to int8 needs about .* GiB of memory"):
+        build(e32, tmp_path / "b", onnx_only=True, overrides={"precision": {"dtype": "int8"}})
+    assert not (tmp_path / "b").exists()

@@ -47,6 +47,10 @@ def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | N
     overrides = _merge_shortcuts(overrides or {}, shortcuts)
     r = load_recipe(recipe, overrides)
     r, dtype = _resolve(r, meta, overrides, export_dir)
+    if dtype != _exported_dtype(meta, export_dir):
+        from .precision import check_memory
+
+        check_memory(dtype, (export_dir / DATA_FILE).stat().st_size if (export_dir / DATA_FILE).is_file() else 0)
     calibration = _calibration(r, dtype, _exported_dtype(meta, export_dir), meta, export_dir)
     gate = _gate_reference(r, dtype, export_dir, reference) if r.accuracy.gate else None
     if not onnx_only:

@@ -81,28 +81,15 @@ def run_steps(backend, steps: Steps) -> list[np.ndarray]:
 # ONNX Runtime's x86 CPU path holds every weight in fp32 (fp16 weights are folded into fp32 copies),
 # measured at 3.6-4.2 bytes per parameter at the peak (bench/export.py); the reference runs before it.
 ORT_BYTES_PER_PARAM = 4.2
-BASE_BYTES = 600 << 20  # torch, transformers and onnxruntime themselves
 
 
 def check_memory(num_parameters: int) -> None:
     """Fail before anything is written if validation cannot fit in the memory available now."""
-    need = ORT_BYTES_PER_PARAM * num_parameters + BASE_BYTES
-    available = _available_memory()
-    if available is not None and need > available:
-        raise ValidationFailed(
-            f"validation needs about {need / 2**30:.1f} GiB of memory (ONNX Runtime on the CPU runs the weights "
-            f"in fp32) but {available / 2**30:.1f} GiB is available",
-            hint="pass --no-validate to export without the check, or validate on a larger machine")
+    from .memory import require
 
-
-def _available_memory() -> int | None:
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    require(ORT_BYTES_PER_PARAM * num_parameters, "validation",
+            "ONNX Runtime on the CPU holds the weights in fp32: pass --no-validate to export without the check, "
+            "or validate on a larger machine", ValidationFailed)
 
 
 def validate(ckpt: Checkpoint, onnx_path: Path, dtype: str) -> dict:

@@ -25,6 +25,16 @@ from ..errors import UsageError
 
 QUANTIZED = ("int8", "int4", "fp8")
 CALIBRATED = ("int8", "fp8")
+# Peak memory of the stage per byte of fp32 weights (measured on a 136M-parameter export, README): the whole
+# graph is held as protobuf, and ONNX Runtime's quantizers and converter copy it.
+PEAK_PER_FP32_BYTE = {"fp16": 5.6, "bf16": 5.6, "int8": 4.5, "int4": 3.1, "fp8": 4.0}
+
+
+def check_memory(dtype: str, fp32_weight_bytes: int) -> None:
+    from ..memory import require
+
+    require(PEAK_PER_FP32_BYTE[dtype] * fp32_weight_bytes, f"converting this fp32 graph to {dtype}",
+            "convert on a larger machine, or export in fp16/bf16 and build in that dtype", UsageError)
 
 
 def convert(onnx_path: Path, data_file: str, dtype: str, precision, calibration: CalibrationSet | None,
