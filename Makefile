@@ -39,6 +39,12 @@ engines: $(STAMP)
 	    --target $$t --force || exit 1; \
 	  $(PY) -m trtglm verify out/engines/demo-glm4-fp16-$$t || exit 1; \
 	done
+	$(PY) -m trtglm export models/tiny-glm4 -o $(DEMO)/export-fp32 --dtype fp32 --force
+	@for t in sm86 sm89 sm120; do \
+	  $(PY) -m trtglm build $(DEMO)/export-fp32 -o out/engines/demo-glm4-int8-$$t --recipe recipes/demo-glm4-int8.yaml \
+	    --target $$t --force || exit 1; \
+	  $(PY) -m trtglm verify out/engines/demo-glm4-int8-$$t || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) out .bench
