@@ -131,7 +131,7 @@ def test_graph_from_torch_dynamo_exporter_fuses_strictly(models, exports, tmp_pa
 
     foreign = dynamo_export(models["glm4"], tmp_path / "dynamo")
     manifest = build(foreign, tmp_path / "b", onnx_only=True, max_seq_len=256)
-    assert manifest["fusion"]["fused"] == {"rms_norm": 9, "rotary": 2, "attention": 2}
+    assert manifest["fusion"]["fused"] == {"rms_norm": 9, "rotary": 2, "attention": 2, "qkv": 2}
     assert manifest["fusion"]["rewrites"]["rotary_strided_partial"] == 2  # torch.stack((-x2, x1)) form
     assert max_diff(foreign / "model.onnx", tmp_path / "b" / "model.onnx") < 1e-5
     assert max_diff(exports["glm4"] / "model.onnx", tmp_path / "b" / "model.onnx") < 1e-4

@@ -86,7 +86,7 @@ def test_bf16_weights_are_the_fp32_weights_rounded(graphs, e32):
     io = _io_types(m)
     assert io["past_key_values.0.key"] == TensorProto.BFLOAT16 and io["logits"] == TensorProto.FLOAT
     ref = onnx.load(e32 / "model.onnx")
-    name = "model.layers.1.self_attn.q_proj.weight"
+    name = "model.layers.1.mlp.down_proj.weight"
     expected = numpy_helper.to_array(_inits(ref)[name]).astype(ml_dtypes.bfloat16)
     got = numpy_helper.to_array(_inits(m)[name])
     assert got.dtype == ml_dtypes.bfloat16 and np.array_equal(got.view(np.uint16), expected.view(np.uint16))
@@ -105,7 +105,7 @@ def test_w8a8_is_symmetric_per_channel_qdq_on_the_linear_layers(graphs, dtype, q
     inits = _inits(m)
     dq, q = _qdq(m, "DequantizeLinear"), _qdq(m, "QuantizeLinear")
     weights = [n for n in dq if n.input[0] in inits]
-    assert len(weights) == 24 and len(q) == 4 * 4  # 6 linear layers x 4, one shared input for q/k/v: 4 per layer
+    assert len(weights) == len(q) == 4 * 4  # 4 layers x (qkv, o, gate_up, down), one activation each
     for n in dq + q:
         zp = inits[n.input[2]]
         assert zp.data_type == qtype and not numpy_helper.to_array(zp).astype(np.float32).any()  # zero-point 0
@@ -115,14 +115,14 @@ def test_w8a8_is_symmetric_per_channel_qdq_on_the_linear_layers(graphs, dtype, q
         assert scale.data_type == TensorProto.FLOAT16  # the rest of the graph is fp16
     assert _inits(m)["lm_head.weight"].data_type == TensorProto.FLOAT16  # the lm_head stays half
     manifest = json.loads((graphs[dtype] / "manifest.json").read_text())["precision"]
-    assert manifest["quantized_nodes"] == 24 and len(manifest["kept_half"]) == 1
+    assert manifest["quantized_nodes"] == 16 and len(manifest["kept_half"]) == 1
 
 
 def test_int4_is_signed_blockwise_weight_only_without_zero_point(graphs):
     m = _model(graphs["int4"])
     inits = _inits(m)
     dq = _qdq(m, "DequantizeLinear")
-    assert len(dq) == 24 and not _qdq(m, "QuantizeLinear")  # weight-only: activations stay fp16
+    assert len(dq) == 16 and not _qdq(m, "QuantizeLinear")  # weight-only: activations stay fp16
     for n in dq:
         assert len(n.input) == 2  # no zero-point
         w, scale = inits[n.input[0]], inits[n.input[1]]
@@ -257,9 +257,9 @@ def test_gate_fails_scales_multiplied_by_100(graphs, e32, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(graphs["int8"], broken)
     m = onnx.load(broken / "model.onnx")
-    (scale,) = [t for t in m.graph.initializer if t.name == "model.layers.1.self_attn.q_proj.weight_scale"]
+    (scale,) = [t for t in m.graph.initializer if t.name == "model.layers.1.self_attn.qkv_proj.weight_scale"]
     scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float16(100), scale.name))
-    # (a scale before one of glm4's post-norms would be normalized away; q's sharpens the attention instead)
+    # (a scale before one of glm4's post-norms would be normalized away; q and k's sharpen the attention)
     onnx.save(m, broken / "model.onnx", save_as_external_data=True, location="model.onnx.data")
     r = evaluate(broken, e32, samples=4, seq_len=128, backend="ort")
     assert not r["gate"]["passed"] and r["perplexity_delta"] > 0.03
@@ -291,7 +291,7 @@ def test_cli_quantized_build_and_errors(e32, cache, tmp_path):
            "--calib-samples", "8", "--calib-seq-len", "64", "--calib-method", "entropy", "--cache-dir", str(cache)]
     p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert "precision: fp32 -> int8, 24 linear layers quantized, calibrated on 8 x 64 tokens (entropy)" in p.stdout
+    assert "precision: fp32 -> int8, 16 linear layers quantized, calibrated on 8 x 64 tokens (entropy)" in p.stdout
     p = subprocess.run([*cmd[:6], str(tmp_path / "c"), *cmd[7:], "--calib-data", str(tmp_path / "nope.jsonl")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.startswith("trtglm: error: ") and "no such data file" in p.stderr
@@ -375,7 +375,7 @@ def test_every_family_quantizes(checkpoints, family, tmp_path):
         cosine = (got * ref).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref, axis=-1)
         assert cosine.mean() > floor, (dtype, cosine)
         if dtype != "fp16":
-            per_layer = {"glm": 6, "chatglm": 4}[family]  # chatglm's checkpoint keeps query_key_value fused
+            per_layer = 4  # qkv (merged by fusion, or stored fused by chatglm), o, gate_up, down
             assert m["precision"]["quantized_nodes"] == 2 * per_layer and len(m["precision"]["kept_half"]) == 1
 
 

@@ -198,7 +198,8 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
     fusions = frozenset(r.fusion.fusions)
     layers = sum(1 for v in model.graph.inputs if v.name.startswith("past_key_values.") and v.name.endswith(".key"))
     if meta:
-        expected = expected_counts(meta["config"]["num_layers"], meta["family"] == "glm4", fusions)
+        expected = expected_counts(meta["config"]["num_layers"], meta["family"] == "glm4", fusions,
+                                   separate_qkv=meta["family"] != "chatglm")
     else:
         expected = expected_counts(layers, None, fusions) if layers else None
     report = fuse(model, max_positions=r.shapes.max_seq_len, expected=expected, strict=r.fusion.strict,

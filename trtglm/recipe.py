@@ -32,7 +32,8 @@ class ModelSection(_Section):
 
 
 class FusionSection(_Section):
-    fusions: tuple[Literal["rms_norm", "rotary", "rotary_keys", "attention"], ...] = ("rms_norm", "rotary", "attention")
+    fusions: tuple[Literal["rms_norm", "qkv", "rotary", "rotary_keys", "attention"], ...] = (
+        "rms_norm", "qkv", "rotary", "attention")
     strict: bool = True
 
 

@@ -16,13 +16,13 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchingTracer
 
 from ..errors import TrtglmError
-from . import attention, rms_norm, rotary
+from . import attention, qkv, rms_norm, rotary
 
 FUSION_OPSET = 23
 FUSED_OP = {"rms_norm": "RMSNormalization", "rotary": "RotaryEmbedding", "attention": "Attention"}
-FUSIONS = ("rms_norm", "rotary", "rotary_keys", "attention")  # rotary_keys: also rotate keys with RotaryEmbedding
+FUSIONS = ("rms_norm", "qkv", "rotary", "rotary_keys", "attention")  # rotary_keys: also rotate keys with RotaryEmbedding
 # Keys stay decomposed by default: TensorRT-RTX cannot build a fused key rotation feeding fused attention (rotary.py).
-DEFAULT_FUSIONS = frozenset({"rms_norm", "rotary", "attention"})
+DEFAULT_FUSIONS = frozenset({"rms_norm", "qkv", "rotary", "attention"})
 
 
 class FusionError(TrtglmError):
@@ -43,12 +43,14 @@ class FusionReport:
         return asdict(self)
 
 
-def expected_counts(num_layers: int, sandwich_norms: bool | None,
-                    fusions: frozenset[str] = DEFAULT_FUSIONS) -> dict[str, int | tuple[int, ...]]:
-    """What a GLM decoder of L layers fuses into: norms 2L+1 (4L+1 with glm4's extra norms), a rotary per
-    query (and per key with rotary_keys), L attention."""
+def expected_counts(num_layers: int, sandwich_norms: bool | None, fusions: frozenset[str] = DEFAULT_FUSIONS,
+                    separate_qkv: bool | None = None) -> dict[str, int | tuple[int, ...]]:
+    """What a GLM decoder of L layers fuses into: norms 2L+1 (4L+1 with glm4's extra norms), L merged q/k/v
+    projections (none where the checkpoint stores them merged, as chatglm does; either when unknown), a
+    rotary per query (and per key with rotary_keys), L attention."""
     norms = (2 * num_layers + 1, 4 * num_layers + 1)
     return {"rms_norm": norms if sandwich_norms is None else norms[int(sandwich_norms)],
+            "qkv": num_layers if separate_qkv else 0 if separate_qkv is False else (0, num_layers),
             "rotary": num_layers * (2 if "rotary_keys" in fusions else 1), "attention": num_layers}
 
 
@@ -74,16 +76,22 @@ def fuse(model: ir.Model, *, max_positions: int, expected: dict | None = None, s
     if unknown:
         raise TrtglmError(f"unknown fusion(s) {sorted(unknown)}; known: {', '.join(FUSIONS)}")
     kinds = rule_sets(max_positions, fusions)
+    refused_qkv: list[str] = []
+    if "qkv" in fusions:
+        rewrites["qkv_projection"], refused_qkv = qkv.merge_qkv(model.graph)
+        _tidy(model)
     for rules in kinds.values():
         for rule in rules:
             rewrites[rule.name] = pattern.RewriteRuleSet([rule]).apply_to_model(model)
         _tidy(model)
     ops_after = _ops(model)
     fused = {kind: ops_after.get(op, 0) for kind, op in FUSED_OP.items()}
+    if "qkv" in fusions:  # no op of its own: counted by merges
+        fused["qkv"] = rewrites["qkv_projection"]
     report = FusionReport(rewrites, fused, expected, sum(ops_before.values()), sum(ops_after.values()),
                           ops_before, ops_after)
     if strict and expected:
-        _enforce(model, report, kinds)
+        _enforce(model, report, kinds, refused_qkv)
     return report
 
 
@@ -105,17 +113,21 @@ def _ops(model: ir.Model) -> dict[str, int]:
     return dict(Counter(node.op_type for node in model.graph))
 
 
-def _enforce(model: ir.Model, report: FusionReport, kinds: dict) -> None:
+def _enforce(model: ir.Model, report: FusionReport, kinds: dict, refused_qkv: list[str]) -> None:
+    active = set(kinds) | ({"qkv"} if "qkv" in report.fused else set())
     for kind, want in report.expected.items():
-        if kind not in kinds:
+        if kind not in active:
             continue
         got = report.fused[kind]
         allowed = want if isinstance(want, tuple) else (want,)
         if got in allowed:
             continue
         wanted = " or ".join(str(w) for w in allowed)
-        raise FusionError(f"strict fusion: {got} {FUSED_OP[kind]} op(s) in the graph, expected {wanted}; "
-                          + _why(model, kinds[kind]),
+        why = (("refused: " + "; ".join(refused_qkv)) if refused_qkv else "no value feeds three MatMul+Add "
+               "projections") if kind == "qkv" else _why(model, kinds[kind])
+        what = f"{FUSED_OP[kind]} op(s)" if kind in FUSED_OP else "q/k/v merge(s)"
+        raise FusionError(f"strict fusion: {got} {what} in the graph, expected {wanted}; "
+                          + why,
                           hint="pass --no-strict to build the graph as far as it fuses")
 
 
