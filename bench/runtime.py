@@ -24,6 +24,7 @@ import torch
 from trtglm.backends import OrtBackend
 from trtglm.build import build
 from trtglm.export import export
+from trtglm.fusion import DEFAULT_FUSIONS
 from trtglm.generate import generate
 from trtglm.synthetic import glm4_config, write_random_checkpoint
 
@@ -87,7 +88,7 @@ def main() -> None:
         weight_bytes[dtype] = (work / f"export-{dtype}" / "model.onnx.data").stat().st_size
         for label, fusions in (("default fusions", None), ("all fusions", "all")):
             out = work / f"build-{dtype}-{fusions or 'default'}"
-            kw = {"fusions": frozenset({"rms_norm", "rotary", "rotary_keys", "attention"})} if fusions else {}
+            kw = {"fusions": DEFAULT_FUSIONS | {"rotary_keys"}} if fusions else {}
             build(work / f"export-{dtype}", out, onnx_only=True, **kw)
             rows[f"trtglm run --backend ort, {dtype} export, {label}"] = ort_speed(out, prompt, args.new)
             print(json.dumps({label: rows[f"trtglm run --backend ort, {dtype} export, {label}"] | {"tokens": None}}), flush=True)

@@ -10,12 +10,12 @@ import pytest
 from trtglm.build import build
 from trtglm.errors import TrtglmError
 from trtglm.export import export
-from trtglm.fusion import FusionError, expected_counts, fuse
+from trtglm.fusion import DEFAULT_FUSIONS, FusionError, expected_counts, fuse
 from trtglm.backends import OrtBackend
 from trtglm.validate import Steps, run_steps
 
 FAMILIES = ["glm", "glm4", "chatglm"]
-ALL = frozenset({"rms_norm", "rotary", "rotary_keys", "attention"})
+ALL = frozenset({"rms_norm", "qkv", "rotary", "rotary_keys", "attention"})
 
 
 def max_diff(a_path, b_path, atol_scale=False):
@@ -28,12 +28,13 @@ def max_diff(a_path, b_path, atol_scale=False):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("fusions", ["default", "all"])
 def test_fused_model_counts_and_logits(family, fusions, exports, tmp_path):
-    chosen = ALL if fusions == "all" else frozenset({"rms_norm", "rotary", "attention"})
+    chosen = ALL if fusions == "all" else DEFAULT_FUSIONS
     manifest = build(exports[family], tmp_path / "b", onnx_only=True, fusions=chosen)
     f = manifest["fusion"]
     layers = 2
     norms = (4 if family == "glm4" else 2) * layers + 1
-    assert f["fused"] == {"rms_norm": norms, "rotary": layers * (2 if fusions == "all" else 1), "attention": layers}
+    assert f["fused"] == {"rms_norm": norms, "rotary": layers * (2 if fusions == "all" else 1), "attention": layers,
+                          "qkv": 0 if family == "chatglm" else layers}  # chatglm's checkpoint stores qkv merged
     assert f["nodes_after"] <= (0.45 if fusions == "all" else 0.6) * f["nodes_before"]
     assert "Softmax" not in f["ops_after"] and "Expand" not in f["ops_after"] and "Pow" not in f["ops_after"]
     assert max_diff(exports[family] / "model.onnx", tmp_path / "b" / "model.onnx") < 1e-5
