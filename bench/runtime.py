@@ -4,7 +4,9 @@ decode tokens/s and time to first token of trtglm's ONNX Runtime backend for fp3
 the fp32 export (`trtglm build --fp16|--int8|--int4`), against transformers `generate` (sdpa) on the
 same weights, and each row's read-bandwidth limit (measured bandwidth / weight bytes read per token).
 
-    python bench/runtime.py [--workdir .bench] [--prompt 32] [--new 64]
+    python bench/runtime.py [--workdir .bench] [--prompt 32] [--new 64] [--rounds 3]
+
+Every runner is timed in turn, three rounds over, and each figure is the median of its rounds.
 
 Calibration reads the shipped calibration text with the shipped model's tokenizer (its ids fit this
 vocabulary): the weights are random, so only speed means anything here.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -43,28 +46,49 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def transformers_speed(ckpt: Path, prompt: list[int], new: int) -> dict:
+def transformers_runner(ckpt: Path, prompt: list[int], new: int):
     from transformers import Glm4ForCausalLM
 
     model = Glm4ForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
     model.generation_config.eos_token_id = None
     ids = torch.tensor([prompt])
-    with torch.inference_mode():
-        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-        t = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-        ttft = time.perf_counter() - t
-        t = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        total = time.perf_counter() - t
-    return {"ttft_ms": 1000 * ttft, "decode_tok_s": (new - 1) / (total - ttft), "tokens": out[0, len(prompt):].tolist()}
+
+    def run() -> dict:
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            t = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+            ttft = time.perf_counter() - t
+            t = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            total = time.perf_counter() - t
+        return {"ttft_ms": 1000 * ttft, "decode_tok_s": (new - 1) / (total - ttft), "tokens": out[0, len(prompt):].tolist()}
+
+    return run
 
 
-def ort_speed(build_dir: Path, prompt: list[int], new: int) -> dict:
+def ort_runner(build_dir: Path, prompt: list[int], new: int):
     backend = OrtBackend.from_build(build_dir)
-    generate(backend, [prompt], max_new_tokens=4)
-    r = generate(backend, [prompt], max_new_tokens=new)
-    return {"ttft_ms": 1000 * r.prefill_seconds, "decode_tok_s": r.decode_tokens_per_second, "tokens": r.tokens[0]}
+
+    def run() -> dict:
+        generate(backend, [prompt], max_new_tokens=4)
+        r = generate(backend, [prompt], max_new_tokens=new)
+        return {"ttft_ms": 1000 * r.prefill_seconds, "decode_tok_s": r.decode_tokens_per_second, "tokens": r.tokens[0]}
+
+    return run
+
+
+def interleaved(runners: dict, rounds: int) -> dict[str, dict]:
+    """Each runner in turn, `rounds` times over; the median of each figure (this shared machine drifts by
+    20-30% within minutes: rows timed one after the other are not comparable)."""
+    results = {label: [] for label in runners}
+    for _ in range(rounds):
+        for label, run in runners.items():
+            results[label].append(run())
+            print(json.dumps({label: results[label][-1] | {"tokens": None}}), flush=True)
+    return {label: {"ttft_ms": statistics.median(r["ttft_ms"] for r in rs),
+                    "decode_tok_s": statistics.median(r["decode_tok_s"] for r in rs), "tokens": rs[0]["tokens"]}
+            for label, rs in results.items()}
 
 
 def main() -> None:
@@ -72,6 +96,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=".bench")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     work = Path(args.workdir) / "runtime"
     shutil.rmtree(work, ignore_errors=True)
@@ -81,8 +106,8 @@ def main() -> None:
     for name in ("tokenizer.json", "tokenizer_config.json"):  # for calibration only
         shutil.copy2(Path(__file__).resolve().parent.parent / "models" / "tiny-glm4" / name, ckpt / name)
     prompt = np.random.default_rng(0).integers(3, 32000, args.prompt).tolist()
-    rows = {"transformers generate (sdpa, fp32)": transformers_speed(ckpt, prompt, args.new)}
-    weight_bytes = {}
+    runners = {"transformers generate (sdpa, fp32)": transformers_runner(ckpt, prompt, args.new)}
+    weight_bytes, read = {}, {}
     for dtype in ("fp32", "fp16"):
         export(str(ckpt), work / f"export-{dtype}", dtype=dtype, validate=False, max_seq_len=2048)
         weight_bytes[dtype] = (work / f"export-{dtype}" / "model.onnx.data").stat().st_size
@@ -90,17 +115,16 @@ def main() -> None:
             out = work / f"build-{dtype}-{fusions or 'default'}"
             kw = {"fusions": DEFAULT_FUSIONS | {"rotary_keys"}} if fusions else {}
             build(work / f"export-{dtype}", out, onnx_only=True, **kw)
-            rows[f"trtglm run --backend ort, {dtype} export, {label}"] = ort_speed(out, prompt, args.new)
-            print(json.dumps({label: rows[f"trtglm run --backend ort, {dtype} export, {label}"] | {"tokens": None}}), flush=True)
-    read = {label: weight_bytes["fp32" if "fp32" in label or "transformers" in label else "fp16"] for label in rows}
+            label = f"trtglm run --backend ort, {dtype} export, {label}"
+            runners[label], read[label] = ort_runner(out, prompt, args.new), weight_bytes[dtype]
+    read["transformers generate (sdpa, fp32)"] = weight_bytes["fp32"]
     for dtype in ("fp16", "int8", "int4"):
         out = work / f"build-{dtype}-from-fp32"
         build(work / "export-fp32", out, onnx_only=True,
               overrides={"precision": {"dtype": dtype}, "calibration": {"samples": 16, "seq_len": 128}})
         label = f"trtglm run --backend ort, `build --{dtype}` of the fp32 export"
-        rows[label] = ort_speed(out, prompt, args.new)
-        read[label] = (out / "model.onnx.data").stat().st_size
-        print(json.dumps({label: rows[label] | {"tokens": None}}), flush=True)
+        runners[label], read[label] = ort_runner(out, prompt, args.new), (out / "model.onnx.data").stat().st_size
+    rows = interleaved(runners, args.rounds)
     bandwidth = read_bandwidth_gbs()
     embedding = config["vocab_size"] * config["hidden_size"]  # one row of it is read per token
     per_token = {label: n - embedding * (4 if n == weight_bytes["fp32"] else 2) for label, n in read.items()}
