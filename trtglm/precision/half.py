@@ -48,10 +48,26 @@ def to_half(model: onnx.ModelProto, dtype: str, *, fp32_ops=(), fp32_nodes=(), k
     name_nodes(model)
     originals = {t.name: t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT} if dtype == "bf16" else {}
     io = {v.name for v in [*model.graph.input, *model.graph.output]}
+    _infer_types(model)
     half = convert_float_to_float16(model, keep_io_types=[n for n in keep_fp32_io if n in io],
-                                    op_block_list=[*DEFAULT_OP_BLOCK_LIST, *fp32_ops], node_block_list=list(fp32_nodes))
+                                    op_block_list=[*DEFAULT_OP_BLOCK_LIST, *fp32_ops], node_block_list=list(fp32_nodes),
+                                    disable_shape_infer=True)
     half = _repair(half)
     return _fp16_to_bf16(half, originals) if dtype == "bf16" else half
+
+
+def _infer_types(model: onnx.ModelProto) -> None:
+    """The converter needs every tensor's type in value_info. Its own onnx shape inference serializes the
+    model, which fails past protobuf's 2 GB (fp32 models from about 500M parameters); onnx-ir's pass leaves
+    the initializers' data out."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common
+
+    ir_model = ir.from_proto(model)
+    onnx_ir.passes.common.ShapeInferencePass()(ir_model)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(ir.serde.serialize_value(v) for node in ir_model.graph for v in node.outputs
+                                  if v.type is not None and not v.is_graph_output())
 
 
 def _repair(model: onnx.ModelProto) -> onnx.ModelProto:
