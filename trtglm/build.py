@@ -46,12 +46,13 @@ def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | N
     meta = _export_meta(export_dir)
     overrides = _merge_shortcuts(overrides or {}, shortcuts)
     r = load_recipe(recipe, overrides)
-    r, dtype = _resolve(r, meta, overrides, export_dir)
-    if dtype != _exported_dtype(meta, export_dir):
+    exported = (meta or {}).get("dtype") or _graph_dtype(export_dir / ONNX_FILE)
+    r, dtype = _resolve(r, meta, exported, export_dir)
+    if dtype != exported:
         from .precision import check_memory
 
         check_memory(dtype, (export_dir / DATA_FILE).stat().st_size if (export_dir / DATA_FILE).is_file() else 0)
-    calibration = _calibration(r, dtype, _exported_dtype(meta, export_dir), meta, export_dir)
+    calibration = _calibration(r, dtype, exported, meta, export_dir)
     gate = _gate_reference(r, dtype, export_dir, reference) if r.accuracy.gate else None
     if not onnx_only:
         from .engine import check_targets, import_backend
@@ -71,8 +72,8 @@ def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | N
             cache.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(cache) + ".lock"):
                 if not (cache / MANIFEST_FILE).is_file():
-                    _build_into(tmp, export_dir, meta, r, dtype, recipe, key, progress, calibration, gate,
-                                cache_dir)
+                    _build_into(tmp, export_dir, meta, r, dtype, exported, recipe, key, progress, calibration,
+                                gate, cache_dir)
                     _store(tmp, cache)
                     manifest = json.loads((tmp / MANIFEST_FILE).read_text())
                     manifest["cache"] = {"key": key, "hit": False}
@@ -81,8 +82,8 @@ def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | N
                     manifest = json.loads((tmp / MANIFEST_FILE).read_text())
                     manifest["cache"] = {"key": key, "hit": True, "seconds": round(time.perf_counter() - started, 2)}
         else:
-            manifest = _build_into(tmp, export_dir, meta, r, dtype, recipe, key, progress, calibration, gate,
-                                   cache_dir, onnx_only=onnx_only)
+            manifest = _build_into(tmp, export_dir, meta, r, dtype, exported, recipe, key, progress, calibration,
+                                   gate, cache_dir, onnx_only=onnx_only)
             manifest["cache"] = {"key": key, "hit": False, "disabled": True}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -102,9 +103,8 @@ def _merge_shortcuts(overrides: dict, shortcuts: dict) -> dict:
     return out
 
 
-def _resolve(r: Recipe, meta: dict | None, overrides: dict, export_dir: Path) -> tuple[Recipe, str]:
+def _resolve(r: Recipe, meta: dict | None, exported: str, export_dir: Path) -> tuple[Recipe, str]:
     """Fill what the recipe leaves to the export (dtype, sequence length) and check they agree."""
-    exported = _exported_dtype(meta, export_dir)
     dtype = r.precision.dtype or exported
     if dtype != exported and exported != "fp32":
         raise UsageError(f"precision {dtype} requested but {export_dir} was exported in {exported}: precision "
@@ -122,9 +122,6 @@ def _resolve(r: Recipe, meta: dict | None, overrides: dict, export_dir: Path) ->
     return r.model_copy(update={"shapes": shapes, "precision": precision,
                                 "accuracy": r.accuracy.for_dtype(dtype)}), dtype
 
-
-def _exported_dtype(meta: dict | None, export_dir: Path) -> str:
-    return (meta or {}).get("dtype") or _graph_dtype(export_dir / ONNX_FILE)
 
 
 def _graph_dtype(onnx_path: Path) -> str:
@@ -183,8 +180,9 @@ def _cache_key(export_dir: Path, meta: dict | None, r: Recipe, backend: dict | N
     return h.hexdigest()[:32]
 
 
-def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype: str, recipe_file, key: str,
-                progress, calibration, gate: Path | None, cache_dir: Path | None, onnx_only: bool = False) -> dict:
+def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype: str, exported: str, recipe_file,
+                key: str, progress, calibration, gate: Path | None, cache_dir: Path | None,
+                onnx_only: bool = False) -> dict:
     import onnx_ir as ir
 
     from .fusion import expected_counts, fuse
@@ -210,10 +208,11 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
     for f in _sidecars(export_dir, meta):
         shutil.copy2(f, tmp / f.name)
     precision = {"dtype": dtype}
-    if dtype != _exported_dtype(meta, export_dir):
+    if dtype != exported:
         precision = _precision_step(tmp, r, dtype, calibration, (cache_dir or default_cache_dir()) / "calibration",
                                     progress)
     accuracy = _gate_step(tmp, r, gate, progress) if gate else None
+    graph = describe_onnx(tmp / ONNX_FILE)
     manifest = {
         "format_version": MANIFEST_VERSION,
         "stage": "onnx" if onnx_only else "engine",
@@ -224,10 +223,10 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
         "source": {"export_dir": str(export_dir.resolve()), "export_sha256": (meta or {}).get("files", {}).get("sha256"),
                    "checkpoint": (meta or {}).get("source")},
         "calibration": calibration.describe() if calibration else None,
-        "precision": precision | {"ops": describe_onnx(tmp / ONNX_FILE)["initializer_dtypes"]},
+        "precision": precision | {"ops": graph["initializer_dtypes"]},
         "accuracy": accuracy,
         "max_seq_len": r.shapes.max_seq_len,
-        "io": _io(meta, tmp / ONNX_FILE),
+        "io": _io(meta, graph),
         "fusion": report.to_dict() | {"strict": r.fusion.strict, "fusions": sorted(fusions)},
         "tools": tool_versions(),
         "host": platform.node(),
@@ -275,13 +274,11 @@ def _gate_step(tmp: Path, r: Recipe, reference: Path, progress) -> dict:
     return result
 
 
-def _io(meta: dict | None, onnx_path: Path) -> dict | None:
-    """The export's IO spec with the dtypes of the built graph (a precision conversion retypes the KV cache)."""
+def _io(meta: dict | None, graph: dict) -> dict | None:
+    """The export's IO spec with the dtypes of the built graph (`describe_onnx`; a precision conversion retypes
+    the KV cache)."""
     if not meta:
         return None
-    from .inspect import describe_onnx
-
-    graph = describe_onnx(onnx_path)
     dtypes = {v["name"]: {"float": "float32"}.get(v["dtype"], v["dtype"]) for v in graph["inputs"] + graph["outputs"]}
     return {side: [{**spec, "dtype": dtypes.get(spec["name"], spec["dtype"])} for spec in specs]
             for side, specs in meta["io"].items()}

@@ -19,7 +19,7 @@ from .errors import TrtglmError
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "calibration_data" / "calibration.jsonl"
 EVAL_DATA = DEFAULT_DATA.with_name("eval.jsonl")
-NUMPY = {"int64": np.int64, "float32": np.float32, "float16": np.float16}
+NUMPY = {"int64": np.int64, "float32": np.float32, "float": np.float32, "float16": np.float16}  # export / ONNX names
 
 
 class CalibrationError(TrtglmError):
@@ -51,8 +51,8 @@ def token_windows(path: str | Path, tokenizer_dir: str | Path, seq_len: int, sam
     """[samples, seq_len] int64: consecutive windows of the concatenated, tokenized text."""
     from .text import load_text
 
-    texts = read_texts(path)
-    stream = [t for text in texts for t in load_text(tokenizer_dir).encode(text)]
+    texts, text = read_texts(path), load_text(tokenizer_dir)
+    stream = [t for document in texts for t in text.encode(document)]
     if stream and max(stream) >= vocab_size:
         raise CalibrationError(f"{path}: the tokenizer in {tokenizer_dir} produces id {max(stream)}, outside the "
                                f"model's vocabulary of {vocab_size}: tokenizer and model do not match")

@@ -44,19 +44,24 @@ def convert(onnx_path: Path, data_file: str, dtype: str, precision, calibration:
     """Rewrite `onnx_path` (fp32, weights in `data_file` beside it) in place; returns the manifest's record."""
     import onnxruntime
 
+    from ..inspect import describe_onnx
+
     started = time.perf_counter()
     record = {"dtype": dtype, "from": "fp32", "tool": f"onnxruntime.quantization {onnxruntime.__version__}",
               "compute": "fp16" if dtype in QUANTIZED else dtype}
     with tempfile.TemporaryDirectory(dir=onnx_path.parent, prefix=".precision-") as work:
         work = Path(work)
-        model = onnx.load(onnx_path)
+        # int8/fp8: quantize_static reads the weights from disk itself; only the structure is needed here
+        model = onnx.load(onnx_path, load_external_data=dtype not in CALIBRATED)
+        inputs = describe_onnx(onnx_path)["inputs"]
         ranges = None
         if dtype in ("fp16", "fp8") and calibration is not None:
-            ranges, record["range_cache"] = _ranges(onnx_path, calibration, cache_dir, graph_sha256, on_calibration)
+            ranges, record["range_cache"] = _ranges(onnx_path, calibration, inputs, cache_dir, graph_sha256,
+                                                    on_calibration)
         elif dtype == "fp16":
             record["range_check"] = "skipped: the export has no tokenizer.json to calibrate with"
         if dtype in QUANTIZED:
-            model = _quantize(model, onnx_path, work, dtype, precision, calibration, ranges,
+            model = _quantize(model, onnx_path, inputs, work, dtype, precision, calibration, ranges,
                               cache_dir / f"{_key(graph_sha256, calibration, dtype)}.json" if calibration else None,
                               on_calibration, record)
         model = _half(model, "fp16" if dtype in QUANTIZED else dtype, precision, ranges if dtype == "fp16" else None,
@@ -71,8 +76,8 @@ def convert(onnx_path: Path, data_file: str, dtype: str, precision, calibration:
     return record
 
 
-def _quantize(model: onnx.ModelProto, onnx_path: Path, work: Path, dtype: str, precision, calibration,
-              ranges, cache: Path | None, on_calibration, record: dict) -> onnx.ModelProto:
+def _quantize(model: onnx.ModelProto, onnx_path: Path, inputs: list[dict], work: Path, dtype: str, precision,
+              calibration, ranges, cache: Path | None, on_calibration, record: dict) -> onnx.ModelProto:
     from .quantize import linear_nodes, quantize_activations, quantize_weights_int4
 
     nodes, skipped = linear_nodes(model, precision.quantization.lm_head)
@@ -88,7 +93,7 @@ def _quantize(model: onnx.ModelProto, onnx_path: Path, work: Path, dtype: str, p
         raise UsageError(f"{dtype} needs calibration data")
     cache.parent.mkdir(parents=True, exist_ok=True)
     record["calibration_cache"] = {"key": cache.stem, "hit": cache.is_file()}
-    quantize_activations(onnx_path, work / "q.onnx", dtype, nodes, calibration.reader(_inputs(model), on_calibration),
+    quantize_activations(onnx_path, work / "q.onnx", dtype, nodes, calibration.reader(inputs, on_calibration),
                          calibration.method, cache, amax=ranges)
     return onnx.load(work / "q.onnx")
 
@@ -115,16 +120,6 @@ def _check_blocks(model: onnx.ModelProto, nodes: list[str], block_size: int) -> 
                                  f"({node.input[1]})", hint="set precision.quantization.block_size in the recipe")
 
 
-def _inputs(model: onnx.ModelProto) -> list[dict]:
-    names = {onnx.TensorProto.INT64: "int64", onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"}
-    out = []
-    for i in model.graph.input:
-        t = i.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
-        out.append({"name": i.name, "dtype": names.get(t.elem_type, "float32"), "shape": dims})
-    return out
-
-
 def _key(graph_sha256: str, calibration: CalibrationSet, purpose: str) -> str:
     import onnxruntime
 
@@ -133,7 +128,8 @@ def _key(graph_sha256: str, calibration: CalibrationSet, purpose: str) -> str:
     return h.hexdigest()[:32]
 
 
-def _ranges(onnx_path: Path, calibration: CalibrationSet, cache_dir: Path, graph_sha256: str, on_calibration):
+def _ranges(onnx_path: Path, calibration: CalibrationSet, inputs: list[dict], cache_dir: Path, graph_sha256: str,
+            on_calibration):
     """The largest magnitude of every tensor of the fp32 graph over the calibration windows (cached)."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, load_tensors_data, save_tensors_data
 
@@ -147,8 +143,7 @@ def _ranges(onnx_path: Path, calibration: CalibrationSet, cache_dir: Path, graph
         with tempfile.TemporaryDirectory(prefix="trtglm-ranges-") as tmp, quiet():
             calibrator = create_calibrator(onnx_path, [], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                            calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
-            calibrator.collect_data(calibration.reader(_inputs(onnx.load(onnx_path, load_external_data=False)),
-                                                       on_calibration))
+            calibrator.collect_data(calibration.reader(inputs, on_calibration))
             data = calibrator.compute_data()
         partial = cache.with_suffix(".partial")
         save_tensors_data(data, partial)
