@@ -28,7 +28,9 @@ bench: $(STAMP)
 	$(PY) bench/export.py
 	$(PY) bench/fusion.py
 	$(PY) bench/build.py
+	$(PY) bench/precision.py
 	$(PY) bench/runtime.py
+	$(PY) bench/ort_profile.py
 	$(PY) bench/accuracy.py
 
 # The demo model's engine for every target of its recipe, as the CI workflow builds them.

@@ -47,10 +47,13 @@ def measure(cmd: list[str]) -> dict:
     return result
 
 
-def parse_args(doc: str, sizes: str) -> argparse.Namespace:
+def parse_args(doc: str, sizes: str, **options: str) -> argparse.Namespace:
+    """--sizes, --workdir, and one string option per keyword (name=default)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=sizes, help=f"comma-separated, from {', '.join(SHAPES)}")
     ap.add_argument("--workdir", default=".bench")
+    for name, default in options.items():
+        ap.add_argument(f"--{name}", default=default)
     args = ap.parse_args()
     args.workdir = Path(args.workdir)
     args.sizes = args.sizes.split(",")
