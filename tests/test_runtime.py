@@ -201,7 +201,10 @@ def cli(*args, stdin=None):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "trtglm", *args], capture_output=True, text=True, input=stdin)
+    # Bytes, decoded here: text=True would turn a generated "\r" into "\n" (universal newlines).
+    r = subprocess.run([sys.executable, "-m", "trtglm", *args], capture_output=True,
+                       input=None if stdin is None else stdin.encode())
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
 
 
 def test_run_prompts_json_and_stream(text_build):
