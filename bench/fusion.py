@@ -34,8 +34,9 @@ from trtglm.backends import OrtBackend
 FUSION_SETS = {
     "plain export": None,
     "fused (default)": DEFAULT_FUSIONS,
+    "default, key rotation unfolded": DEFAULT_FUSIONS - {"rotary_keys_folded"},
     "default without qkv": DEFAULT_FUSIONS - {"qkv"},
-    "fused + rotary_keys": DEFAULT_FUSIONS | {"rotary_keys"},
+    "default, keys by RotaryEmbedding": DEFAULT_FUSIONS - {"rotary_keys_folded"} | {"rotary_keys"},
     "norms + qkv + rotary, no attention": frozenset({"rms_norm", "qkv", "rotary", "rotary_keys"}),
 }
 

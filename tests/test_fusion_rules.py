@@ -184,6 +184,80 @@ def test_rotary_tables_are_shared_between_layers():
     assert_same(before, model, rope_feeds())
 
 
+# ---------------------------------------------------------------- key rotation folded into the projection
+HID, KVH, PAST = 32, 2, 3
+
+
+def key_inputs():
+    return {"h": (F32, (B, S, HID)), "position_ids": (I64, (B, S)), "past": (F32, (B, KVH, PAST, D))}
+
+
+def key_feeds():
+    return {"h": RNG.normal(size=(B, S, HID)).astype(np.float32),
+            "position_ids": np.array([[3, 4, 5, 6, 7], [10, 11, 12, 13, 14]], np.int64),
+            "past": RNG.normal(size=(B, KVH, PAST, D)).astype(np.float32)}
+
+
+def projected_keys(rotate, merged=True, read_again=False):
+    """h -> q/k/v projection (merged + Split, or k alone) -> [B, KV, S, D] keys -> rotation -> Concat onto past."""
+    c = config(num_kv_heads=KVH)
+    widths = [H * D, KVH * D, KVH * D] if merged else [KVH * D]
+    w = RNG.normal(size=(HID, sum(widths))).astype(np.float32)
+    b = RNG.normal(size=sum(widths)).astype(np.float32)
+
+    def build(g, h, p, past):
+        proj = g.op("Add", g.op("MatMul", h, weight(g, w, "qkv.weight")), weight(g, b, "qkv.bias"))
+        parts = g.ops("Split", proj, g.const(widths, np.int64), num_outputs=3, axis=-1) if merged else [proj]
+        k = g.op("Transpose", g.op("Reshape", parts[min(1, len(parts) - 1)], g.const([0, 0, KVH, D], np.int64)),
+                 perm=[0, 2, 1, 3])
+        if rotate == "glm_pairs_partial":
+            k_rot = G._apply_rope(g, c, k, *G._rope_tables(g, c, p))
+        elif rotate == "strided_partial":
+            k_rot = strided_rope(g, k, p, c)
+        else:
+            k_rot = half_rope(g, k, p)
+        outs = [g.op("Concat", past, k_rot, axis=2)]
+        if merged:
+            outs += [parts[0], parts[2]]
+        if read_again:
+            outs.append(g.op("Sigmoid", parts[1] if merged else proj))
+        return outs
+    return micro(build, key_inputs())
+
+
+@pytest.mark.parametrize("rotate", ["glm_pairs_partial", "strided_partial", "rotate_half"])
+@pytest.mark.parametrize("merged", [True, False], ids=["qkv_split", "k_alone"])
+def test_key_rotation_folds_into_the_projection(rotate, merged):
+    model = projected_keys(rotate, merged)
+    before, report = fused(model, ["rotary", "rotary_keys_folded"])
+    assert report.rewrites["rotary_keys_folded"] == 1 and report.fused["rotary"] == 0
+    assert not {"RotaryEmbedding", "Slice", "Neg", "Sin"} & set(ops(model)[:-1]), ops(model)
+    width = [H * D, KVH * D, KVH * D] if merged else [KVH * D]
+    (matmul,) = [n for n in model.graph if n.op_type == "MatMul"]
+    assert matmul.inputs[1].shape == (HID, sum(width) + KVH * D) and matmul.inputs[1].name == "qkv.weight"
+    assert_same(before, model, key_feeds())
+
+
+def test_key_rotation_fold_refuses_keys_read_before_rotation():
+    from trtglm.fusion import FusionError
+
+    model = projected_keys("glm_pairs_partial", read_again=True)
+    report = fuse(model, max_positions=64, strict=False, fusions=frozenset({"rotary", "rotary_keys_folded"}))
+    assert report.fused["rotary_keys_folded"] == 0 and report.fused["rotary"] == 1  # left a RotaryEmbedding
+    with pytest.raises(FusionError, match=r"0 folded key rotation\(s\) in the graph, expected 1; refused: .*read "
+                                          r"elsewhere"):
+        fuse(projected_keys("glm_pairs_partial", read_again=True), max_positions=64, strict=True,
+             expected={"rotary_keys_folded": 1}, fusions=frozenset({"rotary", "rotary_keys_folded"}))
+
+
+def test_key_rotation_options_are_alternatives():
+    from trtglm.errors import TrtglmError
+
+    with pytest.raises(TrtglmError, match="alternatives"):
+        fuse(projected_keys("rotate_half"), max_positions=64, fusions=frozenset({"rotary", "rotary_keys",
+                                                                                 "rotary_keys_folded"}))
+
+
 # ---------------------------------------------------------------- attention
 KV, T = 2, 7
 

@@ -95,8 +95,10 @@ def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as
 @click.option("--max-seq-len", type=int, default=None, help="Longest sequence, past + new tokens.")
 @click.option("--onnx-only", is_flag=True, help="Stop after the graph work: write BUILD_DIR/model.onnx.")
 @click.option("--fusions", default=None,
-              help="Comma-separated fusions: rms_norm, qkv, rotary, rotary_keys (TensorRT-RTX cannot build it "
-                   "with fused attention), attention; 'none' for no fusion. [default: rms_norm,qkv,rotary,attention]")
+              help="Comma-separated fusions: rms_norm, qkv, rotary, rotary_keys_folded (keys' rotation folded into "
+                   "their projection) or rotary_keys (RotaryEmbedding on keys: TensorRT-RTX cannot build it with fused "
+                   "attention), attention; 'none' for no fusion. "
+                   "[default: rms_norm,qkv,rotary,rotary_keys_folded,attention]")
 @click.option("--strict/--no-strict", default=None,
               help="Fail unless every rule fused as often as the model needs. [default: strict]")
 @click.option("--calib-data", type=click.Path(dir_okay=False), default=None,

@@ -32,8 +32,8 @@ class ModelSection(_Section):
 
 
 class FusionSection(_Section):
-    fusions: tuple[Literal["rms_norm", "qkv", "rotary", "rotary_keys", "attention"], ...] = (
-        "rms_norm", "qkv", "rotary", "attention")
+    fusions: tuple[Literal["rms_norm", "qkv", "rotary", "rotary_keys", "rotary_keys_folded", "attention"], ...] = (
+        "rms_norm", "qkv", "rotary", "rotary_keys_folded", "attention")
     strict: bool = True
 
 

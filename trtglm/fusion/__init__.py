@@ -16,13 +16,14 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchingTracer
 
 from ..errors import TrtglmError
-from . import attention, qkv, rms_norm, rotary
+from . import attention, key_fold, qkv, rms_norm, rotary
 
 FUSION_OPSET = 23
 FUSED_OP = {"rms_norm": "RMSNormalization", "rotary": "RotaryEmbedding", "attention": "Attention"}
-FUSIONS = ("rms_norm", "qkv", "rotary", "rotary_keys", "attention")  # rotary_keys: also rotate keys with RotaryEmbedding
-# Keys stay decomposed by default: TensorRT-RTX cannot build a fused key rotation feeding fused attention (rotary.py).
-DEFAULT_FUSIONS = frozenset({"rms_norm", "qkv", "rotary", "attention"})
+FUSIONS = ("rms_norm", "qkv", "rotary", "rotary_keys", "rotary_keys_folded", "attention")
+# Keys: rotary_keys rotates them with RotaryEmbedding, which TensorRT-RTX cannot build feeding the KV cache into a
+# fused Attention (rotary.py); rotary_keys_folded folds their rotation into the projection instead (key_fold.py).
+DEFAULT_FUSIONS = frozenset({"rms_norm", "qkv", "rotary", "rotary_keys_folded", "attention"})
 
 
 class FusionError(TrtglmError):
@@ -47,16 +48,17 @@ def expected_counts(num_layers: int, sandwich_norms: bool | None, fusions: froze
                     separate_qkv: bool | None = None) -> dict[str, int | tuple[int, ...]]:
     """What a GLM decoder of L layers fuses into: norms 2L+1 (4L+1 with glm4's extra norms), L merged q/k/v
     projections (none where the checkpoint stores them merged, as chatglm does; either when unknown), a
-    rotary per query (and per key with rotary_keys), L attention."""
+    rotary per query (and per key with rotary_keys), L key rotations folded into projections, L attention."""
     norms = (2 * num_layers + 1, 4 * num_layers + 1)
     return {"rms_norm": norms if sandwich_norms is None else norms[int(sandwich_norms)],
             "qkv": num_layers if separate_qkv else 0 if separate_qkv is False else (0, num_layers),
+            "rotary_keys_folded": num_layers,  # before rotary: a key left unfolded is one RotaryEmbedding too many
             "rotary": num_layers * (2 if "rotary_keys" in fusions else 1), "attention": num_layers}
 
 
 def rule_sets(max_positions: int, fusions: frozenset[str] = DEFAULT_FUSIONS):
     kinds = {"rms_norm": rms_norm.RULES,
-             "rotary": rotary.rules(max_positions, FUSION_OPSET, keys="rotary_keys" in fusions),
+             "rotary": rotary.rules(max_positions, FUSION_OPSET, keys=bool({"rotary_keys", "rotary_keys_folded"} & fusions)),
              "attention": attention.RULES}
     return {kind: rules for kind, rules in kinds.items() if kind in fusions}
 
@@ -75,23 +77,30 @@ def fuse(model: ir.Model, *, max_positions: int, expected: dict | None = None, s
     unknown = set(fusions) - set(FUSIONS)
     if unknown:
         raise TrtglmError(f"unknown fusion(s) {sorted(unknown)}; known: {', '.join(FUSIONS)}")
+    if {"rotary_keys", "rotary_keys_folded"} <= fusions:
+        raise TrtglmError("fusions rotary_keys and rotary_keys_folded are alternatives: choose one")
+    if {"rotary_keys", "rotary_keys_folded"} & fusions and "rotary" not in fusions:
+        raise TrtglmError("fusions rotary_keys and rotary_keys_folded extend rotary: add it")
     kinds = rule_sets(max_positions, fusions)
-    refused_qkv: list[str] = []
+    refused = {"qkv": [], "rotary_keys_folded": []}
     if "qkv" in fusions:
-        rewrites["qkv_projection"], refused_qkv = qkv.merge_qkv(model.graph)
+        rewrites["qkv_projection"], refused["qkv"] = qkv.merge_qkv(model.graph)
         _tidy(model)
-    for rules in kinds.values():
+    for kind, rules in kinds.items():
         for rule in rules:
             rewrites[rule.name] = pattern.RewriteRuleSet([rule]).apply_to_model(model)
+        if kind == "rotary" and "rotary_keys_folded" in fusions:
+            rewrites["rotary_keys_folded"], refused["rotary_keys_folded"] = key_fold.fold_key_rotations(model.graph)
         _tidy(model)
     ops_after = _ops(model)
     fused = {kind: ops_after.get(op, 0) for kind, op in FUSED_OP.items()}
-    if "qkv" in fusions:  # no op of its own: counted by merges
-        fused["qkv"] = rewrites["qkv_projection"]
+    for kind in ("qkv", "rotary_keys_folded"):  # no op of their own: counted by rewrites
+        if kind in fusions:
+            fused[kind] = rewrites["qkv_projection" if kind == "qkv" else kind]
     report = FusionReport(rewrites, fused, expected, sum(ops_before.values()), sum(ops_after.values()),
                           ops_before, ops_after)
     if strict and expected:
-        _enforce(model, report, kinds, refused_qkv)
+        _enforce(model, report, kinds, refused)
     return report
 
 
@@ -113,8 +122,8 @@ def _ops(model: ir.Model) -> dict[str, int]:
     return dict(Counter(node.op_type for node in model.graph))
 
 
-def _enforce(model: ir.Model, report: FusionReport, kinds: dict, refused_qkv: list[str]) -> None:
-    active = set(kinds) | ({"qkv"} if "qkv" in report.fused else set())
+def _enforce(model: ir.Model, report: FusionReport, kinds: dict, refused: dict[str, list[str]]) -> None:
+    active = set(kinds) | (set(refused) & set(report.fused))
     for kind, want in report.expected.items():
         if kind not in active:
             continue
@@ -123,9 +132,14 @@ def _enforce(model: ir.Model, report: FusionReport, kinds: dict, refused_qkv: li
         if got in allowed:
             continue
         wanted = " or ".join(str(w) for w in allowed)
-        why = (("refused: " + "; ".join(refused_qkv)) if refused_qkv else "no value feeds three MatMul+Add "
-               "projections") if kind == "qkv" else _why(model, kinds[kind])
-        what = f"{FUSED_OP[kind]} op(s)" if kind in FUSED_OP else "q/k/v merge(s)"
+        if kind in refused:
+            why = ("refused: " + "; ".join(refused[kind])) if refused[kind] else {
+                "qkv": "no value feeds three MatMul+Add projections",
+                "rotary_keys_folded": "no key rotation became a RotaryEmbedding to fold"}[kind]
+        else:
+            why = _why(model, kinds[kind])
+        what = f"{FUSED_OP[kind]} op(s)" if kind in FUSED_OP else {"qkv": "q/k/v merge(s)",
+                                                                    "rotary_keys_folded": "folded key rotation(s)"}[kind]
         raise FusionError(f"strict fusion: {got} {what} in the graph, expected {wanted}; "
                           + why,
                           hint="pass --no-strict to build the graph as far as it fuses")

@@ -90,7 +90,7 @@ class Rotary(pattern.RewriteRuleClassBase):
         else:
             if _ints(v["s1"]) != [0] or _ints(v["e1"]) != [rot // 2] or _ints(v["s2"]) != [rot // 2]:
                 return result.fail("x is not split into halves: not the rotate-half layout")
-        if not self.keys and _feeds_kv_cache(context.output_values[0]):
+        if not self.keys and feeds_kv_cache(context.output_values[0]):
             return result.fail("key rotation left unfused (rotary_keys is off: TensorRT-RTX cannot build a "
                                "RotaryEmbedding feeding the KV cache into a fused Attention)")
         if cos.dtype != x.dtype or sin.dtype != x.dtype:
@@ -142,7 +142,7 @@ class Rotary(pattern.RewriteRuleClassBase):
             rotary_embedding_dim=0 if rot == x.shape[3] else rot)
 
 
-def _feeds_kv_cache(value: ir.Value) -> bool:
+def feeds_kv_cache(value: ir.Value) -> bool:
     """A key: concatenated onto a past_key_values graph input."""
     for use in value.uses():
         node = use.node
