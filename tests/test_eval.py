@@ -54,8 +54,15 @@ def test_a_broken_model_fails_the_gate(shipped, tmp_path):
 
 
 def test_eval_input_errors(shipped, tmp_path):
-    with pytest.raises(TrtglmError, match="must be an fp32 export"):
+    from trtglm.build import build
+    from trtglm.errors import UsageError
+
+    with pytest.raises(UsageError, match="e16: accuracy is measured against an fp32 export, and this is not one"):
         evaluate(shipped / "b16", shipped / "e16", EVAL)
+    with pytest.raises(UsageError, match="e16: accuracy is measured against an fp32 export"):  # the gate in build
+        build(shipped / "e32", tmp_path / "gated", onnx_only=True, reference=shipped / "e16",
+              overrides={"precision": {"dtype": "fp16"}, "accuracy": {"gate": True}})
+    assert not (tmp_path / "gated").exists()
     with pytest.raises(TrtglmError, match="no such data file"):
         evaluate(shipped / "b16", shipped / "e32", tmp_path / "none.jsonl")
     bad = tmp_path / "bad.jsonl"

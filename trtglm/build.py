@@ -158,15 +158,12 @@ def _calibration(r: Recipe, dtype: str, exported: str, meta: dict | None, export
 
 
 def _gate_reference(r: Recipe, dtype: str, export_dir: Path, reference) -> Path:
+    from .evaluate import check_reference
+
     if dtype == "bf16":
         raise UsageError("the accuracy gate runs on ONNX Runtime's CPU provider, which cannot compute bf16",
                          hint="build without the gate and check the engine with `trtglm eval --backend trt` on a GPU")
-    ref = Path(reference) if reference else export_dir
-    meta = _export_meta(ref)
-    if meta is None or meta.get("dtype") != "fp32":
-        raise UsageError(f"the accuracy gate compares with an fp32 export, and {ref} is not one",
-                         hint="pass --reference FP32_EXPORT_DIR")
-    return ref
+    return check_reference(Path(reference) if reference else export_dir)
 
 
 def _cache_key(export_dir: Path, meta: dict | None, r: Recipe, backend: dict | None, onnx_only: bool,

@@ -13,7 +13,7 @@ import numpy as np
 
 from .backends import OrtBackend, open_backend, read_manifest
 from .calibration import EVAL_DATA, read_texts
-from .errors import TrtglmError
+from .errors import TrtglmError, UsageError
 from .recipe import AccuracySection
 from .text import load_text
 
@@ -29,7 +29,7 @@ def evaluate(build_dir: str | Path, reference: str | Path | None = None, data: s
     reference = Path(reference or manifest["source"]["export_dir"])
     if manifest["precision"]["dtype"] == "bf16" and backend != "trt":
         raise TrtglmError("bf16 cannot run on ONNX Runtime's CPU provider: evaluate it on the engine with a GPU")
-    _check_reference(reference)
+    check_reference(reference)
     candidate, why = open_backend(build_dir, backend)
     result = {"backend": why, **compare(candidate, reference, load_text(build_dir), data, samples, seq_len)}
     limits = manifest["recipe"]["resolved"]["accuracy"]
@@ -62,12 +62,15 @@ def compare(candidate, reference: Path, text, data: str | Path | None, samples: 
             "next_token_agreement": agree / count, "logits_cosine": float(np.concatenate(cosines).mean())}
 
 
-def _check_reference(reference: Path) -> None:
+def check_reference(reference: Path) -> Path:
+    """The fp32 export accuracy is measured against (`eval`, and the gate inside `build`)."""
     meta = reference / "export.json"
+    hint = "pass --reference FP32_EXPORT_DIR (from `trtglm export ... --dtype fp32`)"
     if not meta.is_file():
-        raise TrtglmError(f"{reference}: not a `trtglm export` directory (the fp32 reference)")
-    if json.loads(meta.read_text())["dtype"] != "fp32":
-        raise TrtglmError(f"{reference}: the reference must be an fp32 export", hint="trtglm export ... --dtype fp32")
+        raise UsageError(f"{reference}: not a `trtglm export` directory (the fp32 reference)", hint=hint)
+    if json.loads(meta.read_text()).get("dtype") != "fp32":
+        raise UsageError(f"{reference}: accuracy is measured against an fp32 export, and this is not one", hint=hint)
+    return reference
 
 
 def _windows(token_lists: list[list[int]], seq_len: int, samples: int) -> list[list[int]]:
