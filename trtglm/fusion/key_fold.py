@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .rotary import feeds_kv_cache
+from .tables import const_ints as _ints
 
 
 def fold_key_rotations(graph: ir.Graph) -> tuple[int, list[str]]:
@@ -151,12 +152,6 @@ def _tables(graph, tape, rope, heads, head_dim, rot, partner, sign, cache) -> tu
 
 def _bias(matmul: ir.Node, add: ir.Node | None) -> ir.Value | None:
     return None if add is None else next((v for v in add.inputs if v is not matmul.outputs[0]), None)
-
-
-def _ints(value: ir.Value | None) -> list[int] | None:
-    if value is None or value.const_value is None:
-        return None
-    return [int(i) for i in np.asarray(value.const_value.numpy()).reshape(-1)]
 
 
 def _constant(graph: ir.Graph, array: np.ndarray, name: str, replaces: ir.Value | None = None) -> ir.Value:

@@ -31,6 +31,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from .tables import ancestors, evaluate
+from .tables import const_ints as _ints
 
 
 class Rotary(pattern.RewriteRuleClassBase):
@@ -149,12 +150,6 @@ def feeds_kv_cache(value: ir.Value) -> bool:
         if node.op_type == "Concat" and any(i is not None and i.is_graph_input() for i in node.inputs):
             return True
     return False
-
-
-def _ints(value: ir.Value | None) -> list[int] | None:
-    if value is None or value.const_value is None:
-        return None
-    return [int(i) for i in np.asarray(value.const_value.numpy()).reshape(-1)]
 
 
 def rules(max_positions: int, opset: int, keys: bool = True) -> list:

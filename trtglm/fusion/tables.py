@@ -1,10 +1,17 @@
-"""Evaluate the part of a graph that depends only on one input (position_ids -> cos/sin tables)."""
+"""Evaluate the part of a graph that depends only on one input (position_ids -> cos/sin tables); read constants."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+
+
+def const_ints(value: ir.Value | None) -> list[int] | None:
+    """A constant's values as a flat list of ints (None when not a constant)."""
+    if value is None or value.const_value is None:
+        return None
+    return [int(i) for i in np.asarray(value.const_value.numpy()).reshape(-1)]
 
 
 def ancestors(value: ir.Value) -> tuple[list[ir.Node], set[ir.Value]]:
