@@ -5,7 +5,8 @@
 One run measures, side by side:
 - TensorRT-RTX fp16 engines for SM89 (built on the CPU) of the plain export and of the fused graphs:
   network layers, engine kernels per decoder layer in each profile (prefill, decode), whether the
-  fused attention (mha) kernel is there, and the decode kernel list of one layer;
+  fused attention (mha) kernel is there, and the kernel lists of one layer (fused: decode and prefill;
+  plain export: prefill);
 - ONNX Runtime CPU (fp32): prefill latency at 512 tokens and decode tokens/s at 1024 tokens of
   context, plain vs fused, the graphs measured in turn over three rounds;
 - node counts before and after fusion.
@@ -117,6 +118,7 @@ def main() -> None:
                     "mha": any("mha" in n for n in prof["decode"]),
                     "engine_mb": round(len(engine.plan) / 1e6, 1)}
                 row["decode_kernels_one_layer"] = _one_layer(prof["decode"], L)
+                row["prefill_kernels_one_layer"] = _one_layer(prof["prefill"], L)
             else:
                 fp32_graphs[label] = path
             print(json.dumps({label: row}), flush=True)
@@ -145,9 +147,10 @@ def _table(rows: dict) -> None:
         print(f"| {label} | {r['nodes']} | {eng} | {o['prefill_512_ms']:.0f} | {o['decode_tok_s_at_1024']:.1f} | "
               f"prefill x{base['prefill_512_ms'] / o['prefill_512_ms']:.2f}, "
               f"decode x{o['decode_tok_s_at_1024'] / base['decode_tok_s_at_1024']:.2f} |")
-    print("\ndecode kernels of one layer (fused, default):")
-    for n in rows["fused (default)"].get("decode_kernels_one_layer", []):
-        print("  ", n)
+    for label, phase in (("fused (default)", "decode"), ("fused (default)", "prefill"), ("plain export", "prefill")):
+        print(f"\n{phase} kernels of one layer ({label}):")
+        for n in rows[label].get(f"{phase}_kernels_one_layer", []):
+            print("  ", n)
 
 
 if __name__ == "__main__":
