@@ -24,6 +24,7 @@ FUSIONS = ("rms_norm", "qkv", "rotary", "rotary_keys", "rotary_keys_folded", "at
 # Keys: rotary_keys rotates them with RotaryEmbedding, which TensorRT-RTX cannot build feeding the KV cache into a
 # fused Attention (rotary.py); rotary_keys_folded folds their rotation into the projection instead (key_fold.py).
 DEFAULT_FUSIONS = frozenset({"rms_norm", "qkv", "rotary", "rotary_keys_folded", "attention"})
+KEY_ROTATIONS = frozenset({"rotary_keys", "rotary_keys_folded"})
 
 
 class FusionError(TrtglmError):
@@ -58,7 +59,7 @@ def expected_counts(num_layers: int, sandwich_norms: bool | None, fusions: froze
 
 def rule_sets(max_positions: int, fusions: frozenset[str] = DEFAULT_FUSIONS):
     kinds = {"rms_norm": rms_norm.RULES,
-             "rotary": rotary.rules(max_positions, FUSION_OPSET, keys=bool({"rotary_keys", "rotary_keys_folded"} & fusions)),
+             "rotary": rotary.rules(max_positions, FUSION_OPSET, keys=bool(KEY_ROTATIONS & fusions)),
              "attention": attention.RULES}
     return {kind: rules for kind, rules in kinds.items() if kind in fusions}
 
@@ -77,9 +78,9 @@ def fuse(model: ir.Model, *, max_positions: int, expected: dict | None = None, s
     unknown = set(fusions) - set(FUSIONS)
     if unknown:
         raise TrtglmError(f"unknown fusion(s) {sorted(unknown)}; known: {', '.join(FUSIONS)}")
-    if {"rotary_keys", "rotary_keys_folded"} <= fusions:
+    if KEY_ROTATIONS <= fusions:
         raise TrtglmError("fusions rotary_keys and rotary_keys_folded are alternatives: choose one")
-    if {"rotary_keys", "rotary_keys_folded"} & fusions and "rotary" not in fusions:
+    if KEY_ROTATIONS & fusions and "rotary" not in fusions:
         raise TrtglmError("fusions rotary_keys and rotary_keys_folded extend rotary: add it")
     kinds = rule_sets(max_positions, fusions)
     refused = {"qkv": [], "rotary_keys_folded": []}

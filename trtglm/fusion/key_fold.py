@@ -22,7 +22,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from .qkv import bias as _bias
 from .rotary import feeds_kv_cache
+from .tables import add_initializer
 from .tables import const_ints as _ints
 
 
@@ -104,7 +106,7 @@ def _fold(graph: ir.Graph, rope: ir.Node, reshape: ir.Node, split: ir.Node | Non
         projected = tape.op("Add", [projected, _constant(graph, np.concatenate([b, b[columns]]), bias.name, bias)])
     sizes_out = _constant(graph, np.array(sizes + [width], np.int64), f"{w.name}.split")
     outs = tape.op_multi_out("Split", [projected, sizes_out], attributes={"axis": -1}, num_outputs=len(sizes) + 1)
-    cos, sin = _tables(graph, tape, rope, heads, head_dim, rot, partner, sign, tables)
+    cos, sin = _tables(graph, tape, rope, heads, head_dim, rot, interleaved, sign, tables)
     keys = tape.op("Add", [tape.op("Mul", [outs[index], cos]), tape.op("Mul", [outs[-1], sin])])
     keys = tape.op("Transpose", [tape.op("Reshape", [keys, reshape.inputs[1]])], attributes={"perm": [0, 2, 1, 3]})
     graph.insert_after(rope, tape.nodes)
@@ -131,14 +133,14 @@ def _partners(head_dim: int, rot: int, interleaved: bool) -> tuple[np.ndarray, n
     return partner, sign
 
 
-def _tables(graph, tape, rope, heads, head_dim, rot, partner, sign, cache) -> tuple[ir.Value, ir.Value]:
-    """C[pos] and S[pos], [batch, seq, heads*head_dim], made once per (caches, layout) and shared."""
+def _tables(graph, tape, rope, heads, head_dim, rot, interleaved, sign, cache) -> tuple[ir.Value, ir.Value]:
+    """C[pos] and S[pos], [batch, seq, heads*head_dim], made once per (caches, layout) and shared (the rotary
+    rule gives every layer the same cache values; equal tables from elsewhere are merged by _tidy's passes)."""
     cos_cache, sin_cache, positions = rope.inputs[1], rope.inputs[2], rope.inputs[3]
-    key = (cos_cache.const_value.numpy().tobytes(), sin_cache.const_value.numpy().tobytes(), heads, head_dim, rot,
-           bool(rope.attributes.get_int("interleaved", 0)), positions)
+    key = (cos_cache, sin_cache, positions, heads, head_dim, rot, interleaved)
     if key not in cache:
         c, s = cos_cache.const_value.numpy(), sin_cache.const_value.numpy()
-        frequency = (np.arange(rot) // 2) if rope.attributes.get_int("interleaved", 0) else (np.arange(rot) % (rot // 2))
+        frequency = (np.arange(rot) // 2) if interleaved else (np.arange(rot) % (rot // 2))
         full_c = np.ones((c.shape[0], head_dim), c.dtype)
         full_s = np.zeros((c.shape[0], head_dim), c.dtype)
         full_c[:, :rot] = c[:, frequency]
@@ -150,10 +152,6 @@ def _tables(graph, tape, rope, heads, head_dim, rot, partner, sign, cache) -> tu
     return cache[key]
 
 
-def _bias(matmul: ir.Node, add: ir.Node | None) -> ir.Value | None:
-    return None if add is None else next((v for v in add.inputs if v is not matmul.outputs[0]), None)
-
-
 def _constant(graph: ir.Graph, array: np.ndarray, name: str, replaces: ir.Value | None = None) -> ir.Value:
     """A new initializer; it takes the name of the one it `replaces` (renamed, soon unused), else a free name."""
     if replaces is not None and graph.initializers.get(replaces.name) is replaces and len(list(replaces.uses())) == 1:
@@ -163,7 +161,4 @@ def _constant(graph: ir.Graph, array: np.ndarray, name: str, replaces: ir.Value 
     while name in graph.initializers:
         n += 1
         name = f"{base}.{n}"
-    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape),
-                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-    graph.register_initializer(value)
-    return value
+    return add_initializer(graph, array, name)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from .tables import add_initializer
+
 
 def merge_qkv(graph: ir.Graph) -> tuple[int, list[str]]:
     """Merge every (MatMul + Add) x 3 fan-out of one tensor. Returns (merges, reasons for near misses)."""
@@ -55,7 +57,7 @@ def _projection(matmul: ir.Node) -> tuple[ir.Node, ir.Node] | None:
 
 
 def _refusal(projections) -> str | None:
-    weights, biases = [mm.inputs[1] for mm, _ in projections], [_bias(mm, add) for mm, add in projections]
+    weights, biases = [mm.inputs[1] for mm, _ in projections], [bias(mm, add) for mm, add in projections]
     if any(v.const_value is None for v in weights + biases):
         return "weights or biases are not constants"
     if any(w.shape is None or w.shape.rank() != 2 for w in weights) or len({w.shape[0] for w in weights}) != 1:
@@ -70,7 +72,7 @@ def _refusal(projections) -> str | None:
 
 
 def _replace(graph: ir.Graph, x: ir.Value, projections) -> None:
-    weights, biases = [mm.inputs[1] for mm, _ in projections], [_bias(mm, add) for mm, add in projections]
+    weights, biases = [mm.inputs[1] for mm, _ in projections], [bias(mm, add) for mm, add in projections]
     w = _initializer(graph, np.concatenate([v.const_value.numpy() for v in weights], axis=1), weights[0].name)
     b = _initializer(graph, np.concatenate([v.const_value.numpy() for v in biases]), biases[0].name)
     widths = _initializer(graph, np.array([v.shape[1] for v in weights], np.int64), f"{w.name}.split")
@@ -86,13 +88,10 @@ def _replace(graph: ir.Graph, x: ir.Value, projections) -> None:
         graph.remove([add, mm], safe=True)
 
 
-def _bias(matmul: ir.Node, add: ir.Node) -> ir.Value:
-    return next(v for v in add.inputs if v is not matmul.outputs[0])
+def bias(matmul: ir.Node, add: ir.Node | None) -> ir.Value | None:
+    """The Add's other input (None without an Add)."""
+    return None if add is None else next((v for v in add.inputs if v is not matmul.outputs[0]), None)
 
 
 def _initializer(graph: ir.Graph, array: np.ndarray, like: str) -> ir.Value:
-    name = like.replace("q_proj", "qkv_proj") if "q_proj" in like else f"{like}.qkv"
-    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape),
-                     const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
+    return add_initializer(graph, array, like.replace("q_proj", "qkv_proj") if "q_proj" in like else f"{like}.qkv")

@@ -7,6 +7,14 @@ import onnx
 import onnx_ir as ir
 
 
+def add_initializer(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
+    """`array` as a new initializer of `graph` named `name`."""
+    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape),
+                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    graph.register_initializer(value)
+    return value
+
+
 def const_ints(value: ir.Value | None) -> list[int] | None:
     """A constant's values as a flat list of ints (None when not a constant)."""
     if value is None or value.const_value is None:
