@@ -44,18 +44,20 @@ class OrtBackend:
 
     The cache layout is read from the session's own inputs, so any trtglm graph runs: an export,
     a build, or a test's. `low_memory` drops ONNX Runtime's arena (fp16 weights cast to fp32 per op
-    are then freed at once); `optimize=False` turns its graph optimizations off.
+    are then freed at once); `optimize=False` turns its graph optimizations off; `profile=True` records
+    ONNX Runtime's profile (`session.end_profiling()`).
     """
 
     name = "ort"
 
     def __init__(self, onnx_path: str | Path, *, max_seq_len: int | None = None, threads: int = 0,
-                 device: str = "auto", optimize: bool = True, low_memory: bool = False):
+                 device: str = "auto", optimize: bool = True, low_memory: bool = False, profile: bool = False):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.intra_op_num_threads = threads
+        opts.enable_profiling = profile
         if low_memory:
             opts.enable_cpu_mem_arena = False
         if not optimize:
@@ -79,10 +81,10 @@ class OrtBackend:
         self._ort = ort
 
     @classmethod
-    def from_build(cls, build_dir: str | Path, threads: int = 0) -> "OrtBackend":
+    def from_build(cls, build_dir: str | Path, threads: int = 0, **options) -> "OrtBackend":
         build_dir = Path(build_dir)
         manifest = read_manifest(build_dir)
-        return cls(build_dir / "model.onnx", max_seq_len=int(manifest["max_seq_len"]), threads=threads)
+        return cls(build_dir / "model.onnx", max_seq_len=int(manifest["max_seq_len"]), threads=threads, **options)
 
     def new_cache(self, batch: int):
         return [self._ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, p.shape[1], 0, p.shape[3]), self._dtype))
