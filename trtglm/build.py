@@ -209,6 +209,10 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
         precision = _precision_step(tmp, r, dtype, calibration, (cache_dir or default_cache_dir()) / "calibration",
                                     progress)
     accuracy = _gate_step(tmp, r, gate, progress) if gate else None
+    if r.shapes.logits == "last":  # after the gate, which needs every position
+        from .last_logits import keep_last_position
+
+        keep_last_position(tmp / ONNX_FILE)
     graph = describe_onnx(tmp / ONNX_FILE)
     manifest = {
         "format_version": MANIFEST_VERSION,
@@ -223,7 +227,7 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
         "precision": precision | {"ops": graph["initializer_dtypes"]},
         "accuracy": accuracy,
         "max_seq_len": r.shapes.max_seq_len,
-        "io": _io(meta, graph),
+        "io": _io(meta, graph, r.shapes.logits),
         "fusion": report.to_dict() | {"strict": r.fusion.strict, "fusions": sorted(fusions)},
         "tools": tool_versions(),
         "host": platform.node(),
@@ -271,14 +275,18 @@ def _gate_step(tmp: Path, r: Recipe, reference: Path, progress) -> dict:
     return result
 
 
-def _io(meta: dict | None, graph: dict) -> dict | None:
+def _io(meta: dict | None, graph: dict, logits: str) -> dict | None:
     """The export's IO spec with the dtypes of the built graph (`describe_onnx`; a precision conversion retypes
-    the KV cache)."""
+    the KV cache), and one position of logits with `logits: last`."""
     if not meta:
         return None
     dtypes = {v["name"]: {"float": "float32"}.get(v["dtype"], v["dtype"]) for v in graph["inputs"] + graph["outputs"]}
-    return {side: [{**spec, "dtype": dtypes.get(spec["name"], spec["dtype"])} for spec in specs]
-            for side, specs in meta["io"].items()}
+    io = {side: [{**spec, "dtype": dtypes.get(spec["name"], spec["dtype"])} for spec in specs]
+          for side, specs in meta["io"].items()}
+    if logits == "last":
+        io["outputs"] = [{**s, "shape": [s["shape"][0], 1, s["shape"][2]]} if s["name"] == "logits" else s
+                         for s in io["outputs"]]
+    return io
 
 
 def _release(model) -> None:

@@ -93,7 +93,8 @@ def plan_shapes(io: dict, config: dict, shapes: ShapesSection, kv_bytes: int) ->
         raise TrtglmError(f"impossible shapes: max_input_len {inp} must be between 1 and max_seq_len {seq}")
     vocab, layers = config["vocab_size"], config["num_layers"]
     kv, d, hidden = config["num_kv_heads"], config["head_dim"], config["hidden_size"]
-    for what, elements in (("logits [batch, input, vocab]", b * inp * vocab),
+    rows = inp if shapes.logits == "all" else 1  # positions of logits per sequence
+    for what, elements in (("logits [batch, input, vocab]", b * rows * vocab),
                            ("attention scores [batch, heads, input, total]", b * config["num_heads"] * inp * seq),
                            ("KV cache [batch, kv_heads, total, head_dim]", b * kv * seq * d)):
         if elements > INT32_MAX:
@@ -101,7 +102,7 @@ def plan_shapes(io: dict, config: dict, shapes: ShapesSection, kv_bytes: int) ->
                               "lower max_batch or max_input_len")
     profiles = make_profiles([spec["name"] for spec in io["inputs"]], kv, d, shapes)
     kv_cache = 2 * layers * b * kv * seq * d * kv_bytes
-    activations = b * inp * (vocab * 4 + 4 * hidden * kv_bytes + config["num_heads"] * seq * kv_bytes)
+    activations = b * (rows * vocab * 4 + inp * (4 * hidden * kv_bytes + config["num_heads"] * seq * kv_bytes))
     return Plan(profiles, kv_cache, activations)
 
 

@@ -26,6 +26,10 @@ def evaluate(build_dir: str | Path, reference: str | Path | None = None, data: s
              samples: int = 16, seq_len: int = 256, backend: str = "auto") -> dict:
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
+    if manifest["recipe"]["resolved"]["shapes"].get("logits") == "last":
+        raise UsageError(f"{build_dir} computes the logits of the last position only (shapes.logits: last); "
+                         "perplexity needs every position",
+                         hint="evaluate a build made with --logits all (the build's --gate runs before that step)")
     reference = Path(reference or manifest["source"]["export_dir"])
     if manifest["precision"]["dtype"] == "bf16" and backend != "trt":
         raise TrtglmError("bf16 cannot run on ONNX Runtime's CPU provider: evaluate it on the engine with a GPU")

@@ -66,6 +66,9 @@ class ShapesSection(_Section):
     opt_input_len: int | None = Field(None, gt=0)
     # single: one profile for prefill and decode; split: one each (TensorRT-RTX then stores the weights twice)
     profiles: Literal["single", "split"] = "single"
+    # all: logits [batch, sequence, vocab] (perplexity, `trtglm eval`); last: [batch, 1, vocab], the lm_head on the
+    # last position only (generation: a prefill computes one row of it; last_logits.py)
+    logits: Literal["all", "last"] = "all"
 
     @model_validator(mode="before")
     @classmethod

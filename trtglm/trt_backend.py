@@ -160,10 +160,11 @@ class TrtBackend:
         self.context.set_tensor_address("logits", int(self._dev["logits"]))
         if not self.context.execute_async_v3(self.stream.handle):
             raise TrtglmError("TensorRT failed to run the engine step")
-        n = b * s * self.vocab_size
+        shape = tuple(self.context.get_tensor_shape("logits"))  # [b, s, V], or [b, 1, V] with `logits: last`
+        n = math.prod(shape)
         cuda.memcpy_dtoh_async(self._logits[:n], self._dev["logits"], self.stream)
         self.stream.synchronize()
-        return self._logits[:n].reshape(b, s, self.vocab_size).copy(), TrtCache(b, total, out)
+        return self._logits[:n].reshape(shape).copy(), TrtCache(b, total, out)
 
     def expand_cache(self, cache: TrtCache, batch: int) -> TrtCache:
         """A batch-1 cache (a prefix) tiled to `batch` rows in a working buffer set."""
