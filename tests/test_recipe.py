@@ -47,3 +47,30 @@ def test_flags_override_recipe_override_defaults(tmp_path):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="no such recipe file"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+# Published config.json values of the models the shipped recipes are for (GLM-4-9B-0414 and glm-4-9b-chat agree).
+GLM4_9B = {"vocab_size": 151552, "num_layers": 40, "num_heads": 32, "num_kv_heads": 2, "head_dim": 128,
+           "hidden_size": 4096}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_plans_within_tensorrts_limits(path):
+    """The shapes of each recipe pass `trtglm build`'s own checks for its model (int32 element counts of logits,
+    attention scores and KV cache), so the recipe cannot be refused before building."""
+    import dataclasses
+    import json
+
+    from trtglm.config import normalize
+    from trtglm.engine import plan_shapes
+
+    r = load_recipe(path)
+    if r.model.name == "tiny-glm4":
+        config = dataclasses.asdict(normalize(json.loads((Path(__file__).parent.parent / "models" / "tiny-glm4" /
+                                                          "config.json").read_text())))
+    else:
+        assert r.model.name.startswith("glm-4-9b"), r.model.name
+        config = GLM4_9B
+    io = {"inputs": [{"name": n} for n in ("input_ids", "attention_mask", "position_ids", "past_key_values.0.key")]}
+    plan = plan_shapes(io, config, r.shapes, 2)
+    assert plan.kv_cache_bytes > 0
