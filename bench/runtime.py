@@ -1,6 +1,7 @@
 """Runtime benchmark on a random-weight GLM-4-shaped model of about 136M parameters, in one run:
 decode tokens/s and time to first token of trtglm's ONNX Runtime backend for fp32 and fp16 exports
-(default fusions, and keys rotated by RotaryEmbedding instead of folded into the projection) and for the fp16, int8 and int4 builds of
+(default fusions, and keys rotated by RotaryEmbedding instead of folded into the projection; fp32 also with
+`--logits last`, the lm_head on the last position only) and for the fp16, int8 and int4 builds of
 the fp32 export (`trtglm build --fp16|--int8|--int4`), against transformers `generate` (sdpa) on the
 same weights, and each row's read-bandwidth limit (measured bandwidth / weight bytes read per token).
 
@@ -111,10 +112,14 @@ def main() -> None:
     for dtype in ("fp32", "fp16"):
         export(str(ckpt), work / f"export-{dtype}", dtype=dtype, validate=False, max_seq_len=2048)
         weight_bytes[dtype] = (work / f"export-{dtype}" / "model.onnx.data").stat().st_size
-        for label, fusions in (("default fusions", None), ("keys by RotaryEmbedding", "rope-keys")):
-            out = work / f"build-{dtype}-{fusions or 'default'}"
-            kw = {"fusions": DEFAULT_FUSIONS - {"rotary_keys_folded"} | {"rotary_keys"}} if fusions else {}
-            build(work / f"export-{dtype}", out, onnx_only=True, **kw)
+        for label, variant in (("default fusions", None), ("keys by RotaryEmbedding", "rope-keys"),
+                               ("default fusions, last-position logits", "last")):
+            if variant == "last" and dtype != "fp32":
+                continue
+            out = work / f"build-{dtype}-{variant or 'default'}"
+            kw = {"fusions": DEFAULT_FUSIONS - {"rotary_keys_folded"} | {"rotary_keys"}} if variant == "rope-keys" else {}
+            build(work / f"export-{dtype}", out, onnx_only=True,
+                  overrides={"shapes": {"logits": "last"}} if variant == "last" else None, **kw)
             label = f"trtglm run --backend ort, {dtype} export, {label}"
             runners[label], read[label] = ort_runner(out, prompt, args.new), weight_bytes[dtype]
     read["transformers generate (sdpa, fp32)"] = weight_bytes["fp32"]
