@@ -1,7 +1,8 @@
 """Accuracy of each precision on the shipped model (models/tiny-glm4) against its fp32 export, on the whole
 held-out split (calibration_data/eval.jsonl). Every row is built by `trtglm build --<precision> --onnx-only`
 from the one fp32 export, with the default calibration (64 windows of 256 tokens of the calibration split),
-and evaluated with ONNX Runtime on the CPU; "fp16 export" is the export written in fp16 directly.
+and evaluated with ONNX Runtime on the CPU; "fp16 export" is the export written in fp16 directly; the last two
+rows quantize the lm_head too (`precision.quantization.lm_head: true`; left in fp16 by default).
 
     python bench/accuracy.py [--workdir .bench]
 
@@ -32,14 +33,16 @@ def main() -> None:
     print("| precision | weights | perplexity | reference | delta | next-token agreement | logits cosine | graph build |")
     print("|---|---|---|---|---|---|---|---|")
     rows = [("fp32", "fp32", None), ("fp16 export", "fp16", "fp16"), *((d, "fp32", d) for d in
-                                                                    ("fp16", "int8", "fp8", "int4"))]
+                                                                    ("fp16", "int8", "fp8", "int4")),
+            *((f"{d}, lm_head quantized", "fp32", d) for d in ("int8", "int4"))]
     for label, exported, dtype in rows:
         source = work / f"e-{exported}"
         if not source.exists():
             export(str(ROOT / "models" / "tiny-glm4"), source, dtype=exported, validate=False)
-        out = work / f"b-{label.replace(' ', '-')}"
+        out = work / f"b-{label.replace(' ', '-').replace(',', '')}"
         started = time.perf_counter()
-        build(source, out, onnx_only=True, overrides={"precision": {"dtype": dtype}} if dtype else None)
+        precision = {"dtype": dtype, "quantization": {"lm_head": "lm_head" in label}}
+        build(source, out, onnx_only=True, overrides={"precision": precision} if dtype else None)
         seconds = time.perf_counter() - started
         r = evaluate(out, work / "e-fp32", samples=10_000, seq_len=256)
         size = (out / "model.onnx.data").stat().st_size / 1e6

@@ -7,7 +7,8 @@ decode: `trtglm run`'s generation loop on the fused build of `--dtype` (32-token
 int4 are `build --int8|--int4` of the fp32 export, as in bench/runtime.py); prints kernel
 time per op type and the MatMul time per generated token next to the time the weights' bytes need at the
 measured read bandwidth (why 85% of that bound is out of reach with per-op overhead).
-prefill: one 512-token prefill of the plain export and of the fused build, each after a warm-up; prints
+prefill: one 512-token prefill of the plain export, of the fused build and of the fused build with `--logits last`
+(the lm_head on the last position only), each after a warm-up; prints
 kernel time per op type of both and the most any fusion could gain there (total / MatMul kernel time:
 what is left if every other op took no time at all).
 """
@@ -75,7 +76,11 @@ def main() -> None:
 def prefill(work: Path, config: dict, tokens: int = 512) -> None:
     ids = np.random.default_rng(0).integers(3, config["vocab_size"], (1, tokens))
     feeds = (ids, np.ones((1, tokens), np.int64), np.arange(tokens)[None])
-    for label, path in (("plain export", work / "export" / "model.onnx"), ("fused build", work / "build" / "model.onnx")):
+    last = work / "build-last"
+    if not (last / "manifest.json").exists():
+        build(work / "export", last, onnx_only=True, force=True, overrides={"shapes": {"logits": "last"}})
+    for label, path in (("plain export", work / "export" / "model.onnx"), ("fused build", work / "build" / "model.onnx"),
+                        ("fused build, --logits last", last / "model.onnx")):
         backend = OrtBackend(path)
         backend.forward(*feeds, backend.new_cache(1))  # warm-up, unprofiled
         backend = OrtBackend(path, profile=True)

@@ -2,8 +2,9 @@
 decode tokens/s and time to first token of trtglm's ONNX Runtime backend for fp32 and fp16 exports
 (default fusions, and keys rotated by RotaryEmbedding instead of folded into the projection; fp32 also with
 `--logits last`, the lm_head on the last position only) and for the fp16, int8 and int4 builds of
-the fp32 export (`trtglm build --fp16|--int8|--int4`), against transformers `generate` (sdpa) on the
-same weights, and each row's read-bandwidth limit (measured bandwidth / weight bytes read per token).
+the fp32 export (`trtglm build --fp16|--int8|--int4`; int8 and int4 also with the lm_head quantized),
+against transformers `generate` (sdpa) on the same weights, and each row's read-bandwidth limit
+(measured bandwidth / weight bytes read per token).
 
     python bench/runtime.py [--workdir .bench] [--prompt 32] [--new 64] [--rounds 3]
 
@@ -123,11 +124,12 @@ def main() -> None:
             label = f"trtglm run --backend ort, {dtype} export, {label}"
             runners[label], read[label] = ort_runner(out, prompt, args.new), weight_bytes[dtype]
     read["transformers generate (sdpa, fp32)"] = weight_bytes["fp32"]
-    for dtype in ("fp16", "int8", "int4"):
-        out = work / f"build-{dtype}-from-fp32"
+    for dtype, lm_head in (("fp16", False), ("int8", False), ("int4", False), ("int8", True), ("int4", True)):
+        out = work / f"build-{dtype}-from-fp32{'-lm-head' if lm_head else ''}"
         build(work / "export-fp32", out, onnx_only=True,
-              overrides={"precision": {"dtype": dtype}, "calibration": {"samples": 16, "seq_len": 128}})
-        label = f"trtglm run --backend ort, `build --{dtype}` of the fp32 export"
+              overrides={"precision": {"dtype": dtype, "quantization": {"lm_head": lm_head}},
+                         "calibration": {"samples": 16, "seq_len": 128}})
+        label = f"trtglm run --backend ort, `build --{dtype}` of the fp32 export{', lm_head quantized' if lm_head else ''}"
         runners[label], read[label] = ort_runner(out, prompt, args.new), (out / "model.onnx.data").stat().st_size
     rows = interleaved(runners, args.rounds)
     bandwidth = read_bandwidth_gbs()
