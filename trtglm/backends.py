@@ -9,12 +9,14 @@ between steps.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from .errors import TrtglmError
+from .static_cache import CACHE_POSITION
 
 
 class Backend(Protocol):
@@ -27,6 +29,12 @@ class Backend(Protocol):
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache): ...
 
     def expand_cache(self, cache, batch: int): ...
+
+
+@dataclass
+class StaticCache:
+    values: list  # OrtValues [B, KV, slots, D], written in place
+    length: int  # slots filled
 
 
 def read_manifest(build_dir: Path) -> dict:
@@ -75,6 +83,10 @@ class OrtBackend:
         self.present = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
         self.vocab_size = self.session.get_outputs()[0].shape[-1]
         self.max_seq_len = max_seq_len or 1 << 30
+        # a static cache (static_cache.py): fixed slots, updated in place, the write position as an input
+        self.static = any(i.name == CACHE_POSITION for i in inputs)
+        if self.static:
+            self.max_seq_len = min(self.max_seq_len, self.past[0].shape[2])
         self._dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(self.past[0].type)
         if self._dtype is None:
             raise TrtglmError(f"ONNX Runtime cannot run a {self.past[0].type} KV cache on this machine")
@@ -87,24 +99,41 @@ class OrtBackend:
         return cls(build_dir / "model.onnx", max_seq_len=int(manifest["max_seq_len"]), threads=threads, **options)
 
     def new_cache(self, batch: int):
-        return [self._ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, p.shape[1], 0, p.shape[3]), self._dtype))
-                for p in self.past]
+        slots = self.past[0].shape[2] if self.static else 0
+        values = [self._ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, p.shape[1], slots, p.shape[3]), self._dtype))
+                  for p in self.past]
+        return StaticCache(values, 0) if self.static else values
 
     def expand_cache(self, cache, batch: int):
-        return [self._ort.OrtValue.ortvalue_from_numpy(np.repeat(v.numpy(), batch, axis=0)) for v in cache]
+        """`cache` (batch 1, a prefix) copied into `batch` rows: later steps write the copy, never `cache`."""
+        values = cache.values if self.static else cache
+        tiled = [self._ort.OrtValue.ortvalue_from_numpy(np.repeat(v.numpy(), batch, axis=0)) for v in values]
+        return StaticCache(tiled, cache.length) if self.static else tiled
 
     def forward(self, input_ids, attention_mask, position_ids, cache):
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        for spec, value in zip(self.past, cache):
+        values = cache.values if self.static else cache
+        for spec, value in zip(self.past, values):
             binding.bind_ortvalue_input(spec.name, value)
-        binding.bind_output("logits")  # ORT allocates; presents stay OrtValues for the next step
-        for name in self.present:
-            binding.bind_output(name, self.device)
+        binding.bind_output("logits")
+        if self.static:  # the mask over every slot, the write position, and present written over past in place
+            batch, total = attention_mask.shape
+            mask = np.zeros((batch, self.past[0].shape[2]), np.int64)
+            mask[:, :total] = attention_mask
+            binding.bind_cpu_input("attention_mask", mask)
+            binding.bind_cpu_input(CACHE_POSITION, np.full(batch, cache.length, np.int64))
+            for name, value in zip(self.present, values):
+                binding.bind_ortvalue_output(name, value)
+        else:  # ORT allocates; presents stay OrtValues for the next step
+            binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+            for name in self.present:
+                binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         logits, *presents = binding.get_outputs()
+        if self.static:
+            return logits.numpy(), StaticCache(values, cache.length + input_ids.shape[1])
         return logits.numpy(), presents
 
 

@@ -213,6 +213,10 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
         from .last_logits import keep_last_position
 
         keep_last_position(tmp / ONNX_FILE)
+    if r.shapes.kv_cache == "static":
+        from .static_cache import make_static
+
+        make_static(tmp / ONNX_FILE, r.shapes.max_seq_len)
     graph = describe_onnx(tmp / ONNX_FILE)
     manifest = {
         "format_version": MANIFEST_VERSION,
@@ -227,14 +231,14 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
         "precision": precision | {"ops": graph["initializer_dtypes"]},
         "accuracy": accuracy,
         "max_seq_len": r.shapes.max_seq_len,
-        "io": _io(meta, graph, r.shapes.logits),
+        "io": _io(meta, graph),
         "fusion": report.to_dict() | {"strict": r.fusion.strict, "fusions": sorted(fusions)},
         "tools": tool_versions(),
         "host": platform.node(),
         "cache_key": key,
     }
     if not onnx_only:
-        manifest.update(_engine_step(tmp, meta, r, dtype, progress))
+        manifest.update(_engine_step(tmp, meta, manifest["io"], r, dtype, progress))
     manifest["files"] = {"sha256": {p.name: sha256(p) for p in sorted(tmp.iterdir())
                                     if p.name in (ONNX_FILE, DATA_FILE, ENGINE_FILE)}}
     manifest["build_seconds"] = round(time.perf_counter() - started, 2)
@@ -275,18 +279,13 @@ def _gate_step(tmp: Path, r: Recipe, reference: Path, progress) -> dict:
     return result
 
 
-def _io(meta: dict | None, graph: dict, logits: str) -> dict | None:
-    """The export's IO spec with the dtypes of the built graph (`describe_onnx`; a precision conversion retypes
-    the KV cache), and one position of logits with `logits: last`."""
+def _io(meta: dict | None, graph: dict) -> dict | None:
+    """The built graph's IO tensors (`describe_onnx`): the export's, retyped by a precision conversion (the KV
+    cache), reshaped by `logits: last` and by a static cache (which adds `cache_position`)."""
     if not meta:
         return None
-    dtypes = {v["name"]: {"float": "float32"}.get(v["dtype"], v["dtype"]) for v in graph["inputs"] + graph["outputs"]}
-    io = {side: [{**spec, "dtype": dtypes.get(spec["name"], spec["dtype"])} for spec in specs]
-          for side, specs in meta["io"].items()}
-    if logits == "last":
-        io["outputs"] = [{**s, "shape": [s["shape"][0], 1, s["shape"][2]]} if s["name"] == "logits" else s
-                         for s in io["outputs"]]
-    return io
+    return {side: [{"name": v["name"], "dtype": {"float": "float32"}.get(v["dtype"], v["dtype"]), "shape": v["shape"]}
+                   for v in graph[side]] for side in ("inputs", "outputs")}
 
 
 def _release(model) -> None:
@@ -300,13 +299,13 @@ def _release(model) -> None:
     gc.collect()
 
 
-def _engine_step(tmp: Path, meta: dict | None, r: Recipe, dtype: str, progress) -> dict:
+def _engine_step(tmp: Path, meta: dict | None, io: dict | None, r: Recipe, dtype: str, progress) -> dict:
     from .engine import build_engine, plan_shapes
 
     if meta is None:
         raise UsageError("an engine build needs the export's export.json (IO spec and config)",
                          hint="pass --onnx-only for graphs from other exporters")
-    plan = plan_shapes(meta["io"], meta["config"], r.shapes, BYTES[dtype])
+    plan = plan_shapes(io, meta["config"], r.shapes, BYTES[dtype])
     weights = (tmp / DATA_FILE).stat().st_size if (tmp / DATA_FILE).exists() else 0
     if progress is not None and hasattr(progress, "console"):
         progress.console.print(f"estimate: engine about {weights / 1e6:.0f} MB of weights, KV cache "

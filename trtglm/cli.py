@@ -96,6 +96,10 @@ def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as
 @click.option("--logits", type=click.Choice(["all", "last"]), default=None,
               help="Logits of every position (eval needs them) or of the last one only (generation: the prefill "
                    "computes one row of the lm_head). [default: all]")
+@click.option("--kv-cache", type=click.Choice(["dynamic", "static"]), default=None,
+              help="dynamic: the cache grows by a copy each step; static: fixed max_seq_len slots updated in place "
+                   "(TensorScatter, TensorRT's KV-cache-update layer; same shapes at every decode step). "
+                   "[default: dynamic]")
 @click.option("--onnx-only", is_flag=True, help="Stop after the graph work: write BUILD_DIR/model.onnx.")
 @click.option("--fusions", default=None,
               help="Comma-separated fusions: rms_norm, qkv, rotary, rotary_keys_folded (keys' rotation folded into "
@@ -121,7 +125,7 @@ def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as
 @click.option("--force", is_flag=True, help="Replace BUILD_DIR if it exists.")
 @json_option
 def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, max_input_len, max_seq_len,
-              logits, onnx_only, fusions, strict, calib_data, calib_samples, calib_seq_len, calib_method, gate, reference,
+              logits, kv_cache, onnx_only, fusions, strict, calib_data, calib_samples, calib_seq_len, calib_method, gate, reference,
               cache_dir, no_cache, force, as_json):
     """Fuse the graph of a `trtglm export` directory and build a TensorRT engine from it."""
     from pathlib import Path
@@ -135,7 +139,7 @@ def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, m
         "precision": {"dtype": dtype},
         "builder": {"targets": targets, "backend": backend},
         "shapes": {"max_batch": max_batch, "max_input_len": max_input_len, "max_seq_len": max_seq_len,
-                   "logits": logits},
+                   "logits": logits, "kv_cache": kv_cache},
         "fusion": {"fusions": fusion_list, "strict": strict},
         "calibration": {"data": calib_data, "samples": calib_samples, "seq_len": calib_seq_len,
                         "method": calib_method},

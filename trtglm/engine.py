@@ -20,6 +20,7 @@ from typing import Callable
 
 from .errors import TrtglmError
 from .recipe import BuilderSection, ShapesSection
+from .static_cache import CACHE_POSITION
 
 BACKENDS = ("tensorrt_rtx", "tensorrt")
 RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
@@ -107,8 +108,10 @@ def plan_shapes(io: dict, config: dict, shapes: ShapesSection, kv_bytes: int) ->
 
 
 def make_profiles(input_names: list[str], kv_heads: int, head_dim: int, shapes: ShapesSection) -> list[dict]:
-    """min/opt/max shapes of every decoder input for each profile (see plan_shapes for single vs split)."""
+    """min/opt/max shapes of every decoder input for each profile (see plan_shapes for single vs split). A static
+    cache (an input `cache_position`, static_cache.py) has max_seq_len slots in every profile."""
     b, inp, seq = shapes.max_batch, shapes.max_input_len, shapes.max_seq_len
+    static = CACHE_POSITION in input_names
     ob = shapes.opt_batch or 1
     oi = shapes.opt_input_len or max(1, inp // 2)
     if shapes.profiles == "split":
@@ -121,6 +124,11 @@ def make_profiles(input_names: list[str], kv_heads: int, head_dim: int, shapes: 
         for name in input_names:
             if name in ("input_ids", "position_ids"):
                 profile[name] = [(1, s_min), (ob, s_opt), (b, s_max)]
+            elif name == CACHE_POSITION:
+                profile[name] = [(1,), (ob,), (b,)]
+            elif static:  # attention_mask [B, slots], past [B, KV, slots, D]
+                rest = (seq,) if name == "attention_mask" else (kv_heads, seq, head_dim)
+                profile[name] = [(1, *rest), (ob, *rest), (b, *rest)]
             elif name == "attention_mask":
                 profile[name] = [(1, s_min + p_min), (ob, s_opt + p_opt), (b, s_max + p_max)]
             else:
@@ -280,6 +288,7 @@ def _default_profiles(network, max_batch: int, max_input: int, max_seq: int) -> 
     """Split profiles read off the network's inputs (for graphs without export.json)."""
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     past = next(t for t in inputs if t.name.startswith("past_key_values."))
+    max_seq = past.shape[2] if past.shape[2] > 0 else max_seq  # a static cache has its slots in the graph
     return make_profiles([t.name for t in inputs], past.shape[1], past.shape[3],
                          ShapesSection(max_batch=max_batch, max_input_len=max_input, max_seq_len=max_seq,
                                        profiles="split"))

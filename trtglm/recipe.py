@@ -69,6 +69,9 @@ class ShapesSection(_Section):
     # all: logits [batch, sequence, vocab] (perplexity, `trtglm eval`); last: [batch, 1, vocab], the lm_head on the
     # last position only (generation: a prefill computes one row of it; last_logits.py)
     logits: Literal["all", "last"] = "all"
+    # dynamic: past [B,KV,P,D] in, present [B,KV,P+S,D] out (a copy each step); static: fixed [B,KV,max_seq_len,D]
+    # buffers updated in place by TensorScatter, TensorRT's KV-cache-update layer (static_cache.py)
+    kv_cache: Literal["dynamic", "static"] = "dynamic"
 
     @model_validator(mode="before")
     @classmethod

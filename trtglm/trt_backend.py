@@ -4,6 +4,8 @@
     set_input_shape / set_tensor_address ─ execute_async_v3 ─ logits to pinned host memory
     KV cache: two device buffer sets; each step reads past from one and writes present to the other
     (the graph's present = past + new, so swapping needs no copy and no host round trip).
+    Static cache (`kv_cache: static`): one buffer set of max_seq_len slots, bound as both past and present
+    (TensorRT's KV-cache-update layer writes the new tokens in place at `cache_position`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from .backends import read_manifest
 from .errors import TrtglmError
+from .static_cache import CACHE_POSITION
 
 DTYPE_BYTES = {"int64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -129,9 +132,15 @@ class TrtBackend:
         self.vocab_size = self.buffers["logits"].max_shape[-1]
         self.past_names = [n for n in self.buffers if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        self.static = CACHE_POSITION in self.buffers
+        self._slots = self.buffers[self.past_names[0]].max_shape[2]  # static: the cache's fixed length
         self._dev = {n: cuda.mem_alloc(b.nbytes) for n, b in self.buffers.items()
                      if not n.startswith(("past_key_values.", "present."))}
-        self._sets = [[cuda.mem_alloc(self.buffers[n].nbytes) for n in self.present_names] for _ in range(2)]
+        self._sets = [[cuda.mem_alloc(self.buffers[n].nbytes) for n in self.present_names]
+                      for _ in range(1 if self.static else 2)]
+        if self.static:  # empty slots are masked, but 0 x NaN of uninitialized memory would still be NaN
+            for buffer, name in zip(self._sets[0], self.present_names):
+                cuda.memset_d8(buffer, 0, self.buffers[name].nbytes)
         self._logits = cuda.pagelocked_empty(math.prod(self.buffers["logits"].max_shape), np.float32)
         self._elt = DTYPE_BYTES[self.buffers[self.past_names[0]].dtype]
         self._kv, self._d = self.buffers[self.past_names[0]].max_shape[1], self.buffers[self.past_names[0]].max_shape[3]
@@ -140,21 +149,27 @@ class TrtBackend:
         return TrtCache(batch, 0, self._sets[0])
 
     def _other(self, buffers) -> list:
-        return self._sets[1] if buffers is self._sets[0] else self._sets[0]
+        """Where a step writes present: the other buffer set, or for a static cache the one set, in place."""
+        return self._sets[1] if buffers is self._sets[0] and not self.static else self._sets[0]
 
     def forward(self, input_ids, attention_mask, position_ids, cache: TrtCache):
         cuda = self._cuda
         b, s = input_ids.shape
         total = cache.length + s
-        for name, array in (("input_ids", input_ids), ("attention_mask", attention_mask),
-                            ("position_ids", position_ids)):
+        feeds = [("input_ids", input_ids), ("attention_mask", attention_mask), ("position_ids", position_ids)]
+        if self.static:  # the mask covers every slot; the new tokens go to slot cache.length
+            mask = np.zeros((b, self._slots), np.int64)
+            mask[:, :total] = attention_mask
+            feeds[1] = ("attention_mask", mask)
+            feeds.append((CACHE_POSITION, np.full(b, cache.length, np.int64)))
+        for name, array in feeds:
             host = np.ascontiguousarray(array, dtype=np.int64)
             cuda.memcpy_htod_async(self._dev[name], host, self.stream)
             self.context.set_input_shape(name, host.shape)
             self.context.set_tensor_address(name, int(self._dev[name]))
         out = self._other(cache.buffers)
         for i, (past, present) in enumerate(zip(self.past_names, self.present_names)):
-            self.context.set_input_shape(past, (b, self._kv, cache.length, self._d))
+            self.context.set_input_shape(past, (b, self._kv, self._slots if self.static else cache.length, self._d))
             self.context.set_tensor_address(past, int(cache.buffers[i]))
             self.context.set_tensor_address(present, int(out[i]))
         self.context.set_tensor_address("logits", int(self._dev["logits"]))
@@ -170,7 +185,7 @@ class TrtBackend:
         """A batch-1 cache (a prefix) tiled to `batch` rows in a working buffer set."""
         cuda = self._cuda
         out = self._other(cache.buffers)
-        row = self._kv * cache.length * self._d * self._elt
+        row = self._kv * (self._slots if self.static else cache.length) * self._d * self._elt
         for src, dst in zip(cache.buffers, out):
             for r in range(batch):
                 cuda.memcpy_dtod_async(int(dst) + r * row, src, row, self.stream)
@@ -180,7 +195,7 @@ class TrtBackend:
     def snapshot(self, cache: TrtCache) -> TrtCache:
         """A copy in its own device memory, so later steps cannot overwrite it (prefix reuse)."""
         cuda = self._cuda
-        size = cache.batch * self._kv * cache.length * self._d * self._elt
+        size = cache.batch * self._kv * (self._slots if self.static else cache.length) * self._d * self._elt
         copies = []
         for src in cache.buffers:
             dst = cuda.mem_alloc(max(size, 1))

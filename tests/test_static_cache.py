@@ -1,0 +1,102 @@
+"""`shapes.kv_cache: static`: fixed cache slots updated in place by TensorScatter. Checked against the dynamic
+build of the same export in ONNX Runtime (prefill of a left-padded batch, then decode steps; generation; prefix
+reuse, which must not see the in-place writes), and built by TensorRT-RTX into its KV-cache-update layers."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from trtglm.backends import OrtBackend
+from trtglm.build import build
+from trtglm.errors import TrtglmError
+from trtglm.export import export, sha256
+from trtglm.generate import generate, make_prefix
+from trtglm.static_cache import make_static
+
+STATIC = {"shapes": {"kv_cache": "static", "max_seq_len": 48}}
+PROMPTS = [[5, 17, 99, 3, 42, 8, 150], [11, 12], [77, 1, 60, 61]]
+
+
+@pytest.fixture(scope="module")
+def pairs(exports, tmp_path_factory):
+    """family -> (dynamic onnx-only build, static onnx-only build of 48 slots), both planned for 48 tokens."""
+    root = tmp_path_factory.mktemp("static")
+    return {f: (build(exports[f], root / f"{f}-dynamic", onnx_only=True, max_seq_len=48) and root / f"{f}-dynamic",
+                build(exports[f], root / f"{f}-static", onnx_only=True, overrides=STATIC) and root / f"{f}-static")
+            for f in ("glm", "glm4", "chatglm")}
+
+
+@pytest.mark.parametrize("family", ["glm", "glm4", "chatglm"])
+def test_static_cache_computes_what_the_dynamic_one_does(pairs, family):
+    dynamic, static = (OrtBackend(p / "model.onnx") for p in pairs[family])
+    longest = max(map(len, PROMPTS))
+    ids = np.array([[0] * (longest - len(p)) + p for p in PROMPTS])
+    mask = np.array([[0] * (longest - len(p)) + [1] * len(p) for p in PROMPTS])
+    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    a, cache_a = dynamic.forward(ids, mask, pos, dynamic.new_cache(3))
+    b, cache_b = static.forward(ids, mask, pos, static.new_cache(3))
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+    for step in range(3):
+        mask, pos = np.concatenate([mask, np.ones((3, 1), np.int64)], 1), pos[:, -1:] + 1
+        token = np.array([[3 + step], [40], [7 * step]])
+        a, cache_a = dynamic.forward(token, mask, pos, cache_a)
+        b, cache_b = static.forward(token, mask, pos, cache_b)
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+    assert cache_b.length == longest + 3
+    for past, present in zip(cache_a, cache_b.values):  # written in place: the filled slots hold the cache
+        np.testing.assert_allclose(present.numpy()[:, :, :cache_b.length], past.numpy(), atol=1e-5, rtol=0)
+
+
+def test_graph_manifest_and_weights(pairs):
+    dynamic, static = pairs["glm4"]
+    graph = onnx.load(static / "model.onnx", load_external_data=False)
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("TensorScatter") == 4 and "Concat" not in [
+        n.op_type for n in graph.graph.node if any(o.startswith("present.") for o in n.output)]
+    assert {o.domain or "": o.version for o in graph.opset_import}[""] == 24
+    io = json.loads((static / "manifest.json").read_text())["io"]
+    shapes = {t["name"]: t["shape"] for t in io["inputs"] + io["outputs"]}
+    assert shapes["cache_position"] == ["batch"] and shapes["attention_mask"] == ["batch", 48]
+    assert shapes["past_key_values.1.value"] == shapes["present.1.value"] == ["batch", 2, 48, 16]
+    assert sha256(static / "model.onnx.data") == sha256(dynamic / "model.onnx.data")  # only the graph changed
+    with pytest.raises(TrtglmError, match="static KV cache already"):
+        make_static(static / "model.onnx", 48)
+
+
+def test_generation_prefix_reuse_and_length_limit(pairs):
+    dynamic, static = (OrtBackend.from_build(p) for p in pairs["glm4"])
+    assert static.max_seq_len == 48
+    assert generate(static, PROMPTS, max_new_tokens=12).tokens == generate(dynamic, PROMPTS, max_new_tokens=12).tokens
+    prefix = make_prefix(static, [9, 8, 7, 6])
+    first = generate(static, [[1, 2], [3, 4, 5]], prefix=prefix, max_new_tokens=6).tokens
+    again = generate(static, [[1, 2], [3, 4, 5]], prefix=prefix, max_new_tokens=6).tokens  # prefix not overwritten
+    full = generate(static, [[9, 8, 7, 6, 1, 2], [9, 8, 7, 6, 3, 4, 5]], max_new_tokens=6).tokens
+    assert first == again == full
+    alone = [generate(static, [[1, 2]], prefix=prefix, max_new_tokens=6).tokens for _ in range(2)]  # batch 1 too
+    assert alone[0] == alone[1] == full[:1]
+    r = generate(static, [list(range(3, 43))], max_new_tokens=100)  # 40 prompt tokens + 8 slots left
+    assert len(r.tokens[0]) == 8
+
+
+def test_static_cache_needs_fused_attention(exports, tmp_path):
+    with pytest.raises(TrtglmError, match="kv_cache: static needs the attention fusion"):
+        build(exports["glm4"], tmp_path / "b", onnx_only=True, overrides=STATIC, fusions=frozenset(), strict=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_engine_uses_tensorrts_kv_cache_update_layer(checkpoints, tmp_path):
+    from trtglm.trt_backend import plan_buffers
+
+    export(str(checkpoints["glm4"]), tmp_path / "e", dtype="fp16", validate=False, max_seq_len=64)
+    shapes = {"max_batch": 2, "max_input_len": 16, "max_seq_len": 64, "kv_cache": "static"}
+    m = build(tmp_path / "e", tmp_path / "b", overrides={"shapes": shapes}, use_cache=False)
+    layers = json.loads((tmp_path / "b" / "layers.json").read_text())
+    assert layers["network_layer_types"]["KV_CACHE_UPDATE"] == 4 and layers["network_layer_types"]["ATTENTION_INPUT"] == 2
+    assert any("mha" in layer["name"] for layer in layers["engine_layers"])
+    (profile,) = m["profiles"]  # the cache is the same size at every step: only batch and new tokens vary
+    assert profile["past_key_values.0.key"] == [[1, 2, 64, 16], [1, 2, 64, 16], [2, 2, 64, 16]]
+    assert profile["attention_mask"] == [[1, 64], [1, 64], [2, 64]] and profile["cache_position"] == [[1], [1], [2]]
+    plan = plan_buffers(m)
+    assert plan["present.0.key"].max_shape == plan["past_key_values.0.key"].max_shape == (2, 2, 64, 16)
