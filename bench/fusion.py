@@ -8,8 +8,9 @@ One run measures, side by side:
   fused attention (mha) kernel is there, and the kernel lists of one layer (fused: decode and prefill;
   plain export: prefill);
 - ONNX Runtime CPU (fp32): prefill latency at 512 tokens and decode tokens/s at 1024 tokens of
-  context, plain vs fused, the graphs measured in turn over three rounds (the last row is the default
-  fusions built with `--logits last`: the lm_head on the last position only, as generation needs);
+  context, plain vs fused, the graphs measured in turn over three rounds (the last two rows are the default
+  fusions built with `--logits last`, the lm_head on the last position only as generation needs, and with
+  `--kv-cache static`, 2048 cache slots updated in place);
 - node counts before and after fusion.
 """
 
@@ -41,8 +42,10 @@ FUSION_SETS = {
     "default, keys by RotaryEmbedding": DEFAULT_FUSIONS - {"rotary_keys_folded"} | {"rotary_keys"},
     "norms + qkv + rotary, no attention": frozenset({"rms_norm", "qkv", "rotary", "rotary_keys"}),
     "fused (default), last-position logits": DEFAULT_FUSIONS,
+    "fused (default), static KV cache": DEFAULT_FUSIONS,
 }
-LAST_POSITION = {"fused (default), last-position logits"}  # `build --logits last`: the lm_head on one row
+OPTIONS = {"fused (default), last-position logits": {"logits": "last"},  # the lm_head on one row
+           "fused (default), static KV cache": {"kv_cache": "static"}}  # TensorScatter into 2048 fixed slots
 
 
 def kernels_by_profile(engine) -> dict[str, list[str]]:
@@ -99,7 +102,7 @@ def main() -> None:
             if fusions is not None:
                 out = work / f"{dtype}-{label.replace(' ', '_')}"
                 manifest = build(work / f"export-{dtype}", out, onnx_only=True, fusions=fusions,
-                                 overrides={"shapes": {"logits": "last"}} if label in LAST_POSITION else None)
+                                 overrides={"shapes": OPTIONS[label]} if label in OPTIONS else None)
                 path = out / "model.onnx"
                 if dtype == "fp32":
                     row["nodes"] = f"{manifest['fusion']['nodes_before']} -> {manifest['fusion']['nodes_after']}"
