@@ -87,6 +87,7 @@ def test_static_cache_needs_fused_attention(exports, tmp_path):
 
 
 def test_engine_uses_tensorrts_kv_cache_update_layer(checkpoints, tmp_path):
+    from trtglm.inspect import inspect_path
     from trtglm.trt_backend import plan_buffers
 
     export(str(checkpoints["glm4"]), tmp_path / "e", dtype="fp16", validate=False, max_seq_len=64)
@@ -100,3 +101,4 @@ def test_engine_uses_tensorrts_kv_cache_update_layer(checkpoints, tmp_path):
     assert profile["attention_mask"] == [[1, 64], [1, 64], [2, 64]] and profile["cache_position"] == [[1], [1], [2]]
     plan = plan_buffers(m)
     assert plan["present.0.key"].max_shape == plan["past_key_values.0.key"].max_shape == (2, 2, 64, 16)
+    assert inspect_path(tmp_path / "b")["graph"] == {"logits": "all", "kv_cache": "static", "max_seq_len": 64}

@@ -217,8 +217,12 @@ def _summary(info: dict) -> list[str]:
         r = e["runtime"]
         return [f"engine, {e['bytes'] / 1e6:.1f} MB, sha256 {e['sha256'][:16]}..., built by {e.get('backend')} "
                 f"for {e.get('targets')}", "load check: " + ("ok" if r.get("ok") else r["reason"])]
+    g = info["graph"]
     lines = [f"build ({info['stage']}): {info['precision']['dtype']}, fusion {info['fusion']['fused']}, "
-             f"nodes {info['fusion']['nodes_before']} -> {info['fusion']['nodes_after']}", *_precision_lines(info)]
+             f"nodes {info['fusion']['nodes_before']} -> {info['fusion']['nodes_after']}",
+             f"graph: logits of {'every position' if g['logits'] == 'all' else 'the last position'}, "
+             + (f"static KV cache of {g['max_seq_len']} slots" if g["kv_cache"] == "static" else "dynamic KV cache"),
+             *_precision_lines(info)]
     if info.get("engine"):
         e = info["engine"]
         lines.append(f"engine: {info['backend']['name']} {info['backend']['version']} for {', '.join(info['targets'])}, "

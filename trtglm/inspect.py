@@ -68,6 +68,9 @@ def _build_dir(path: Path) -> dict:
            "profiles": dict(zip(m.get("profile_names") or [], m.get("profiles") or [])),
            "io": m.get("io"), "engine": m.get("engine"), "estimate": m.get("estimate"), "cache": m.get("cache"),
            "calibration": m.get("calibration"), "accuracy": m.get("accuracy")}
+    shapes = m.get("recipe", {}).get("resolved", {}).get("shapes", {})
+    out["graph"] = {"logits": shapes.get("logits", "all"), "kv_cache": shapes.get("kv_cache", "dynamic"),
+                    "max_seq_len": m.get("max_seq_len")}
     if (path / LAYERS_FILE).is_file():
         layers = json.loads((path / LAYERS_FILE).read_text())["engine_layers"]
         out["engine_layer_types"] = dict(Counter(layer["type"] for layer in layers).most_common())
