@@ -49,7 +49,7 @@ def test_static_cache_computes_what_the_dynamic_one_does(pairs, family):
         np.testing.assert_allclose(present.numpy()[:, :, :cache_b.length], past.numpy(), atol=1e-5, rtol=0)
 
 
-def test_graph_manifest_and_weights(pairs):
+def test_graph_manifest_and_weights(pairs, tmp_path):
     dynamic, static = pairs["glm4"]
     graph = onnx.load(static / "model.onnx", load_external_data=False)
     ops = [n.op_type for n in graph.graph.node]
@@ -60,7 +60,14 @@ def test_graph_manifest_and_weights(pairs):
     shapes = {t["name"]: t["shape"] for t in io["inputs"] + io["outputs"]}
     assert shapes["cache_position"] == ["batch"] and shapes["attention_mask"] == ["batch", 48]
     assert shapes["past_key_values.1.value"] == shapes["present.1.value"] == ["batch", 2, 48, 16]
-    assert sha256(static / "model.onnx.data") == sha256(dynamic / "model.onnx.data")  # only the graph changed
+    # keys rotated by RotaryEmbedding, not folded into their projection: a static cache's default (build._resolve)
+    manifest = json.loads((static / "manifest.json").read_text())
+    assert "rotary_keys" in manifest["fusion"]["fusions"] and "rotary_keys_folded" not in manifest["fusion"]["fusions"]
+    assert manifest["fusion"]["fused"]["rotary"] == ops.count("RotaryEmbedding") == 4  # q and k of 2 layers
+    same = build(manifest["source"]["export_dir"],
+                 tmp_path / "d", onnx_only=True, max_seq_len=48, fusions=frozenset(manifest["fusion"]["fusions"]))
+    assert sha256(static / "model.onnx.data") == sha256(tmp_path / "d" / "model.onnx.data")  # only the graph changed
+    assert same["fusion"]["fused"] == manifest["fusion"]["fused"]
     with pytest.raises(TrtglmError, match="static KV cache already"):
         make_static(static / "model.onnx", 48)
 
@@ -94,7 +101,10 @@ def test_engine_uses_tensorrts_kv_cache_update_layer(checkpoints, tmp_path):
     shapes = {"max_batch": 2, "max_input_len": 16, "max_seq_len": 64, "kv_cache": "static"}
     m = build(tmp_path / "e", tmp_path / "b", overrides={"shapes": shapes}, use_cache=False)
     layers = json.loads((tmp_path / "b" / "layers.json").read_text())
-    assert layers["network_layer_types"]["KV_CACHE_UPDATE"] == 4 and layers["network_layer_types"]["ATTENTION_INPUT"] == 2
+    types = layers["network_layer_types"]
+    assert types["KV_CACHE_UPDATE"] == 4 and types["ATTENTION_INPUT"] == 2
+    # keys rotated by RotaryEmbedding feeding the cache update: builds (feeding a cache Concat it does not, README)
+    assert types["ROTARY_EMBEDDING"] == 4 and "rotary_keys" in m["fusion"]["fusions"]
     assert any("mha" in layer["name"] for layer in layers["engine_layers"])
     (profile,) = m["profiles"]  # the cache is the same size at every step: only batch and new tokens vary
     assert profile["past_key_values.0.key"] == [[1, 2, 64, 16], [1, 2, 64, 16], [2, 2, 64, 16]]

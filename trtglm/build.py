@@ -119,7 +119,14 @@ def _resolve(r: Recipe, meta: dict | None, exported: str, export_dir: Path) -> t
         shapes = shapes.model_copy(update={"max_seq_len": limit,
                                            "max_input_len": min(shapes.max_input_len, limit)})
     precision = r.precision.model_copy(update={"dtype": dtype})
-    return r.model_copy(update={"shapes": shapes, "precision": precision,
+    fusion = r.fusion
+    if shapes.kv_cache == "static" and "fusions" not in fusion.model_fields_set:
+        # keys are folded into their projection only because TensorRT-RTX cannot build a RotaryEmbedding feeding
+        # the cache Concat; a static cache has no Concat, and with RotaryEmbedding keys Myelin computes q, k and
+        # both cache writes in one kernel (bench/fusion.py: 9.2 decode kernels per layer, 10.1 with folded keys)
+        fusion = fusion.model_copy(update={"fusions": tuple(
+            "rotary_keys" if f == "rotary_keys_folded" else f for f in fusion.fusions)})
+    return r.model_copy(update={"shapes": shapes, "precision": precision, "fusion": fusion,
                                 "accuracy": r.accuracy.for_dtype(dtype)}), dtype
 
 
