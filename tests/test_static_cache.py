@@ -85,6 +85,8 @@ def test_generation_prefix_reuse_and_length_limit(pairs):
     assert alone[0] == alone[1] == full[:1]
     r = generate(static, [list(range(3, 43))], max_new_tokens=100)  # 40 prompt tokens + 8 slots left
     assert len(r.tokens[0]) == 8
+    with pytest.raises(TrtglmError, match="49 tokens do not fit the static KV cache's 48 slots"):
+        static.forward(np.ones((1, 49), np.int64), np.ones((1, 49), np.int64), np.arange(49)[None], static.new_cache(1))
 
 
 def test_static_cache_needs_fused_attention(exports, tmp_path):

@@ -120,6 +120,8 @@ class OrtBackend:
         binding.bind_output("logits")
         if self.static:  # the mask over every slot, the write position, and present written over past in place
             batch, total = attention_mask.shape
+            if total > self.past[0].shape[2]:
+                raise TrtglmError(f"{total} tokens do not fit the static KV cache's {self.past[0].shape[2]} slots")
             mask = np.zeros((batch, self.past[0].shape[2]), np.int64)
             mask[:, :total] = attention_mask
             binding.bind_cpu_input("attention_mask", mask)
