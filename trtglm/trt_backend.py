@@ -5,7 +5,8 @@
     KV cache: two device buffer sets; each step reads past from one and writes present to the other
     (the graph's present = past + new, so swapping needs no copy and no host round trip).
     Static cache (`kv_cache: static`): one buffer set of max_seq_len slots, bound as both past and present
-    (TensorRT's KV-cache-update layer writes the new tokens in place at `cache_position`).
+    (TensorRT's KV-cache-update layer writes the new tokens in place at `cache_position`; its documentation
+    requires the output to share the cache input's device address).
 """
 
 from __future__ import annotations
