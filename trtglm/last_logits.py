@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .errors import TrtglmError
+from .fusion.tables import add_initializer
 
 PASS_THROUGH = ("Cast", "Identity")
 
@@ -30,23 +31,22 @@ def keep_last_position(onnx_path: Path) -> str:
     if any(node.name == "last_position" for node in model.graph):
         raise TrtglmError(f"{onnx_path}: the graph computes the last position's logits already")
     head = lm_head(model.graph)
-    hidden = head.inputs[0]
     # a quantized lm_head reads its input through a per-tensor Q -> DQ pair: slice before it, keeping the pair
     # next to the MatMul (TensorRT fuses DQ+MatMul; ONNX Runtime's integer GEMM lowering matches Q-DQ-MatMul)
-    producer = hidden.producer()
+    reader = head
+    producer = head.inputs[0].producer()
     if producer is not None and producer.op_type == "DequantizeLinear":
         quantize = producer.inputs[0].producer()
         if quantize is not None and quantize.op_type == "QuantizeLinear":
-            hidden = quantize.inputs[0]
-    consumers = [(node, i) for node, i in hidden.uses()]
-    last = ir.node("Slice", [hidden, _const(model.graph, "last_position.starts", [-1]),
-                             _const(model.graph, "last_position.ends", [np.iinfo(np.int64).max]),
-                             _const(model.graph, "last_position.axes", [1])], name="last_position")
+            reader = quantize
+    hidden = reader.inputs[0]  # other readers of it (none in trtglm's graphs) keep every position
+    last = ir.node("Slice", [hidden, add_initializer(model.graph, np.array([-1], np.int64), "last_position.starts"),
+                             add_initializer(model.graph, np.array([np.iinfo(np.int64).max], np.int64), "last_position.ends"),
+                             add_initializer(model.graph, np.array([1], np.int64), "last_position.axes")], name="last_position")
     last.outputs[0].name = f"{hidden.name}.last_position"
     last.outputs[0].type = hidden.type  # None where the graph has no value info (quantized graphs)
-    model.graph.insert_before(consumers[0][0], last)
-    for node, i in consumers:
-        node.replace_input_with(i, last.outputs[0])
+    model.graph.insert_before(reader, last)
+    reader.replace_input_with(0, last.outputs[0])
     logits = next(v for v in model.graph.outputs if v.name == "logits")
     if logits.shape is not None and logits.shape.rank() == 3:
         logits.shape = ir.Shape([logits.shape[0], 1, logits.shape[2]])
@@ -66,8 +66,3 @@ def lm_head(graph: ir.Graph) -> ir.Node:
         raise TrtglmError("logits: last needs a graph whose `logits` output is computed by a MatMul (the lm_head)")
     return node
 
-
-def _const(graph: ir.Graph, name: str, values: list[int]) -> ir.Value:
-    from .fusion.tables import add_initializer
-
-    return add_initializer(graph, np.array(values, np.int64), name)
