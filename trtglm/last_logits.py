@@ -40,9 +40,9 @@ def keep_last_position(onnx_path: Path) -> str:
         if quantize is not None and quantize.op_type == "QuantizeLinear":
             reader = quantize
     hidden = reader.inputs[0]  # other readers of it (none in trtglm's graphs) keep every position
-    last = ir.node("Slice", [hidden, add_initializer(model.graph, np.array([-1], np.int64), "last_position.starts"),
-                             add_initializer(model.graph, np.array([np.iinfo(np.int64).max], np.int64), "last_position.ends"),
-                             add_initializer(model.graph, np.array([1], np.int64), "last_position.axes")], name="last_position")
+    bounds = [add_initializer(model.graph, np.array([value], np.int64), f"last_position.{name}")
+              for name, value in (("starts", -1), ("ends", np.iinfo(np.int64).max), ("axes", 1))]
+    last = ir.node("Slice", [hidden, *bounds], name="last_position")
     last.outputs[0].name = f"{hidden.name}.last_position"
     last.outputs[0].type = hidden.type  # None where the graph has no value info (quantized graphs)
     model.graph.insert_before(reader, last)
