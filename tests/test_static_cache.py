@@ -114,3 +114,15 @@ def test_engine_uses_tensorrts_kv_cache_update_layer(checkpoints, tmp_path):
     plan = plan_buffers(m)
     assert plan["present.0.key"].max_shape == plan["past_key_values.0.key"].max_shape == (2, 2, 64, 16)
     assert inspect_path(tmp_path / "b")["graph"] == {"logits": "all", "kv_cache": "static", "max_seq_len": 64}
+
+
+def test_step_inputs_both_runtimes_feed():
+    """The TensorRT runner and the ONNX Runtime backend feed a static graph through this one function."""
+    from trtglm.static_cache import step_inputs
+
+    feeds = step_inputs(np.array([[0, 1, 1, 1], [1, 1, 1, 1]]), cached=3, slots=6)
+    np.testing.assert_array_equal(feeds["attention_mask"], [[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(feeds["cache_position"], [3, 3])
+    assert feeds["attention_mask"].dtype == feeds["cache_position"].dtype == np.int64
+    with pytest.raises(TrtglmError, match="7 tokens do not fit the static KV cache's 6 slots"):
+        step_inputs(np.ones((1, 7), np.int64), cached=6, slots=6)

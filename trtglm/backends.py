@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import TrtglmError
-from .static_cache import CACHE_POSITION
+from .static_cache import CACHE_POSITION, step_inputs
 
 
 class Backend(Protocol):
@@ -119,13 +119,8 @@ class OrtBackend:
             binding.bind_ortvalue_input(spec.name, value)
         binding.bind_output("logits")
         if self.static:  # the mask over every slot, the write position, and present written over past in place
-            batch, total = attention_mask.shape
-            if total > self.past[0].shape[2]:
-                raise TrtglmError(f"{total} tokens do not fit the static KV cache's {self.past[0].shape[2]} slots")
-            mask = np.zeros((batch, self.past[0].shape[2]), np.int64)
-            mask[:, :total] = attention_mask
-            binding.bind_cpu_input("attention_mask", mask)
-            binding.bind_cpu_input(CACHE_POSITION, np.full(batch, cache.length, np.int64))
+            for name, array in step_inputs(attention_mask, cache.length, self.past[0].shape[2]).items():
+                binding.bind_cpu_input(name, array)
             for name, value in zip(self.present, values):
                 binding.bind_ortvalue_output(name, value)
         else:  # ORT allocates; presents stay OrtValues for the next step

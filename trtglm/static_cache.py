@@ -30,6 +30,17 @@ CACHE_POSITION = "cache_position"
 OPSET = 24  # TensorScatter
 
 
+def step_inputs(attention_mask: np.ndarray, cached: int, slots: int) -> dict[str, np.ndarray]:
+    """What a static-cache graph reads for one step, from the generation loop's mask over the cached and new
+    tokens [B, cached+S]: that mask over all slots, and where the new tokens go (both runtimes use this)."""
+    batch, total = attention_mask.shape
+    if total > slots:
+        raise TrtglmError(f"{total} tokens do not fit the static KV cache's {slots} slots")
+    mask = np.zeros((batch, slots), np.int64)
+    mask[:, :total] = attention_mask
+    return {"attention_mask": mask, CACHE_POSITION: np.full(batch, cached, np.int64)}
+
+
 def make_static(onnx_path: Path, max_seq_len: int) -> int:
     """Rewrite `onnx_path` (its graph only) to a static cache of `max_seq_len` slots; returns the layers."""
     model = ir.load(onnx_path)

@@ -21,7 +21,7 @@ import numpy as np
 
 from .backends import read_manifest
 from .errors import TrtglmError
-from .static_cache import CACHE_POSITION
+from .static_cache import CACHE_POSITION, step_inputs
 
 DTYPE_BYTES = {"int64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -157,13 +157,10 @@ class TrtBackend:
         cuda = self._cuda
         b, s = input_ids.shape
         total = cache.length + s
-        feeds = [("input_ids", input_ids), ("attention_mask", attention_mask), ("position_ids", position_ids)]
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if self.static:  # the mask covers every slot; the new tokens go to slot cache.length
-            mask = np.zeros((b, self._slots), np.int64)
-            mask[:, :total] = attention_mask
-            feeds[1] = ("attention_mask", mask)
-            feeds.append((CACHE_POSITION, np.full(b, cache.length, np.int64)))
-        for name, array in feeds:
+            feeds |= step_inputs(attention_mask, cache.length, self._slots)
+        for name, array in feeds.items():
             host = np.ascontiguousarray(array, dtype=np.int64)
             cuda.memcpy_htod_async(self._dev[name], host, self.stream)
             self.context.set_input_shape(name, host.shape)
