@@ -126,3 +126,17 @@ def test_step_inputs_both_runtimes_feed():
     assert feeds["attention_mask"].dtype == feeds["cache_position"].dtype == np.int64
     with pytest.raises(TrtglmError, match="7 tokens do not fit the static KV cache's 6 slots"):
         step_inputs(np.ones((1, 7), np.int64), cached=6, slots=6)
+
+
+def test_cli_flags_reach_the_graph(exports, tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "trtglm", "build", str(exports["glm4"]), "-o", str(tmp_path / "b"),
+                        "--onnx-only", "--kv-cache", "static", "--logits", "last", "--max-seq-len", "32", "--json"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    shapes = {t["name"]: t["shape"] for side in json.loads(p.stdout)["io"].values() for t in side}
+    assert shapes["logits"][:2] == ["batch", 1] and shapes["present.0.key"][2] == 32 and "cache_position" in shapes
+    p = subprocess.run([sys.executable, "-m", "trtglm", "inspect", str(tmp_path / "b")], capture_output=True, text=True)
+    assert "graph: logits of the last position, static KV cache of 32 slots" in p.stdout
