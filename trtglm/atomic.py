@@ -15,6 +15,16 @@ from pathlib import Path
 from .errors import OutputExists, TrtglmError
 
 
+def save_graph(model, onnx_path: Path) -> None:
+    """Write `model` (onnx-ir) over `onnx_path` through a sibling file; its untouched weights stay references
+    into the same external data file, which is not rewritten."""
+    import onnx_ir as ir
+
+    tmp = onnx_path.with_name(onnx_path.name + ".partial")
+    ir.save(model, tmp)
+    tmp.replace(onnx_path)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, force: bool = False):
     out = Path(out).absolute()

@@ -85,8 +85,9 @@ class OrtBackend:
         self.max_seq_len = max_seq_len or 1 << 30
         # a static cache (static_cache.py): fixed slots, updated in place, the write position as an input
         self.static = any(i.name == CACHE_POSITION for i in inputs)
+        self._slots = self.past[0].shape[2] if self.static else 0  # positions a new cache holds
         if self.static:
-            self.max_seq_len = min(self.max_seq_len, self.past[0].shape[2])
+            self.max_seq_len = min(self.max_seq_len, self._slots)
         self._dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(self.past[0].type)
         if self._dtype is None:
             raise TrtglmError(f"ONNX Runtime cannot run a {self.past[0].type} KV cache on this machine")
@@ -99,8 +100,8 @@ class OrtBackend:
         return cls(build_dir / "model.onnx", max_seq_len=int(manifest["max_seq_len"]), threads=threads, **options)
 
     def new_cache(self, batch: int):
-        slots = self.past[0].shape[2] if self.static else 0
-        values = [self._ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, p.shape[1], slots, p.shape[3]), self._dtype))
+        values = [self._ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, p.shape[1], self._slots, p.shape[3]),
+                                                                  self._dtype))
                   for p in self.past]
         return StaticCache(values, 0) if self.static else values
 
@@ -119,7 +120,7 @@ class OrtBackend:
             binding.bind_ortvalue_input(spec.name, value)
         binding.bind_output("logits")
         if self.static:  # the mask over every slot, the write position, and present written over past in place
-            for name, array in step_inputs(attention_mask, cache.length, self.past[0].shape[2]).items():
+            for name, array in step_inputs(attention_mask, cache.length, self._slots).items():
                 binding.bind_cpu_input(name, array)
             for name, value in zip(self.present, values):
                 binding.bind_ortvalue_output(name, value)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from .atomic import save_graph
 from .errors import TrtglmError
 from .fusion.tables import add_initializer
 
@@ -50,9 +51,7 @@ def keep_last_position(onnx_path: Path) -> str:
     logits = next(v for v in model.graph.outputs if v.name == "logits")
     if logits.shape is not None and logits.shape.rank() == 3:
         logits.shape = ir.Shape([logits.shape[0], 1, logits.shape[2]])
-    tmp = onnx_path.with_name(onnx_path.name + ".partial")
-    ir.save(model, tmp)  # untouched weights stay references into the same data file
-    tmp.replace(onnx_path)
+    save_graph(model, onnx_path)
     return head.name
 
 

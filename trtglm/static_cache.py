@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as passes
 
+from .atomic import save_graph
 from .errors import TrtglmError
 
 CACHE_POSITION = "cache_position"
@@ -84,15 +85,15 @@ def make_static(onnx_path: Path, max_seq_len: int) -> int:
         node.replace_input_with(3, mask)
     model.opset_imports[""] = max(model.opset_imports.get("", OPSET), OPSET)
     passes.RemoveUnusedNodesPass()(model)  # the dynamic mask's subgraph
-    tmp = onnx_path.with_name(onnx_path.name + ".partial")
-    ir.save(model, tmp)  # untouched weights stay references into the same data file
-    tmp.replace(onnx_path)
+    save_graph(model, onnx_path)
     return len(attention)
 
 
 def _mask(graph: ir.Graph, input_ids: ir.Value, attention_mask: ir.Value, position: ir.Value, slots: int,
           before: ir.Node) -> ir.Value:
     """allowed [B,1,S,M] = slot <= query's slot and (slot is a real token or the query itself)."""
+    from .fusion.tables import add_initializer  # not at the top: backends import this module, not the rewriter
+
     nodes: list[ir.Node] = []
 
     def op(op_type: str, *args: ir.Value, **attributes) -> ir.Value:
@@ -101,8 +102,6 @@ def _mask(graph: ir.Graph, input_ids: ir.Value, attention_mask: ir.Value, positi
         return node.outputs[0]
 
     def const(name: str, array: np.ndarray) -> ir.Value:
-        from .fusion.tables import add_initializer
-
         return add_initializer(graph, array, f"static_mask.{name}")
 
     slot = const("slots", np.arange(slots, dtype=np.int64).reshape(1, 1, 1, slots))

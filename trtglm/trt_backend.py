@@ -149,6 +149,10 @@ class TrtBackend:
     def new_cache(self, batch: int) -> TrtCache:
         return TrtCache(batch, 0, self._sets[0])
 
+    def _positions(self, cache: TrtCache) -> int:
+        """Sequence positions a cache buffer holds: every slot of a static cache, else the filled length."""
+        return self._slots if self.static else cache.length
+
     def _other(self, buffers) -> list:
         """Where a step writes present: the other buffer set, or for a static cache the one set, in place."""
         return self._sets[1] if buffers is self._sets[0] and not self.static else self._sets[0]
@@ -167,7 +171,7 @@ class TrtBackend:
             self.context.set_tensor_address(name, int(self._dev[name]))
         out = self._other(cache.buffers)
         for i, (past, present) in enumerate(zip(self.past_names, self.present_names)):
-            self.context.set_input_shape(past, (b, self._kv, self._slots if self.static else cache.length, self._d))
+            self.context.set_input_shape(past, (b, self._kv, self._positions(cache), self._d))
             self.context.set_tensor_address(past, int(cache.buffers[i]))
             self.context.set_tensor_address(present, int(out[i]))
         self.context.set_tensor_address("logits", int(self._dev["logits"]))
@@ -183,7 +187,7 @@ class TrtBackend:
         """A batch-1 cache (a prefix) tiled to `batch` rows in a working buffer set."""
         cuda = self._cuda
         out = self._other(cache.buffers)
-        row = self._kv * (self._slots if self.static else cache.length) * self._d * self._elt
+        row = self._kv * self._positions(cache) * self._d * self._elt
         for src, dst in zip(cache.buffers, out):
             for r in range(batch):
                 cuda.memcpy_dtod_async(int(dst) + r * row, src, row, self.stream)
@@ -193,7 +197,7 @@ class TrtBackend:
     def snapshot(self, cache: TrtCache) -> TrtCache:
         """A copy in its own device memory, so later steps cannot overwrite it (prefix reuse)."""
         cuda = self._cuda
-        size = cache.batch * self._kv * (self._slots if self.static else cache.length) * self._d * self._elt
+        size = cache.batch * self._kv * self._positions(cache) * self._d * self._elt
         copies = []
         for src in cache.buffers:
             dst = cuda.mem_alloc(max(size, 1))
