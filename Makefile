@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) bench/precision.py
 	$(PY) bench/runtime.py
 	$(PY) bench/ort_profile.py
+	$(PY) bench/kernels.py
 	$(PY) bench/accuracy.py
 
 # The demo model's engine for every target of its recipe, as the CI workflow builds them.
