@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from trtglm.backends import OrtBackend
@@ -87,6 +88,35 @@ def test_generation_prefix_reuse_and_length_limit(pairs):
     assert len(r.tokens[0]) == 8
     with pytest.raises(TrtglmError, match="49 tokens do not fit the static KV cache's 48 slots"):
         static.forward(np.ones((1, 49), np.int64), np.ones((1, 49), np.int64), np.arange(49)[None], static.new_cache(1))
+
+
+def test_onnx_runtime_attends_over_the_filled_slots_only(pairs, tmp_path):
+    """The ORT backend's in-memory window (cache_window.py): each Attention reads slots [0, max(cache_position)+S),
+    not all 48, and computes what the full-width graph computes (the left-padded batch, prefill and decode)."""
+    import onnx_ir as ir
+
+    from trtglm.cache_window import window
+
+    static = pairs["glm4"][1]
+    windowed = OrtBackend(static / "model.onnx", profile=True)
+    assert window(ir.load(static / "model.onnx")) == 2 and window(ir.load(pairs["glm4"][0] / "model.onnx")) == 0
+    full = OrtBackend(static / "model.onnx")
+    full.session = ort.InferenceSession(str(static / "model.onnx"))  # the graph as built: attention over 48 slots
+    longest = max(map(len, PROMPTS))
+    ids = np.array([[0] * (longest - len(p)) + p for p in PROMPTS])
+    mask = np.array([[0] * (longest - len(p)) + [1] * len(p) for p in PROMPTS])
+    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    a, cache_a = full.forward(ids, mask, pos, full.new_cache(3))
+    b, cache_b = windowed.forward(ids, mask, pos, windowed.new_cache(3))
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+    mask, pos = np.concatenate([mask, np.ones((3, 1), np.int64)], 1), pos[:, -1:] + 1
+    a, _ = full.forward(np.array([[4], [5], [6]]), mask, pos, cache_a)
+    b, _ = windowed.forward(np.array([[4], [5], [6]]), mask, pos, cache_b)
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+    trace = windowed.session.end_profiling()
+    keys = [e["args"]["input_type_shape"][1] for e in json.load(open(trace))
+            if e.get("cat") == "Node" and e["args"].get("op_name") == "Attention" and e["name"].endswith("_kernel_time")]
+    assert [list(k.values())[0][2] for k in keys] == [longest] * 2 + [longest + 1] * 2  # 2 layers, 2 steps
 
 
 def test_static_cache_needs_fused_attention(exports, tmp_path):

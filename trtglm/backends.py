@@ -75,7 +75,7 @@ class OrtBackend:
             providers.insert(0, "CUDAExecutionProvider")
         elif device == "cuda":
             raise TrtglmError("--device cuda: ONNX Runtime has no usable CUDA provider here")
-        model = _cpu_graph(Path(onnx_path), opts) if len(providers) == 1 else str(onnx_path)
+        model = _session_graph(Path(onnx_path), opts, cpu=len(providers) == 1)
         self.session = ort.InferenceSession(model, opts, providers=providers)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         inputs = self.session.get_inputs()
@@ -135,20 +135,24 @@ class OrtBackend:
         return logits.numpy(), presents
 
 
-def _cpu_graph(onnx_path: Path, opts) -> str | bytes:
-    """What the CPU provider runs of `onnx_path`. W8A8 graphs (int8/fp8 Q/DQ, fp16 around) have no GEMM there:
-    it would dequantize every weight at every step (measured 3 tok/s on 136M). Their int8 MatMuls become integer
-    GEMMs (integer_gemm.py, in memory: 1 byte per weight read, about 100 tok/s); the weight DQs of the others
-    (fp8) are folded at load, the same values computed once into fp32 (about 50 tok/s)."""
+def _session_graph(onnx_path: Path, opts, cpu: bool) -> str | bytes:
+    """What ONNX Runtime runs of `onnx_path`, rewritten in memory (the build's model.onnx is TensorRT's graph and
+    stays as it is). A static cache's attention reads only the filled slots (cache_window.py). On the CPU, W8A8
+    graphs (int8/fp8 Q/DQ, fp16 around) have no GEMM: it would dequantize every weight at every step (measured
+    3 tok/s on 136M). Their int8 MatMuls become integer GEMMs (integer_gemm.py: 1 byte per weight read, about
+    100 tok/s); the weight DQs of the others (fp8) are folded at load, the same values computed once into fp32
+    (about 50 tok/s)."""
     import onnx_ir as ir
 
+    from .cache_window import window
     from .integer_gemm import lower
 
     model = ir.load(onnx_path)  # the weights stay in the data file
-    if not any(node.op_type == "QuantizeLinear" for node in model.graph):
-        return str(onnx_path)
-    opts.add_session_config_entry("session.disable_quant_qdq", "1")
-    if not lower(model):
+    changed = window(model)
+    if cpu and any(node.op_type == "QuantizeLinear" for node in model.graph):
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
+        changed += lower(model)
+    if not changed:
         return str(onnx_path)
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(onnx_path.parent))
     return ir.to_proto(model).SerializeToString()
