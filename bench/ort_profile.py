@@ -58,7 +58,7 @@ def main() -> None:
         if not (build_dir / "manifest.json").exists():
             build(work / "export", build_dir, onnx_only=True, force=True,
                   overrides={"precision": {"dtype": args.dtype}, "calibration": {"samples": 16, "seq_len": 128}})
-    backend = OrtBackend.from_build(build_dir, profile=True)
+    backend = OrtBackend.from_build(build_dir, profile=work / "ort-profile")
     prompt, new = np.random.default_rng(0).integers(3, 32000, 32).tolist(), 64
     generate(backend, [prompt], max_new_tokens=new)
     per_op, calls = kernel_times(backend)
@@ -83,7 +83,7 @@ def prefill(work: Path, config: dict, tokens: int = 512) -> None:
                         ("fused build, --logits last", last / "model.onnx")):
         backend = OrtBackend(path)
         backend.forward(*feeds, backend.new_cache(1))  # warm-up, unprofiled
-        backend = OrtBackend(path, profile=True)
+        backend = OrtBackend(path, profile=work / "ort-profile")
         backend.forward(*feeds, backend.new_cache(1))
         per_op, calls = kernel_times(backend)
         total = sum(per_op.values())

@@ -98,7 +98,7 @@ def test_onnx_runtime_attends_over_the_filled_slots_only(pairs, tmp_path):
     from trtglm.cache_window import window
 
     static = pairs["glm4"][1]
-    windowed = OrtBackend(static / "model.onnx", profile=True)
+    windowed = OrtBackend(static / "model.onnx", profile=tmp_path / "ort")
     assert window(ir.load(static / "model.onnx")) == 2 and window(ir.load(pairs["glm4"][0] / "model.onnx")) == 0
     full = OrtBackend(static / "model.onnx")
     full.session = ort.InferenceSession(str(static / "model.onnx"))  # the graph as built: attention over 48 slots

@@ -52,20 +52,22 @@ class OrtBackend:
 
     The cache layout is read from the session's own inputs, so any trtglm graph runs: an export,
     a build, or a test's. `low_memory` drops ONNX Runtime's arena (fp16 weights cast to fp32 per op
-    are then freed at once); `optimize=False` turns its graph optimizations off; `profile=True` records
-    ONNX Runtime's profile (`session.end_profiling()`).
+    are then freed at once); `optimize=False` turns its graph optimizations off; `profile=PREFIX` records
+    ONNX Runtime's profile to PREFIX_<time>.json (`session.end_profiling()` returns the path).
     """
 
     name = "ort"
 
     def __init__(self, onnx_path: str | Path, *, max_seq_len: int | None = None, threads: int = 0,
-                 device: str = "auto", optimize: bool = True, low_memory: bool = False, profile: bool = False):
+                 device: str = "auto", optimize: bool = True, low_memory: bool = False, profile: str | Path | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.intra_op_num_threads = threads
-        opts.enable_profiling = profile
+        if profile:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(profile)
         if low_memory:
             opts.enable_cpu_mem_arena = False
         if not optimize:
