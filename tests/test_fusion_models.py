@@ -4,6 +4,7 @@
 import json
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -39,6 +40,7 @@ def test_fused_model_counts_and_logits(family, fusions, exports, tmp_path):
     assert f["nodes_after"] <= 0.40 * f["nodes_before"]  # the goal
     assert "Softmax" not in f["ops_after"] and "Expand" not in f["ops_after"] and "Pow" not in f["ops_after"]
     assert max_diff(exports[family] / "model.onnx", tmp_path / "b" / "model.onnx") < 1e-5
+    onnx.checker.check_model(str(tmp_path / "b" / "model.onnx"), full_check=True)  # declared shapes are true
 
 
 def test_fusion_is_idempotent_on_a_whole_model(exports, tmp_path):

@@ -10,7 +10,7 @@ import onnx_ir as ir
 def add_initializer(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
     """`array` as a new initializer of `graph` named `name`."""
     value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape),
-                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+                     const_value=ir.tensor(np.asarray(array, order="C"), name=name))  # keeps a scalar 0-d
     graph.register_initializer(value)
     return value
 
