@@ -8,9 +8,10 @@ One run measures, side by side:
   fused attention (mha) kernel is there, and the kernel lists of one layer (fused: decode and prefill;
   plain export: prefill);
 - ONNX Runtime CPU (fp32): prefill latency at 512 tokens and decode tokens/s at 1024 tokens of
-  context, plain vs fused, the graphs measured in turn over three rounds (the last rows are the default
-  fusions built with `--logits last`, the lm_head on the last position only as generation needs, and
-  `--kv-cache static`, 2048 cache slots updated in place, with its default fusions and with folded keys);
+  context, plain vs fused, the graphs measured in turn over three rounds. The default build has a static
+  KV cache (2048 slots updated in place, keys rotated by RotaryEmbedding); other rows: `--logits last`
+  (the lm_head on the last position only, as generation needs), `--kv-cache dynamic` (a cache that
+  grows by a Concat each step; keys folded into their projection by default) and fusion variants;
 - node counts before and after fusion.
 """
 
@@ -34,20 +35,20 @@ from trtglm.fusion import DEFAULT_FUSIONS
 from trtglm.synthetic import glm4_config, write_random_checkpoint
 from trtglm.backends import OrtBackend
 
-FUSION_SETS = {
+DYNAMIC = {"kv_cache": "dynamic"}
+# label -> (fusions, None for the build's default; shapes overrides); the plain export is not built
+ROWS = {
     "plain export": None,
-    "fused (default)": DEFAULT_FUSIONS,
-    "default, key rotation unfolded": DEFAULT_FUSIONS - {"rotary_keys_folded"},
-    "default without qkv": DEFAULT_FUSIONS - {"qkv"},
-    "default, keys by RotaryEmbedding": DEFAULT_FUSIONS - {"rotary_keys_folded"} | {"rotary_keys"},
-    "norms + qkv + rotary, no attention": frozenset({"rms_norm", "qkv", "rotary", "rotary_keys"}),
-    "fused (default), last-position logits": DEFAULT_FUSIONS,
-    "static KV cache (keys by RotaryEmbedding, its default)": None,
-    "static KV cache, keys folded": DEFAULT_FUSIONS,
+    "fused (default: static KV cache)": (None, {}),
+    "fused (default), last-position logits": (None, {"logits": "last"}),  # the lm_head on one row
+    "static KV cache, keys folded": (DEFAULT_FUSIONS, {}),
+    "dynamic KV cache (keys folded)": (None, DYNAMIC),
+    "dynamic, last-position logits": (None, {**DYNAMIC, "logits": "last"}),
+    "dynamic, key rotation unfolded": (DEFAULT_FUSIONS - {"rotary_keys_folded"}, DYNAMIC),
+    "dynamic without qkv": (DEFAULT_FUSIONS - {"qkv"}, DYNAMIC),
+    "dynamic, keys by RotaryEmbedding": (DEFAULT_FUSIONS - {"rotary_keys_folded"} | {"rotary_keys"}, DYNAMIC),
+    "norms + qkv + rotary, no attention": (frozenset({"rms_norm", "qkv", "rotary", "rotary_keys"}), {}),  # dynamic
 }
-OPTIONS = {"fused (default), last-position logits": {"logits": "last"},  # the lm_head on one row
-           "static KV cache (keys by RotaryEmbedding, its default)": {"kv_cache": "static"},  # 2048 fixed slots
-           "static KV cache, keys folded": {"kv_cache": "static"}}
 
 
 def kernels_by_profile(engine) -> dict[str, list[str]]:
@@ -98,14 +99,15 @@ def main() -> None:
     rows, fp32_graphs = {}, {}
     for dtype in ("fp16", "fp32"):
         export(str(ckpt), work / f"export-{dtype}", dtype=dtype, validate=False)
-        for label, fusions in FUSION_SETS.items():
+        for label, how in ROWS.items():
             path = work / f"export-{dtype}" / "model.onnx"
             row = rows.setdefault(label, {})
-            if fusions is not None or label in OPTIONS:
-                out = work / f"{dtype}-{label.replace(' ', '_')}"
-                manifest = build(work / f"export-{dtype}", out, onnx_only=True,
-                                 overrides={"shapes": OPTIONS[label]} if label in OPTIONS else None,
+            if how is not None:
+                fusions, shapes = how
+                out = work / f"{dtype}-{re.sub(r'[^a-z0-9]+', '_', label)}"
+                manifest = build(work / f"export-{dtype}", out, onnx_only=True, overrides={"shapes": shapes},
                                  **({"fusions": fusions} if fusions is not None else {}))
+                row["kv_cache"] = manifest["recipe"]["resolved"]["shapes"]["kv_cache"]
                 path = out / "model.onnx"
                 if dtype == "fp32":
                     row["nodes"] = f"{manifest['fusion']['nodes_before']} -> {manifest['fusion']['nodes_after']}"
@@ -146,19 +148,20 @@ def _one_layer(names: list[str], layers: int) -> list[str]:
 
 def _table(rows: dict) -> None:
     base = rows["plain export"]["ort"]
-    print("\n| graph | nodes | TRT network layers | kernels/layer prefill | kernels/layer decode | mha kernel | "
+    print("\n| graph | KV cache | nodes | TRT network layers | kernels/layer prefill | kernels/layer decode | mha kernel | "
           "ORT prefill 512 (ms) | ORT decode tok/s @1024 | vs plain |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, r in rows.items():
         e = r.get("engine")
         eng = (f"{e['network_layers']} | {e['kernels_per_layer_prefill']} | {e['kernels_per_layer_decode']} | "
                f"{'yes' if e['mha'] else 'no'}") if isinstance(e, dict) else f"{e} | | |"
         o = r["ort"]
-        print(f"| {label} | {r['nodes']} | {eng} | {o['prefill_512_ms']:.0f} | {o['decode_tok_s_at_1024']:.1f} | "
+        print(f"| {label} | {r.get('kv_cache', 'dynamic')} | {r['nodes']} | {eng} | {o['prefill_512_ms']:.0f} | {o['decode_tok_s_at_1024']:.1f} | "
               f"prefill x{base['prefill_512_ms'] / o['prefill_512_ms']:.2f}, "
               f"decode x{o['decode_tok_s_at_1024'] / base['decode_tok_s_at_1024']:.2f} |")
-    for label, phase in (("fused (default)", "decode"), ("static KV cache (keys by RotaryEmbedding, its default)", "decode"),
-                         ("fused (default)", "prefill"), ("plain export", "prefill")):
+    default = "fused (default: static KV cache)"
+    for label, phase in ((default, "decode"), ("dynamic KV cache (keys folded)", "decode"), (default, "prefill"),
+                         ("plain export", "prefill")):
         print(f"\n{phase} kernels of one layer ({label}):")
         for n in rows[label].get(f"{phase}_kernels_one_layer", []):
             print("  ", n)

@@ -34,10 +34,11 @@ def test_engine_build_manifest_and_files(fp16_export, tmp_path):
     for name in ("model.engine", "model.onnx", "model.onnx.data"):
         assert m["files"]["sha256"][name] == sha256(b / name)
     assert m["source"]["export_sha256"] == json.loads((fp16_export / "export.json").read_text())["files"]["sha256"]
-    (profile,) = m["profiles"]  # one profile covers prefill and decode; corners satisfy total = past + seq
+    (profile,) = m["profiles"]  # one profile covers prefill and decode; the default static cache has fixed slots
     assert profile["input_ids"] == [[1, 1], [1, 1], [2, 32]]
-    assert profile["past_key_values.0.key"] == [[1, 2, 0, 16], [1, 2, 32, 16], [2, 2, 63, 16]]
-    assert profile["attention_mask"] == [[1, 1], [1, 33], [2, 95]]
+    assert profile["past_key_values.0.key"] == [[1, 2, 64, 16], [1, 2, 64, 16], [2, 2, 64, 16]]
+    assert profile["attention_mask"] == [[1, 64], [1, 64], [2, 64]]
+    assert m["recipe"]["resolved"]["shapes"]["kv_cache"] == "static"
     assert m["io"]["inputs"][0]["name"] == "input_ids"
     assert m["fusion"]["fused"]["attention"] == 2 and m["engine"]["kernels"] > 0
     assert m["estimate"]["kv_cache_bytes"] == 2 * 2 * 2 * 2 * 64 * 16 * 2
@@ -64,7 +65,7 @@ def test_split_profiles_double_the_engine(fp16_export, tmp_path):
     split = build(fp16_export, tmp_path / "b", overrides={"shapes": {**SMALL["shapes"], "profiles": "split"}},
                   use_cache=False)
     assert [p["input_ids"][2] for p in split["profiles"]] == [[2, 32], [2, 1]]  # prefill, decode
-    assert split["profiles"][1]["past_key_values.0.key"][2] == [2, 2, 63, 16]
+    assert split["profiles"][1]["past_key_values.0.key"][2] == [2, 2, 64, 16]
     assert split["profile_names"] == ["prefill", "decode"] and single["profile_names"] == ["prefill+decode"]
     assert split["engine"]["bytes"] > 1.5 * single["engine"]["bytes"]  # one Myelin graph (and weights) each
 
@@ -73,7 +74,9 @@ def test_several_targets_in_one_engine(fp16_export, tmp_path):
     one = build(fp16_export, tmp_path / "a", overrides=SMALL, use_cache=False)
     two = build(fp16_export, tmp_path / "b", overrides={**SMALL, "builder": {"targets": "sm80,sm120"}},
                 use_cache=False)
-    assert two["targets"] == ["sm80", "sm120"] and two["engine"]["bytes"] > one["engine"]["bytes"]
+    # the tiny model's engines differ by a few bytes at most (TensorRT-RTX compiles its kernels on the GPU)
+    assert two["targets"] == ["sm80", "sm120"] and two["files"]["sha256"]["model.engine"] != one["files"]["sha256"][
+        "model.engine"]
 
 
 def test_fp32_engine_needs_decomposable_attention(exports, tmp_path):

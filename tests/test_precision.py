@@ -211,7 +211,8 @@ def test_fp32_islands_keep_overflowing_tensors_in_fp32(tmp_path):
     w["model.layers.2.post_attention_layernorm.weight"] *= 5e4
     save_file(w, ckpt / "model.safetensors")
     export(str(ckpt), tmp_path / "e", validate=False, max_seq_len=256)
-    build(tmp_path / "e", tmp_path / "f32", onnx_only=True)  # the fused graph, still fp32
+    build(tmp_path / "e", tmp_path / "f32", onnx_only=True,  # the fused graph, still fp32, fed below by hand
+          overrides={"shapes": {"kv_cache": "dynamic"}})
     m = build(tmp_path / "e", tmp_path / "b", onnx_only=True, cache_dir=tmp_path / "cache",
               overrides={"precision": {"dtype": "fp16"}, **CALIB})
     islands = set(m["precision"]["fp32_islands"]["overflowing_nodes"])
@@ -311,11 +312,12 @@ def test_manifest_io_follows_the_converted_graph(graphs):
         assert types["past_key_values.0.key"] == types["present.3.value"] == kv
         assert types["logits"] == "float32" and types["input_ids"] == "int64"
     manifest = json.loads((graphs["int8"] / "manifest.json").read_text())
+    slots = manifest["max_seq_len"]  # the static cache's
     manifest["profiles"] = [{n: [[1, 1], [1, 8], [1, 16]] for n in ("input_ids", "position_ids")}
-                            | {"attention_mask": [[1, 1], [1, 9], [1, 20]]}
-                            | {f"past_key_values.{i}.{k}": [[1, 2, 0, 32], [1, 2, 1, 32], [1, 2, 4, 32]]
+                            | {"attention_mask": [[1, slots]] * 3, "cache_position": [[1]] * 3}
+                            | {f"past_key_values.{i}.{k}": [[1, 2, slots, 32]] * 3
                                for i in range(4) for k in ("key", "value")}]
-    assert plan_buffers(manifest)["present.0.key"].nbytes == 1 * 2 * 20 * 32 * 2  # fp16
+    assert plan_buffers(manifest)["present.0.key"].nbytes == 1 * 2 * slots * 32 * 2  # fp16
 
 
 def test_ort_runs_int8_as_integer_gemms(graphs, e32):
@@ -337,10 +339,9 @@ def test_ort_runs_int8_as_integer_gemms(graphs, e32):
     ref = fp32.forward(*args, fp32.new_cache(1))[0]
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    plain = ort.InferenceSession(str(graphs["int8"] / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": args[0], "attention_mask": args[1], "position_ids": args[2],
-             **{i.name: np.zeros((1, 2, 0, 32), np.float16) for i in plain.get_inputs() if i.name.startswith("past")}}
-    dequantized = plain.run(["logits"], feeds)[0]
+    plain = OrtBackend(graphs["int8"] / "model.onnx")  # the backend's feeding, over the graph exactly as built
+    plain.session = ort.InferenceSession(str(graphs["int8"] / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    dequantized = plain.forward(*args, plain.new_cache(1))[0]
 
     def error(x):
         return np.linalg.norm(x - ref) / np.linalg.norm(ref)

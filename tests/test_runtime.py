@@ -126,14 +126,14 @@ def test_auto_backend_says_why_it_fell_back(builds):
 
 # ---------------------------------------------------------------- TensorRT backend, without a GPU
 
-@pytest.fixture(scope="module")
-def engine_build(checkpoints, tmp_path_factory):
+@pytest.fixture(scope="module", params=["static", "dynamic"])
+def engine_build(request, checkpoints, tmp_path_factory):
     from trtglm.export import export
 
     root = tmp_path_factory.mktemp("trt")
     export(str(checkpoints["glm4"]), root / "e", dtype="fp16", validate=False, max_seq_len=64)
-    build(root / "e", root / "b", overrides={"shapes": {"max_batch": 2, "max_input_len": 16, "max_seq_len": 64}},
-          use_cache=False)
+    build(root / "e", root / "b", use_cache=False, overrides={
+        "shapes": {"max_batch": 2, "max_input_len": 16, "max_seq_len": 64, "kv_cache": request.param}})
     return root / "b"
 
 
@@ -141,11 +141,18 @@ def test_buffer_plan_covers_the_largest_shapes(engine_build):
     from trtglm.backends import read_manifest
     from trtglm.trt_backend import plan_buffers
 
-    plan = plan_buffers(read_manifest(engine_build))
-    assert plan["input_ids"].max_shape == (2, 16) and plan["attention_mask"].max_shape == (2, 16 + 63)
-    assert plan["past_key_values.0.key"].max_shape == (2, 2, 63, 16)
-    assert plan["present.1.value"].max_shape == (2, 2, 79, 16) and plan["present.1.value"].nbytes == 2 * 2 * 79 * 16 * 2
-    assert plan["logits"].max_shape == (2, 16, 160) and plan["logits"].dtype == "float32"
+    manifest = read_manifest(engine_build)
+    plan = plan_buffers(manifest)
+    assert plan["input_ids"].max_shape == (2, 16) and plan["logits"].max_shape == (2, 16, 160)
+    assert plan["logits"].dtype == "float32"
+    if manifest["recipe"]["resolved"]["shapes"]["kv_cache"] == "dynamic":  # past + new tokens, at most 63 + 16
+        assert plan["attention_mask"].max_shape == (2, 16 + 63)
+        assert plan["past_key_values.0.key"].max_shape == (2, 2, 63, 16)
+        assert plan["present.1.value"].max_shape == (2, 2, 79, 16)
+        assert plan["present.1.value"].nbytes == 2 * 2 * 79 * 16 * 2
+    else:  # 64 slots, written in place
+        assert plan["attention_mask"].max_shape == (2, 64) and plan["cache_position"].max_shape == (2,)
+        assert plan["past_key_values.0.key"].max_shape == plan["present.1.value"].max_shape == (2, 2, 64, 16)
 
 
 def test_engine_availability_reasons(engine_build):

@@ -17,6 +17,7 @@ from trtglm.generate import generate, make_prefix
 from trtglm.static_cache import make_static
 
 STATIC = {"shapes": {"kv_cache": "static", "max_seq_len": 48}}
+DYNAMIC = {"shapes": {"kv_cache": "dynamic", "max_seq_len": 48}}
 PROMPTS = [[5, 17, 99, 3, 42, 8, 150], [11, 12], [77, 1, 60, 61]]
 
 
@@ -24,7 +25,7 @@ PROMPTS = [[5, 17, 99, 3, 42, 8, 150], [11, 12], [77, 1, 60, 61]]
 def pairs(exports, tmp_path_factory):
     """family -> (dynamic onnx-only build, static onnx-only build of 48 slots), both planned for 48 tokens."""
     root = tmp_path_factory.mktemp("static")
-    return {f: (build(exports[f], root / f"{f}-dynamic", onnx_only=True, max_seq_len=48) and root / f"{f}-dynamic",
+    return {f: (build(exports[f], root / f"{f}-dynamic", onnx_only=True, overrides=DYNAMIC) and root / f"{f}-dynamic",
                 build(exports[f], root / f"{f}-static", onnx_only=True, overrides=STATIC) and root / f"{f}-static")
             for f in ("glm", "glm4", "chatglm")}
 
@@ -57,6 +58,7 @@ def test_graph_manifest_and_weights(pairs, tmp_path):
     assert ops.count("TensorScatter") == 4 and "Concat" not in [
         n.op_type for n in graph.graph.node if any(o.startswith("present.") for o in n.output)]
     assert {o.domain or "": o.version for o in graph.opset_import}[""] == 24
+    onnx.checker.check_model(str(static / "model.onnx"), full_check=True)  # strict shape inference too
     io = json.loads((static / "manifest.json").read_text())["io"]
     shapes = {t["name"]: t["shape"] for t in io["inputs"] + io["outputs"]}
     assert shapes["cache_position"] == ["batch"] and shapes["attention_mask"] == ["batch", 48]
@@ -65,8 +67,8 @@ def test_graph_manifest_and_weights(pairs, tmp_path):
     manifest = json.loads((static / "manifest.json").read_text())
     assert "rotary_keys" in manifest["fusion"]["fusions"] and "rotary_keys_folded" not in manifest["fusion"]["fusions"]
     assert manifest["fusion"]["fused"]["rotary"] == ops.count("RotaryEmbedding") == 4  # q and k of 2 layers
-    same = build(manifest["source"]["export_dir"],
-                 tmp_path / "d", onnx_only=True, max_seq_len=48, fusions=frozenset(manifest["fusion"]["fusions"]))
+    same = build(manifest["source"]["export_dir"], tmp_path / "d", onnx_only=True, overrides=DYNAMIC,
+                 fusions=frozenset(manifest["fusion"]["fusions"]))
     assert sha256(static / "model.onnx.data") == sha256(tmp_path / "d" / "model.onnx.data")  # only the graph changed
     assert same["fusion"]["fused"] == manifest["fusion"]["fused"]
     with pytest.raises(TrtglmError, match="static KV cache already"):
@@ -123,6 +125,30 @@ def test_static_cache_needs_fused_attention(exports, tmp_path):
     with pytest.raises(TrtglmError, match="kv_cache: static needs the attention fusion"):
         build(exports["glm4"], tmp_path / "b", onnx_only=True, overrides=STATIC, fusions=frozenset(), strict=False)
     assert not (tmp_path / "b").exists()
+
+
+def test_the_default_falls_back_to_a_dynamic_cache_where_attention_did_not_fuse(exports, tmp_path):
+    """A graph whose attention fuses in one layer of two (--no-strict): the default static cache cannot be built,
+    so the build keeps the dynamic one, and its keys folded (what TensorRT-RTX builds with a cache Concat)."""
+    import shutil
+
+    import onnx_ir as ir
+
+    shutil.copytree(exports["glm4"], tmp_path / "e")
+    model = ir.load(tmp_path / "e" / "model.onnx")
+    softmax = next(n for n in model.graph if n.op_type == "Softmax")
+    softmax.attributes["axis"] = ir.AttrInt64("axis", 3)  # same math, not the attention pattern's form
+    ir.save(model, tmp_path / "e" / "model.onnx", external_data="model.onnx.data")
+    m = build(tmp_path / "e", tmp_path / "b", onnx_only=True, strict=False)
+    assert m["fusion"]["fused"]["attention"] == 1 and m["recipe"]["resolved"]["shapes"]["kv_cache"] == "dynamic"
+    assert m["fusion"]["fused"]["rotary_keys_folded"] == 2 and "cache_position" not in {
+        t["name"] for t in m["io"]["inputs"]}
+    ids = np.array([[5, 17, 99, 3]])
+    a, b = OrtBackend(tmp_path / "e" / "model.onnx"), OrtBackend(tmp_path / "b" / "model.onnx")
+    np.testing.assert_allclose(b.forward(ids, np.ones_like(ids), np.arange(4)[None], b.new_cache(1))[0],
+                               a.forward(ids, np.ones_like(ids), np.arange(4)[None], a.new_cache(1))[0], atol=1e-5)
+    with pytest.raises(TrtglmError, match="kv_cache: static needs the attention fusion"):  # asked for: refused
+        build(tmp_path / "e", tmp_path / "c", onnx_only=True, strict=False, overrides=STATIC)
 
 
 def test_engine_uses_tensorrts_kv_cache_update_layer(checkpoints, tmp_path):

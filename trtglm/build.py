@@ -47,7 +47,14 @@ def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | N
     overrides = _merge_shortcuts(overrides or {}, shortcuts)
     r = load_recipe(recipe, overrides)
     exported = (meta or {}).get("dtype") or _graph_dtype(export_dir / ONNX_FILE)
+    requested = r
     r, dtype = _resolve(r, meta, exported, export_dir)
+    # the default static cache needs every layer's attention fused: a foreign graph fused with --no-strict may
+    # not get there, and then builds with the cache it can have
+    dynamic = None
+    if r.shapes.kv_cache == "static" and "kv_cache" not in requested.shapes.model_fields_set:
+        dynamic = _resolve(requested.model_copy(update={"shapes": requested.shapes.model_copy(
+            update={"kv_cache": "dynamic"})}), meta, exported, export_dir)[0]
     if dtype != exported:
         from .precision import check_memory
 
@@ -73,7 +80,7 @@ def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | N
             with FileLock(str(cache) + ".lock"):
                 if not (cache / MANIFEST_FILE).is_file():
                     _build_into(tmp, export_dir, meta, r, dtype, exported, recipe, key, progress, calibration,
-                                gate, cache_dir)
+                                gate, cache_dir, dynamic=dynamic)
                     _store(tmp, cache)
                     manifest = json.loads((tmp / MANIFEST_FILE).read_text())
                     manifest["cache"] = {"key": key, "hit": False}
@@ -83,7 +90,7 @@ def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | N
                     manifest["cache"] = {"key": key, "hit": True, "seconds": round(time.perf_counter() - started, 2)}
         else:
             manifest = _build_into(tmp, export_dir, meta, r, dtype, exported, recipe, key, progress, calibration,
-                                   gate, cache_dir, onnx_only=onnx_only)
+                                   gate, cache_dir, onnx_only=onnx_only, dynamic=dynamic)
             manifest["cache"] = {"key": key, "hit": False, "disabled": True}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -120,6 +127,8 @@ def _resolve(r: Recipe, meta: dict | None, exported: str, export_dir: Path) -> t
                                            "max_input_len": min(shapes.max_input_len, limit)})
     precision = r.precision.model_copy(update={"dtype": dtype})
     fusion = r.fusion
+    if shapes.kv_cache == "static" and "kv_cache" not in shapes.model_fields_set and "attention" not in fusion.fusions:
+        shapes = shapes.model_copy(update={"kv_cache": "dynamic"})  # the default; static needs fused attention
     if shapes.kv_cache == "static" and "fusions" not in fusion.model_fields_set:
         # keys are folded into their projection only because TensorRT-RTX cannot build a RotaryEmbedding feeding
         # the cache Concat; a static cache has no Concat, and with RotaryEmbedding keys Myelin computes q, k and
@@ -186,26 +195,19 @@ def _cache_key(export_dir: Path, meta: dict | None, r: Recipe, backend: dict | N
 
 def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype: str, exported: str, recipe_file,
                 key: str, progress, calibration, gate: Path | None, cache_dir: Path | None,
-                onnx_only: bool = False) -> dict:
+                onnx_only: bool = False, dynamic: Recipe | None = None) -> dict:
+    """`dynamic`: the recipe to fall back to when the graph cannot have the static cache `r` defaulted to."""
     import onnx_ir as ir
 
-    from .fusion import expected_counts, fuse
     from .inspect import describe_onnx
+    from .static_cache import refusal
 
     started = time.perf_counter()
-    try:
-        model = ir.load(export_dir / ONNX_FILE)
-    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line
-        raise TrtglmError(f"{export_dir / ONNX_FILE}: cannot be read as ONNX ({str(e).splitlines()[0]})") from None
+    model, report = _fused(export_dir, meta, r)
+    if dynamic is not None and refusal(model):
+        r = dynamic
+        model, report = _fused(export_dir, meta, r)
     fusions = frozenset(r.fusion.fusions)
-    layers = sum(1 for v in model.graph.inputs if v.name.startswith("past_key_values.") and v.name.endswith(".key"))
-    if meta:
-        expected = expected_counts(meta["config"]["num_layers"], meta["family"] == "glm4", fusions,
-                                   separate_qkv=meta["family"] != "chatglm")
-    else:
-        expected = expected_counts(layers, None, fusions) if layers else None
-    report = fuse(model, max_positions=r.shapes.max_seq_len, expected=expected, strict=r.fusion.strict,
-                  fusions=fusions)
     ir.save(model, tmp / ONNX_FILE, external_data=DATA_FILE, max_in_flight_bytes=256 << 20)
     _release(model)  # the export's weights are memory-mapped: mapped pages count as resident during the build
     del model
@@ -251,6 +253,27 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
     manifest["build_seconds"] = round(time.perf_counter() - started, 2)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _fused(export_dir: Path, meta: dict | None, r: Recipe):
+    """The export's graph after the recipe's fusions, and the fusion report."""
+    import onnx_ir as ir
+
+    from .fusion import expected_counts, fuse
+
+    try:
+        model = ir.load(export_dir / ONNX_FILE)
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line
+        raise TrtglmError(f"{export_dir / ONNX_FILE}: cannot be read as ONNX ({str(e).splitlines()[0]})") from None
+    fusions = frozenset(r.fusion.fusions)
+    layers = sum(1 for v in model.graph.inputs if v.name.startswith("past_key_values.") and v.name.endswith(".key"))
+    if meta:
+        expected = expected_counts(meta["config"]["num_layers"], meta["family"] == "glm4", fusions,
+                                   separate_qkv=meta["family"] != "chatglm")
+    else:
+        expected = expected_counts(layers, None, fusions) if layers else None
+    return model, fuse(model, max_positions=r.shapes.max_seq_len, expected=expected, strict=r.fusion.strict,
+                       fusions=fusions)
 
 
 def _precision_step(tmp: Path, r: Recipe, dtype: str, calibration, cache: Path, progress) -> dict:

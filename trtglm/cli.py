@@ -97,9 +97,9 @@ def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as
               help="Logits of every position (eval needs them) or of the last one only (generation: the prefill "
                    "computes one row of the lm_head). [default: all]")
 @click.option("--kv-cache", type=click.Choice(["dynamic", "static"]), default=None,
-              help="dynamic: the cache grows by a copy each step; static: fixed max_seq_len slots updated in place "
-                   "(TensorScatter, TensorRT's KV-cache-update layer; same shapes at every decode step). "
-                   "[default: dynamic]")
+              help="static: fixed max_seq_len slots updated in place (TensorScatter, TensorRT's KV-cache-update "
+                   "layer; same shapes at every decode step); dynamic: the cache grows by a copy each step. "
+                   "[default: static; dynamic for a graph whose attention is not fused]")
 @click.option("--onnx-only", is_flag=True, help="Stop after the graph work: write BUILD_DIR/model.onnx.")
 @click.option("--fusions", default=None,
               help="Comma-separated fusions: rms_norm, qkv, rotary, rotary_keys_folded (keys' rotation folded into "
@@ -157,6 +157,9 @@ def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, m
                f"({f['nodes_after'] / f['nodes_before']:.0%}); "
                + ", ".join(f"{kind} {n}" + (f"/{f['expected'][kind]}" if f["expected"] else "")
                            for kind, n in f["fused"].items()))
+    shapes = manifest["recipe"]["resolved"]["shapes"]
+    click.echo(_graph_line({"logits": shapes["logits"], "kv_cache": shapes["kv_cache"],
+                            "max_seq_len": manifest["max_seq_len"]}))
     for line in _precision_lines(manifest):
         click.echo(line)
     if manifest["stage"] == "engine":
@@ -166,6 +169,11 @@ def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, m
                    f"{', '.join(manifest['targets'])}, {manifest['precision']['dtype']}, "
                    f"{e['bytes'] / 1e6:.1f} MB, {e['kernels']} kernels ({how})")
     click.echo(f"written to {out_dir}")
+
+
+def _graph_line(g: dict) -> str:
+    return (f"graph: logits of {'every position' if g['logits'] == 'all' else 'the last position'}, "
+            + (f"static KV cache of {g['max_seq_len']} slots" if g["kv_cache"] == "static" else "dynamic KV cache"))
 
 
 def _precision_lines(m: dict) -> list[str]:
@@ -220,9 +228,7 @@ def _summary(info: dict) -> list[str]:
     g = info["graph"]
     lines = [f"build ({info['stage']}): {info['precision']['dtype']}, fusion {info['fusion']['fused']}, "
              f"nodes {info['fusion']['nodes_before']} -> {info['fusion']['nodes_after']}",
-             f"graph: logits of {'every position' if g['logits'] == 'all' else 'the last position'}, "
-             + (f"static KV cache of {g['max_seq_len']} slots" if g["kv_cache"] == "static" else "dynamic KV cache"),
-             *_precision_lines(info)]
+             _graph_line(g), *_precision_lines(info)]
     if info.get("engine"):
         e = info["engine"]
         lines.append(f"engine: {info['backend']['name']} {info['backend']['version']} for {', '.join(info['targets'])}, "
