@@ -1,7 +1,7 @@
 """Runtime benchmark on a random-weight GLM-4-shaped model of about 136M parameters, in one run:
 decode tokens/s and time to first token of trtglm's ONNX Runtime backend for fp32 and fp16 exports
-(default fusions, and keys rotated by RotaryEmbedding instead of folded into the projection; fp32 also with
-`--logits last`, the lm_head on the last position only) and for the fp16, int8 and int4 builds of
+(the default build, with its static KV cache, and `--kv-cache dynamic`; fp32 also with `--logits last`,
+the lm_head on the last position only) and for the fp16, int8 and int4 builds of
 the fp32 export (`trtglm build --fp16|--int8|--int4`; int8 and int4 also with the lm_head quantized),
 against transformers `generate` (sdpa) on the same weights, and each row's read-bandwidth limit
 (measured bandwidth / weight bytes read per token).
@@ -29,7 +29,6 @@ import torch
 from trtglm.backends import OrtBackend
 from trtglm.build import build
 from trtglm.export import export
-from trtglm.fusion import DEFAULT_FUSIONS
 from trtglm.generate import generate
 from trtglm.synthetic import glm4_config, write_random_checkpoint
 
@@ -113,14 +112,13 @@ def main() -> None:
     for dtype in ("fp32", "fp16"):
         export(str(ckpt), work / f"export-{dtype}", dtype=dtype, validate=False, max_seq_len=2048)
         weight_bytes[dtype] = (work / f"export-{dtype}" / "model.onnx.data").stat().st_size
-        for label, variant in (("default fusions", None), ("keys by RotaryEmbedding", "rope-keys"),
-                               ("default fusions, last-position logits", "last")):
+        for label, variant, shapes in (("default build (static KV cache)", "default", {}),
+                                       ("dynamic KV cache", "dynamic", {"kv_cache": "dynamic"}),
+                                       ("default build, last-position logits", "last", {"logits": "last"})):
             if variant == "last" and dtype != "fp32":
                 continue
-            out = work / f"build-{dtype}-{variant or 'default'}"
-            kw = {"fusions": DEFAULT_FUSIONS - {"rotary_keys_folded"} | {"rotary_keys"}} if variant == "rope-keys" else {}
-            build(work / f"export-{dtype}", out, onnx_only=True,
-                  overrides={"shapes": {"logits": "last"}} if variant == "last" else None, **kw)
+            out = work / f"build-{dtype}-{variant}"
+            build(work / f"export-{dtype}", out, onnx_only=True, overrides={"shapes": shapes})
             label = f"trtglm run --backend ort, {dtype} export, {label}"
             runners[label], read[label] = ort_runner(out, prompt, args.new), weight_bytes[dtype]
     read["transformers generate (sdpa, fp32)"] = weight_bytes["fp32"]

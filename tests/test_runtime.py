@@ -175,16 +175,39 @@ def test_corrupt_engine_is_refused_before_tensorrt_sees_it(engine_build, tmp_pat
         verify(copy)
 
 
+def test_cuda_graphs_are_tensorrt_rtxs_and_its_runtime_cache_is_per_engine(engine_build, monkeypatch, tmp_path):
+    import types
+
+    import tensorrt_rtx
+
+    from trtglm.backends import read_manifest
+    from trtglm.trt_backend import cuda_graph_refusal, runtime_cache_file
+
+    assert cuda_graph_refusal(tensorrt_rtx) is None  # IRuntimeConfig.cuda_graph_strategy = WHOLE_GRAPH_CAPTURE
+    full = types.SimpleNamespace(__name__="tensorrt", __version__="10.13.0")  # no CudaGraphStrategy
+    assert cuda_graph_refusal(full) == ("tensorrt 10.13.0 has no built-in CUDA graph capture (IRuntimeConfig's "
+                                        "cuda_graph_strategy is TensorRT-RTX's)")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    manifest = read_manifest(engine_build)
+    f = runtime_cache_file(manifest)
+    assert f.parent == tmp_path / "trtglm" / "runtime" and manifest["files"]["sha256"]["model.engine"].startswith(f.stem)
+
+
 @pytest.mark.gpu
-def test_engine_generates_like_onnx_runtime(engine_build):
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_engine_generates_like_onnx_runtime(engine_build, cuda_graphs, monkeypatch, tmp_path):
     from trtglm.trt_backend import TrtBackend, unavailable_reason
 
     reason = unavailable_reason(engine_build)
     if reason:
         pytest.skip(f"TensorRT engine cannot run here: {reason}")
-    trt_tokens = generate(TrtBackend(engine_build), PROMPTS[:2], max_new_tokens=8).tokens
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    engine = TrtBackend(engine_build, cuda_graphs=cuda_graphs)
+    trt_tokens = generate(engine, PROMPTS[:2], max_new_tokens=8).tokens
+    engine.close()  # TensorRT-RTX's runtime cache is kept for the next session
     ort_tokens = generate(OrtBackend.from_build(engine_build), PROMPTS[:2], max_new_tokens=8).tokens
     assert trt_tokens == ort_tokens
+    assert list((tmp_path / "trtglm" / "runtime").glob("*.bin"))
 
 
 # ---------------------------------------------------------------- trtglm run / bench
@@ -268,6 +291,11 @@ def test_run_errors_are_one_line(text_build, builds):
     assert r.returncode == 2 and "top_p" in r.stderr
     r = cli("run", str(text_build), "--prompt", "x", "--backend", "trt")
     assert r.returncode == 1 and "--backend trt: the build has no engine" in r.stderr
+    r = cli("run", str(text_build), "--prompt", "x", "--cuda-graphs")  # auto cannot take the engine here
+    assert r.returncode == 1 and "--cuda-graphs needs the TensorRT engine: the build has no engine" in r.stderr
+    r = cli("bench", str(text_build), "--backend", "ort", "--cuda-graphs")
+    assert r.returncode == 2 and "--cuda-graphs applies to the TensorRT engine" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_bench_json_is_the_same_for_every_backend(text_build):

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import TrtglmError
+from .errors import TrtglmError, UsageError
 from .static_cache import CACHE_POSITION, step_inputs
 
 
@@ -29,6 +29,8 @@ class Backend(Protocol):
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache): ...
 
     def expand_cache(self, cache, batch: int): ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -107,6 +109,9 @@ class OrtBackend:
                   for p in self.past]
         return StaticCache(values, 0) if self.static else values
 
+    def close(self) -> None:
+        pass
+
     def expand_cache(self, cache, batch: int):
         """`cache` (batch 1, a prefix) copied into `batch` rows: later steps write the copy, never `cache`."""
         values = cache.values if self.static else cache
@@ -168,20 +173,27 @@ def _cuda_usable(ort) -> bool:
     return gpu_compute_capability() is not None
 
 
-def open_backend(build_dir: str | Path, kind: str = "auto", threads: int = 0) -> tuple[Backend, str]:
-    """The backend and a sentence saying which and why (auto: the engine when a GPU and TensorRT are there)."""
+def open_backend(build_dir: str | Path, kind: str = "auto", threads: int = 0,
+                 cuda_graphs: bool = False) -> tuple[Backend, str]:
+    """The backend and a sentence saying which and why (auto: the engine when a GPU and TensorRT are there).
+    `cuda_graphs`: the engine's steps captured as CUDA graphs (TensorRT-RTX); refused on ONNX Runtime."""
     build_dir = Path(build_dir)
     if kind in ("auto", "trt"):
         from .trt_backend import TrtBackend, unavailable_reason
 
         reason = unavailable_reason(build_dir)
         if reason is None:
-            return TrtBackend(build_dir), "TensorRT engine"
+            return TrtBackend(build_dir, cuda_graphs=cuda_graphs), "TensorRT engine" + (
+                ", CUDA graphs" if cuda_graphs else "")
         if kind == "trt":
             raise TrtglmError(f"--backend trt: {reason}")
+        if cuda_graphs:
+            raise TrtglmError(f"--cuda-graphs needs the TensorRT engine: {reason}")
         backend = OrtBackend.from_build(build_dir, threads=threads)
         return backend, f"ONNX Runtime ({backend.device}) over model.onnx, because {reason}"
     if kind == "ort":
+        if cuda_graphs:
+            raise UsageError("--cuda-graphs applies to the TensorRT engine, not to --backend ort")
         backend = OrtBackend.from_build(build_dir, threads=threads)
         return backend, f"ONNX Runtime ({backend.device}) over model.onnx"
     raise TrtglmError(f"unknown backend {kind!r}: auto, trt or ort")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import closing
 
 import click
 
@@ -276,6 +277,12 @@ def _sampling_options(f):
     return f
 
 
+_cuda_graphs_option = click.option(
+    "--cuda-graphs", is_flag=True,
+    help="Capture the engine's steps as CUDA graphs and replay them when a shape recurs (every decode step of a "
+         "static cache): fewer kernel launches. TensorRT-RTX engines only.")
+
+
 @cli.command("run")
 @click.argument("build_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--prompt", "prompts", multiple=True, help="A prompt (repeat for a left-padded batch).")
@@ -286,9 +293,10 @@ def _sampling_options(f):
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @_sampling_options
 @click.option("--stream", is_flag=True, help="Print tokens as they come (first prompt).")
+@_cuda_graphs_option
 @json_option
 def run_cmd(build_dir, prompts, input_file, chat, prefix, backend, max_new_tokens, temperature, top_k, top_p,
-            repetition_penalty, seed, stream, as_json):
+            repetition_penalty, seed, stream, cuda_graphs, as_json):
     """Generate text with a build: the TensorRT engine on a GPU, else ONNX Runtime over the same graph."""
     from pathlib import Path
 
@@ -308,32 +316,33 @@ def run_cmd(build_dir, prompts, input_file, chat, prefix, backend, max_new_token
     except ValueError as e:
         raise UsageError(str(e)) from None
     text = load_text(build_dir)
-    model, why = open_backend(build_dir, backend)
-    click.echo(f"backend: {why}", err=True)
-    if chat:
-        return _chat(model, text, sampling, max_new_tokens)
-    shared = make_prefix(model, text.encode(prefix)) if prefix else None
-    streamed: list[int] = []  # row 0's tokens so far; printed as the growth of their decoded text
+    model, why = open_backend(build_dir, backend, cuda_graphs=cuda_graphs)
+    with closing(model):  # the engine keeps what TensorRT-RTX compiled for this GPU
+        click.echo(f"backend: {why}", err=True)
+        if chat:
+            return _chat(model, text, sampling, max_new_tokens)
+        shared = make_prefix(model, text.encode(prefix)) if prefix else None
+        streamed: list[int] = []  # row 0's tokens so far; printed as the growth of their decoded text
 
-    def on_token(row, token):
-        if row == 0:
-            before = text.decode(streamed)
-            streamed.append(token)
-            click.echo(text.decode(streamed)[len(before):], nl=False)
+        def on_token(row, token):
+            if row == 0:
+                before = text.decode(streamed)
+                streamed.append(token)
+                click.echo(text.decode(streamed)[len(before):], nl=False)
 
-    result = generate(model, [text.encode(p) for p in prompts], max_new_tokens=max_new_tokens, sampling=sampling,
-                      stop_ids=text.stop_ids, pad_id=text.pad_id, prefix=shared,
-                      on_token=on_token if stream and not as_json else None)
-    if stream and not as_json:
-        click.echo()
-    rows = [{"prompt": p, "completion": text.decode(t), "tokens": t, "finish": f}
-            for p, t, f in zip(prompts, result.tokens, result.finish)]
-    if as_json:
-        _echo_json({"backend": model.name, "rows": rows, "prefill_ms": 1000 * result.prefill_seconds,
-                    "decode_tokens_per_s": result.decode_tokens_per_second})
-        return
-    for r in rows[1 if stream else 0:]:
-        click.echo(f"{r['prompt']}{r['completion']}")
+        result = generate(model, [text.encode(p) for p in prompts], max_new_tokens=max_new_tokens, sampling=sampling,
+                          stop_ids=text.stop_ids, pad_id=text.pad_id, prefix=shared,
+                          on_token=on_token if stream and not as_json else None)
+        if stream and not as_json:
+            click.echo()
+        rows = [{"prompt": p, "completion": text.decode(t), "tokens": t, "finish": f}
+                for p, t, f in zip(prompts, result.tokens, result.finish)]
+        if as_json:
+            _echo_json({"backend": model.name, "rows": rows, "prefill_ms": 1000 * result.prefill_seconds,
+                        "decode_tokens_per_s": result.decode_tokens_per_second})
+            return
+        for r in rows[1 if stream else 0:]:
+            click.echo(f"{r['prompt']}{r['completion']}")
 
 
 def _chat(model, text, sampling, max_new_tokens):
@@ -367,15 +376,17 @@ def _chat(model, text, sampling, max_new_tokens):
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--input-len", type=int, default=128, show_default=True)
 @click.option("--output-len", type=int, default=64, show_default=True)
+@_cuda_graphs_option
 @json_option
-def bench_cmd(build_dir, backend, batch, input_len, output_len, as_json):
+def bench_cmd(build_dir, backend, batch, input_len, output_len, cuda_graphs, as_json):
     """Time to first token, decode tokens/s, p50/p99 per-token latency and peak memory (same JSON for every backend)."""
     from .backends import open_backend
     from .benchmark import run_bench
 
-    model, why = open_backend(build_dir, backend)
+    model, why = open_backend(build_dir, backend, cuda_graphs=cuda_graphs)
     click.echo(f"backend: {why}", err=True)
-    r = run_bench(model, batch=batch, input_len=input_len, output_len=output_len)
+    with closing(model):
+        r = run_bench(model, batch=batch, input_len=input_len, output_len=output_len)
     if as_json:
         _echo_json(r)
         return

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,8 @@ def evaluate(build_dir: str | Path, reference: str | Path | None = None, data: s
         raise TrtglmError("bf16 cannot run on ONNX Runtime's CPU provider: evaluate it on the engine with a GPU")
     check_reference(reference)
     candidate, why = open_backend(build_dir, backend)
-    result = {"backend": why, **compare(candidate, reference, load_text(build_dir), data, samples, seq_len)}
+    with closing(candidate):
+        result = {"backend": why, **compare(candidate, reference, load_text(build_dir), data, samples, seq_len)}
     limits = manifest["recipe"]["resolved"]["accuracy"]
     if any(v is None for v in limits.values()):  # builds from before per-precision goals
         limits = AccuracySection.model_validate(limits).for_dtype(manifest["precision"]["dtype"]).model_dump()

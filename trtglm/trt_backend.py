@@ -7,13 +7,18 @@
     Static cache (`kv_cache: static`): one buffer set of max_seq_len slots, bound as both past and present
     (TensorRT's KV-cache-update layer writes the new tokens in place at `cache_position`; its documentation
     requires the output to share the cache input's device address).
+    TensorRT-RTX only (its IRuntimeConfig): CUDA graph capture of each step shape (`cuda_graphs=True`:
+    WHOLE_GRAPH_CAPTURE, replayed when a shape recurs, as every decode step of a static cache does), and a
+    runtime cache of the kernels it compiles for this GPU on first use, kept between sessions.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +105,20 @@ def unavailable_reason(build_dir: Path, cc: str | None | bool = False) -> str | 
     return None
 
 
+def cuda_graph_refusal(trt) -> str | None:
+    """Why this TensorRT module cannot capture CUDA graphs of engine steps itself (None: it can)."""
+    if not hasattr(trt, "CudaGraphStrategy"):
+        return (f"{trt.__name__} {trt.__version__} has no built-in CUDA graph capture (IRuntimeConfig's "
+                "cuda_graph_strategy is TensorRT-RTX's)")
+    return None
+
+
+def runtime_cache_file(manifest: dict) -> Path:
+    """Where TensorRT-RTX's runtime cache of one engine lives (its kernels compiled for this machine's GPU)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trtglm" / "runtime"
+    return root / f"{manifest['files']['sha256']['model.engine'][:32]}.bin"
+
+
 @dataclass
 class TrtCache:
     batch: int
@@ -110,7 +129,7 @@ class TrtCache:
 class TrtBackend:
     name = "trt"
 
-    def __init__(self, build_dir: str | Path):
+    def __init__(self, build_dir: str | Path, cuda_graphs: bool = False):
         import pycuda.autoinit  # noqa: F401 - creates the context
         import pycuda.driver as cuda
 
@@ -126,7 +145,8 @@ class TrtBackend:
         self.engine = trt.Runtime(self._logger).deserialize_cuda_engine((build_dir / "model.engine").read_bytes())
         if self.engine is None:
             raise TrtglmError(f"{build_dir / 'model.engine'}: TensorRT could not load it on this GPU")
-        self.context = self.engine.create_execution_context()
+        self._runtime_cache, self._runtime_cache_file = None, runtime_cache_file(manifest)
+        self.context = self._execution_context(cuda_graphs)
         self.stream = cuda.Stream()
         self.buffers = plan_buffers(manifest)
         self.max_seq_len = int(manifest["max_seq_len"])
@@ -145,6 +165,40 @@ class TrtBackend:
         self._logits = cuda.pagelocked_empty(math.prod(self.buffers["logits"].max_shape), np.float32)
         self._elt = DTYPE_BYTES[self.buffers[self.past_names[0]].dtype]
         self._kv, self._d = self.buffers[self.past_names[0]].max_shape[1], self.buffers[self.past_names[0]].max_shape[3]
+
+    def _execution_context(self, cuda_graphs: bool):
+        trt, engine = self._trt, self.engine
+        if not hasattr(engine, "create_runtime_config"):  # TensorRT before 10.11
+            if cuda_graphs:
+                raise TrtglmError(f"--cuda-graphs: {cuda_graph_refusal(trt)}")
+            return engine.create_execution_context()
+        config = engine.create_runtime_config()
+        if cuda_graphs:
+            reason = cuda_graph_refusal(trt)
+            if reason:
+                raise TrtglmError(f"--cuda-graphs: {reason}")
+            config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+        if hasattr(config, "create_runtime_cache"):
+            self._runtime_cache = config.create_runtime_cache()
+            f = self._runtime_cache_file
+            if f.is_file() and not self._runtime_cache.deserialize(f.read_bytes()):
+                print(f"trtglm: {f} was written for another GPU, driver or TensorRT-RTX: compiling anew",
+                      file=sys.stderr)
+            config.set_runtime_cache(self._runtime_cache)
+        context = engine.create_execution_context(config)
+        if context is None:
+            raise TrtglmError("TensorRT could not create an execution context for the engine")
+        return context
+
+    def close(self) -> None:
+        """Keep the kernels TensorRT-RTX compiled this session for the next one (written atomically)."""
+        if self._runtime_cache is None:
+            return
+        f = self._runtime_cache_file
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(bytes(self._runtime_cache.serialize()))
+        os.replace(tmp, f)
 
     def new_cache(self, batch: int) -> TrtCache:
         return TrtCache(batch, 0, self._sets[0])
