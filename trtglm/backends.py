@@ -103,9 +103,13 @@ class OrtBackend:
         manifest = read_manifest(build_dir)
         return cls(build_dir / "model.onnx", max_seq_len=int(manifest["max_seq_len"]), threads=threads, **options)
 
+    def _on_device(self, array: np.ndarray):
+        """An OrtValue where the session computes (the CUDA provider's memory, or the CPU): a cache bound there
+        is read and, when static, written in place, with no copy to or from the host at any step."""
+        return self._ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+
     def new_cache(self, batch: int):
-        values = [self._ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, p.shape[1], self._slots, p.shape[3]),
-                                                                  self._dtype))
+        values = [self._on_device(np.zeros((batch, p.shape[1], self._slots, p.shape[3]), self._dtype))
                   for p in self.past]
         return StaticCache(values, 0) if self.static else values
 
@@ -115,7 +119,7 @@ class OrtBackend:
     def expand_cache(self, cache, batch: int):
         """`cache` (batch 1, a prefix) copied into `batch` rows: later steps write the copy, never `cache`."""
         values = cache.values if self.static else cache
-        tiled = [self._ort.OrtValue.ortvalue_from_numpy(np.repeat(v.numpy(), batch, axis=0)) for v in values]
+        tiled = [self._on_device(np.repeat(v.numpy(), batch, axis=0)) for v in values]  # once per request
         return StaticCache(tiled, cache.length) if self.static else tiled
 
     def forward(self, input_ids, attention_mask, position_ids, cache):
