@@ -4,14 +4,15 @@
 
 One run measures, side by side:
 - TensorRT-RTX fp16 engines for SM89 (built on the CPU) of the plain export and of the fused graphs:
-  network layers, engine kernels per decoder layer in each profile (prefill, decode), whether the
-  fused attention (mha) kernel is there, and the kernel lists of one layer (fused: decode and prefill;
-  plain export: prefill);
+  network layers, engine kernels per decoder layer with one profile (what `trtglm build` makes by
+  default: one kernel list serves prefill and decode) and with split profiles (`shapes.profiles:
+  split`: a prefill and a decode profile, each its own kernels and its own copy of the weights),
+  whether the fused attention (mha) kernel is there, and the kernel lists of one layer;
 - ONNX Runtime CPU (fp32): prefill latency at 512 tokens and decode tokens/s at 1024 tokens of
-  context, plain vs fused, the graphs measured in turn over three rounds. The default build has a static
-  KV cache (2048 slots updated in place, keys rotated by RotaryEmbedding); other rows: `--logits last`
-  (the lm_head on the last position only, as generation needs), `--kv-cache dynamic` (a cache that
-  grows by a Concat each step; keys folded into their projection by default) and fusion variants;
+  context, plain vs fused, the graphs measured in turn over three rounds. Rows: the default build
+  (dynamic KV cache, keys' rotation folded into their projection), `--logits last` (the lm_head on the
+  last position only, as generation needs), `--kv-cache static` (2048 slots updated in place, keys
+  rotated by RotaryEmbedding, or folded) and fusion variants;
 - node counts before and after fusion.
 """
 
@@ -29,25 +30,26 @@ from pathlib import Path
 import numpy as np
 
 from trtglm.build import build
-from trtglm.engine import build_engine
+from trtglm.engine import build_engine, make_profiles
 from trtglm.export import export
 from trtglm.fusion import DEFAULT_FUSIONS
+from trtglm.recipe import ShapesSection
 from trtglm.synthetic import glm4_config, write_random_checkpoint
 from trtglm.backends import OrtBackend
 
-DYNAMIC = {"kv_cache": "dynamic"}
+STATIC = {"kv_cache": "static"}
+DEFAULT = "fused (default)"
 # label -> (fusions, None for the build's default; shapes overrides); the plain export is not built
 ROWS = {
     "plain export": None,
-    "fused (default: static KV cache)": (None, {}),
+    DEFAULT: (None, {}),
     "fused (default), last-position logits": (None, {"logits": "last"}),  # the lm_head on one row
-    "static KV cache, keys folded": (DEFAULT_FUSIONS, {}),
-    "dynamic KV cache (keys folded)": (None, DYNAMIC),
-    "dynamic, last-position logits": (None, {**DYNAMIC, "logits": "last"}),
-    "dynamic, key rotation unfolded": (DEFAULT_FUSIONS - {"rotary_keys_folded"}, DYNAMIC),
-    "dynamic without qkv": (DEFAULT_FUSIONS - {"qkv"}, DYNAMIC),
-    "dynamic, keys by RotaryEmbedding": (DEFAULT_FUSIONS - {"rotary_keys_folded"} | {"rotary_keys"}, DYNAMIC),
-    "norms + qkv + rotary, no attention": (frozenset({"rms_norm", "qkv", "rotary", "rotary_keys"}), {}),  # dynamic
+    "static KV cache (keys by RotaryEmbedding)": (None, STATIC),  # its default fusions
+    "static KV cache, keys folded": (DEFAULT_FUSIONS, STATIC),
+    "default, key rotation unfolded": (DEFAULT_FUSIONS - {"rotary_keys_folded"}, {}),
+    "default without qkv": (DEFAULT_FUSIONS - {"qkv"}, {}),
+    "default, keys by RotaryEmbedding": (DEFAULT_FUSIONS - {"rotary_keys_folded"} | {"rotary_keys"}, {}),
+    "norms + qkv + rotary, no attention": (frozenset({"rms_norm", "qkv", "rotary", "rotary_keys"}), {}),
 }
 
 
@@ -104,7 +106,7 @@ def main() -> None:
             row = rows.setdefault(label, {})
             if how is not None:
                 fusions, shapes = how
-                out = work / f"{dtype}-{re.sub(r'[^a-z0-9]+', '_', label)}"
+                out = work / f"{dtype}-{re.sub(r'[^a-z0-9]+', '_', label.lower())}"
                 manifest = build(work / f"export-{dtype}", out, onnx_only=True, overrides={"shapes": shapes},
                                  **({"fusions": fusions} if fusions is not None else {}))
                 row["kv_cache"] = manifest["recipe"]["resolved"]["shapes"]["kv_cache"]
@@ -117,7 +119,8 @@ def main() -> None:
                 row["nodes"] = str(len(onnx.load(path, load_external_data=False).graph.node))
             if dtype == "fp16":
                 try:
-                    engine = build_engine(path, targets=("sm89",), max_input_len=512, max_seq_len=2048)
+                    single = build_engine(path, targets=("sm89",), profiles=_one_profile(path))
+                    engine = build_engine(path, targets=("sm89",), max_input_len=512, max_seq_len=2048)  # split
                 except Exception as e:  # noqa: BLE001 - a refused build is a result to report
                     row["engine"] = ("build fails (Myelin internal error)" if "Myelin" in str(e)
                                      else "build fails: " + str(e).splitlines()[0][:100])
@@ -125,6 +128,8 @@ def main() -> None:
                 prof = kernels_by_profile(engine)
                 row["engine"] = {
                     "network_layers": engine.network_layers, "build_s": round(engine.seconds, 1),
+                    "kernels_per_layer_one_profile": round(len(single.kernels) / L, 2),
+                    "engine_mb_one_profile": round(len(single.plan) / 1e6, 1),
                     "kernels_per_layer_prefill": round(len(prof["prefill"]) / L, 2),
                     "kernels_per_layer_decode": round(len(prof["decode"]) / L, 2),
                     "mha": any("mha" in n for n in prof["decode"]),
@@ -139,6 +144,14 @@ def main() -> None:
     _table(rows)
 
 
+def _one_profile(path: Path) -> list[dict]:
+    """The profile `trtglm build` makes by default (shapes.profiles: single) for this graph's inputs."""
+    import onnx
+
+    names = [i.name for i in onnx.load(path, load_external_data=False).graph.input]
+    return make_profiles(names, 2, 64, ShapesSection(max_batch=1, max_input_len=512, max_seq_len=2048))
+
+
 def _one_layer(names: list[str], layers: int) -> list[str]:
     """The decode kernels of a middle layer: the repeating block between the first and last layers."""
     per = len(names) // layers
@@ -148,20 +161,19 @@ def _one_layer(names: list[str], layers: int) -> list[str]:
 
 def _table(rows: dict) -> None:
     base = rows["plain export"]["ort"]
-    print("\n| graph | KV cache | nodes | TRT network layers | kernels/layer prefill | kernels/layer decode | mha kernel | "
-          "ORT prefill 512 (ms) | ORT decode tok/s @1024 | vs plain |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| graph | KV cache | nodes | TRT network layers | kernels/layer, one profile (default) | split: prefill "
+          "| split: decode | mha kernel | ORT prefill 512 (ms) | ORT decode tok/s @1024 | vs plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, r in rows.items():
         e = r.get("engine")
-        eng = (f"{e['network_layers']} | {e['kernels_per_layer_prefill']} | {e['kernels_per_layer_decode']} | "
-               f"{'yes' if e['mha'] else 'no'}") if isinstance(e, dict) else f"{e} | | |"
+        eng = (f"{e['network_layers']} | {e['kernels_per_layer_one_profile']} | {e['kernels_per_layer_prefill']} | "
+               f"{e['kernels_per_layer_decode']} | {'yes' if e['mha'] else 'no'}") if isinstance(e, dict) else f"{e} | | | |"
         o = r["ort"]
         print(f"| {label} | {r.get('kv_cache', 'dynamic')} | {r['nodes']} | {eng} | {o['prefill_512_ms']:.0f} | {o['decode_tok_s_at_1024']:.1f} | "
               f"prefill x{base['prefill_512_ms'] / o['prefill_512_ms']:.2f}, "
               f"decode x{o['decode_tok_s_at_1024'] / base['decode_tok_s_at_1024']:.2f} |")
-    default = "fused (default: static KV cache)"
-    for label, phase in ((default, "decode"), ("dynamic KV cache (keys folded)", "decode"), (default, "prefill"),
-                         ("plain export", "prefill")):
+    for label, phase in ((DEFAULT, "decode"), ("static KV cache (keys by RotaryEmbedding)", "decode"),
+                         (DEFAULT, "prefill"), ("plain export", "prefill")):
         print(f"\n{phase} kernels of one layer ({label}):")
         for n in rows[label].get(f"{phase}_kernels_one_layer", []):
             print("  ", n)

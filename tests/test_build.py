@@ -34,11 +34,11 @@ def test_engine_build_manifest_and_files(fp16_export, tmp_path):
     for name in ("model.engine", "model.onnx", "model.onnx.data"):
         assert m["files"]["sha256"][name] == sha256(b / name)
     assert m["source"]["export_sha256"] == json.loads((fp16_export / "export.json").read_text())["files"]["sha256"]
-    (profile,) = m["profiles"]  # one profile covers prefill and decode; the default static cache has fixed slots
+    (profile,) = m["profiles"]  # one profile covers prefill and decode; corners satisfy total = past + seq
     assert profile["input_ids"] == [[1, 1], [1, 1], [2, 32]]
-    assert profile["past_key_values.0.key"] == [[1, 2, 64, 16], [1, 2, 64, 16], [2, 2, 64, 16]]
-    assert profile["attention_mask"] == [[1, 64], [1, 64], [2, 64]]
-    assert m["recipe"]["resolved"]["shapes"]["kv_cache"] == "static"
+    assert profile["past_key_values.0.key"] == [[1, 2, 0, 16], [1, 2, 32, 16], [2, 2, 63, 16]]
+    assert profile["attention_mask"] == [[1, 1], [1, 33], [2, 95]]
+    assert m["recipe"]["resolved"]["shapes"]["kv_cache"] == "dynamic"
     assert m["io"]["inputs"][0]["name"] == "input_ids"
     assert m["fusion"]["fused"]["attention"] == 2 and m["engine"]["kernels"] > 0
     assert m["estimate"]["kv_cache_bytes"] == 2 * 2 * 2 * 2 * 64 * 16 * 2
@@ -65,7 +65,7 @@ def test_split_profiles_double_the_engine(fp16_export, tmp_path):
     split = build(fp16_export, tmp_path / "b", overrides={"shapes": {**SMALL["shapes"], "profiles": "split"}},
                   use_cache=False)
     assert [p["input_ids"][2] for p in split["profiles"]] == [[2, 32], [2, 1]]  # prefill, decode
-    assert split["profiles"][1]["past_key_values.0.key"][2] == [2, 2, 64, 16]
+    assert split["profiles"][1]["past_key_values.0.key"][2] == [2, 2, 63, 16]
     assert split["profile_names"] == ["prefill", "decode"] and single["profile_names"] == ["prefill+decode"]
     assert split["engine"]["bytes"] > 1.5 * single["engine"]["bytes"]  # one Myelin graph (and weights) each
 

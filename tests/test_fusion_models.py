@@ -73,8 +73,8 @@ def test_fp16_fused_graph_matches_and_builds_with_tensorrt_rtx(checkpoints, tmp_
     assert steps_scale < 2e-2
     engine = build_engine(tmp_path / "b" / "model.onnx", targets=("sm89",), max_input_len=32, max_seq_len=64)
     assert engine.backend == "tensorrt_rtx" and len(engine.plan) > 100_000
-    assert engine.network_layer_types["ROTARY_EMBEDDING"] == 4  # queries and keys of 2 layers (static cache)
-    assert engine.network_layer_types["ATTENTION_OUTPUT"] == 2 and engine.network_layer_types["KV_CACHE_UPDATE"] == 4
+    assert engine.network_layer_types["ROTARY_EMBEDDING"] == 2  # queries of 2 layers (keys folded)
+    assert engine.network_layer_types["ATTENTION_OUTPUT"] == 2
     names = [k["name"] for k in engine.kernels]
     assert any("mha" in n for n in names), names  # the fused attention kernel, in both profiles
     unfused = build_engine(tmp_path / "e" / "model.onnx", targets=("sm89",), max_input_len=32, max_seq_len=64)
@@ -136,8 +136,8 @@ def test_graph_from_torch_dynamo_exporter_fuses_strictly(models, exports, tmp_pa
 
     foreign = dynamo_export(models["glm4"], tmp_path / "dynamo")
     manifest = build(foreign, tmp_path / "b", onnx_only=True, max_seq_len=256)
-    assert manifest["fusion"]["fused"] == {"rms_norm": 9, "rotary": 4, "attention": 2, "qkv": 2}  # static cache
-    assert manifest["recipe"]["resolved"]["shapes"]["kv_cache"] == "static"
+    assert manifest["fusion"]["fused"] == {"rms_norm": 9, "rotary": 2, "attention": 2, "qkv": 2,
+                                           "rotary_keys_folded": 2}
     assert manifest["fusion"]["rewrites"]["rotary_strided_partial"] == 4  # torch.stack((-x2, x1)) form, q and k
     assert max_diff(foreign / "model.onnx", tmp_path / "b" / "model.onnx") < 1e-5
     assert max_diff(exports["glm4"] / "model.onnx", tmp_path / "b" / "model.onnx") < 1e-4

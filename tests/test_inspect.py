@@ -54,7 +54,7 @@ def test_inspect_and_verify_cli(built, capsys):
     main(["inspect", str(built / "b")])
     out = capsys.readouterr().out
     assert "profile prefill+decode" in out and "memory estimate" in out
-    assert "graph: logits of every position, static KV cache of" in out
+    assert "graph: logits of every position, dynamic KV cache" in out
     main(["verify", str(built / "b"), "--json"])
     assert json.loads(capsys.readouterr().out)["hashes"] == "ok"
     with pytest.raises(SystemExit) as e:

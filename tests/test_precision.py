@@ -312,12 +312,11 @@ def test_manifest_io_follows_the_converted_graph(graphs):
         assert types["past_key_values.0.key"] == types["present.3.value"] == kv
         assert types["logits"] == "float32" and types["input_ids"] == "int64"
     manifest = json.loads((graphs["int8"] / "manifest.json").read_text())
-    slots = manifest["max_seq_len"]  # the static cache's
     manifest["profiles"] = [{n: [[1, 1], [1, 8], [1, 16]] for n in ("input_ids", "position_ids")}
-                            | {"attention_mask": [[1, slots]] * 3, "cache_position": [[1]] * 3}
-                            | {f"past_key_values.{i}.{k}": [[1, 2, slots, 32]] * 3
+                            | {"attention_mask": [[1, 1], [1, 9], [1, 20]]}
+                            | {f"past_key_values.{i}.{k}": [[1, 2, 0, 32], [1, 2, 1, 32], [1, 2, 4, 32]]
                                for i in range(4) for k in ("key", "value")}]
-    assert plan_buffers(manifest)["present.0.key"].nbytes == 1 * 2 * slots * 32 * 2  # fp16
+    assert plan_buffers(manifest)["present.0.key"].nbytes == 1 * 2 * 20 * 32 * 2  # fp16
 
 
 def test_ort_runs_int8_as_integer_gemms(graphs, e32):

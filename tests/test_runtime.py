@@ -7,7 +7,7 @@ import torch
 
 from trtglm.backends import OrtBackend, open_backend
 from trtglm.build import build
-from trtglm.errors import TrtglmError
+from trtglm.errors import TrtglmError, UsageError
 from trtglm.generate import generate, make_prefix
 from trtglm.sampling import Sampling, choose
 
@@ -191,16 +191,27 @@ def test_cuda_graphs_are_tensorrt_rtxs_and_its_runtime_cache_is_per_engine(engin
     manifest = read_manifest(engine_build)
     f = runtime_cache_file(manifest)
     assert f.parent == tmp_path / "trtglm" / "runtime" and manifest["files"]["sha256"]["model.engine"].startswith(f.stem)
+    if manifest["recipe"]["resolved"]["shapes"]["kv_cache"] == "static":  # what a captured decode step needs
+        with pytest.raises(TrtglmError, match="--cuda-graphs needs the TensorRT engine: there is no GPU"):
+            open_backend(engine_build, "auto", cuda_graphs=True)
+    else:
+        with pytest.raises(UsageError, match="--cuda-graphs needs a build with a static KV cache"):
+            open_backend(engine_build, "auto", cuda_graphs=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_engine_generates_like_onnx_runtime(engine_build, cuda_graphs, monkeypatch, tmp_path):
+    from trtglm.backends import read_manifest
     from trtglm.trt_backend import TrtBackend, unavailable_reason
 
     reason = unavailable_reason(engine_build)
     if reason:
         pytest.skip(f"TensorRT engine cannot run here: {reason}")
+    if cuda_graphs and read_manifest(engine_build)["recipe"]["resolved"]["shapes"]["kv_cache"] == "dynamic":
+        with pytest.raises(UsageError, match="needs a build with a static KV cache"):  # before the engine loads
+            open_backend(engine_build, "trt", cuda_graphs=True)
+        return
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     engine = TrtBackend(engine_build, cuda_graphs=cuda_graphs)
     trt_tokens = generate(engine, PROMPTS[:2], max_new_tokens=8).tokens
@@ -291,8 +302,8 @@ def test_run_errors_are_one_line(text_build, builds):
     assert r.returncode == 2 and "top_p" in r.stderr
     r = cli("run", str(text_build), "--prompt", "x", "--backend", "trt")
     assert r.returncode == 1 and "--backend trt: the build has no engine" in r.stderr
-    r = cli("run", str(text_build), "--prompt", "x", "--cuda-graphs")  # auto cannot take the engine here
-    assert r.returncode == 1 and "--cuda-graphs needs the TensorRT engine: the build has no engine" in r.stderr
+    r = cli("run", str(text_build), "--prompt", "x", "--cuda-graphs")
+    assert r.returncode == 2 and "--cuda-graphs needs a build with a static KV cache" in r.stderr
     r = cli("bench", str(text_build), "--backend", "ort", "--cuda-graphs")
     assert r.returncode == 2 and "--cuda-graphs applies to the TensorRT engine" in r.stderr
     assert "Traceback" not in r.stderr

@@ -127,30 +127,6 @@ def test_static_cache_needs_fused_attention(exports, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-def test_the_default_falls_back_to_a_dynamic_cache_where_attention_did_not_fuse(exports, tmp_path):
-    """A graph whose attention fuses in one layer of two (--no-strict): the default static cache cannot be built,
-    so the build keeps the dynamic one, and its keys folded (what TensorRT-RTX builds with a cache Concat)."""
-    import shutil
-
-    import onnx_ir as ir
-
-    shutil.copytree(exports["glm4"], tmp_path / "e")
-    model = ir.load(tmp_path / "e" / "model.onnx")
-    softmax = next(n for n in model.graph if n.op_type == "Softmax")
-    softmax.attributes["axis"] = ir.AttrInt64("axis", 3)  # same math, not the attention pattern's form
-    ir.save(model, tmp_path / "e" / "model.onnx", external_data="model.onnx.data")
-    m = build(tmp_path / "e", tmp_path / "b", onnx_only=True, strict=False)
-    assert m["fusion"]["fused"]["attention"] == 1 and m["recipe"]["resolved"]["shapes"]["kv_cache"] == "dynamic"
-    assert m["fusion"]["fused"]["rotary_keys_folded"] == 2 and "cache_position" not in {
-        t["name"] for t in m["io"]["inputs"]}
-    ids = np.array([[5, 17, 99, 3]])
-    a, b = OrtBackend(tmp_path / "e" / "model.onnx"), OrtBackend(tmp_path / "b" / "model.onnx")
-    np.testing.assert_allclose(b.forward(ids, np.ones_like(ids), np.arange(4)[None], b.new_cache(1))[0],
-                               a.forward(ids, np.ones_like(ids), np.arange(4)[None], a.new_cache(1))[0], atol=1e-5)
-    with pytest.raises(TrtglmError, match="kv_cache: static needs the attention fusion"):  # asked for: refused
-        build(tmp_path / "e", tmp_path / "c", onnx_only=True, strict=False, overrides=STATIC)
-
-
 def test_engine_uses_tensorrts_kv_cache_update_layer(checkpoints, tmp_path):
     from trtglm.inspect import inspect_path
     from trtglm.trt_backend import plan_buffers

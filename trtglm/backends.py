@@ -169,6 +169,10 @@ def _session_graph(onnx_path: Path, opts, cpu: bool) -> str | bytes:
     return ir.to_proto(model).SerializeToString()
 
 
+def _static_cache(manifest: dict) -> bool:
+    return any(spec["name"] == CACHE_POSITION for spec in (manifest.get("io") or {}).get("inputs", []))
+
+
 def _cuda_usable(ort) -> bool:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
@@ -182,6 +186,9 @@ def open_backend(build_dir: str | Path, kind: str = "auto", threads: int = 0,
     """The backend and a sentence saying which and why (auto: the engine when a GPU and TensorRT are there).
     `cuda_graphs`: the engine's steps captured as CUDA graphs (TensorRT-RTX); refused on ONNX Runtime."""
     build_dir = Path(build_dir)
+    if cuda_graphs and kind != "ort" and not _static_cache(read_manifest(build_dir)):
+        raise UsageError("--cuda-graphs needs a build with a static KV cache (trtglm build --kv-cache static): a "
+                         "dynamic cache changes shape at every step, so no captured step would recur")
     if kind in ("auto", "trt"):
         from .trt_backend import TrtBackend, unavailable_reason
 

@@ -47,14 +47,7 @@ def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | N
     overrides = _merge_shortcuts(overrides or {}, shortcuts)
     r = load_recipe(recipe, overrides)
     exported = (meta or {}).get("dtype") or _graph_dtype(export_dir / ONNX_FILE)
-    requested = r
     r, dtype = _resolve(r, meta, exported, export_dir)
-    # the default static cache needs every layer's attention fused: a foreign graph fused with --no-strict may
-    # not get there, and then builds with the cache it can have
-    dynamic = None
-    if r.shapes.kv_cache == "static" and "kv_cache" not in requested.shapes.model_fields_set:
-        dynamic = _resolve(requested.model_copy(update={"shapes": requested.shapes.model_copy(
-            update={"kv_cache": "dynamic"})}), meta, exported, export_dir)[0]
     if dtype != exported:
         from .precision import check_memory
 
@@ -80,7 +73,7 @@ def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | N
             with FileLock(str(cache) + ".lock"):
                 if not (cache / MANIFEST_FILE).is_file():
                     _build_into(tmp, export_dir, meta, r, dtype, exported, recipe, key, progress, calibration,
-                                gate, cache_dir, dynamic=dynamic)
+                                gate, cache_dir)
                     _store(tmp, cache)
                     manifest = json.loads((tmp / MANIFEST_FILE).read_text())
                     manifest["cache"] = {"key": key, "hit": False}
@@ -90,7 +83,7 @@ def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | N
                     manifest["cache"] = {"key": key, "hit": True, "seconds": round(time.perf_counter() - started, 2)}
         else:
             manifest = _build_into(tmp, export_dir, meta, r, dtype, exported, recipe, key, progress, calibration,
-                                   gate, cache_dir, onnx_only=onnx_only, dynamic=dynamic)
+                                   gate, cache_dir, onnx_only=onnx_only)
             manifest["cache"] = {"key": key, "hit": False, "disabled": True}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -127,8 +120,6 @@ def _resolve(r: Recipe, meta: dict | None, exported: str, export_dir: Path) -> t
                                            "max_input_len": min(shapes.max_input_len, limit)})
     precision = r.precision.model_copy(update={"dtype": dtype})
     fusion = r.fusion
-    if shapes.kv_cache == "static" and "kv_cache" not in shapes.model_fields_set and "attention" not in fusion.fusions:
-        shapes = shapes.model_copy(update={"kv_cache": "dynamic"})  # the default; static needs fused attention
     if shapes.kv_cache == "static" and "fusions" not in fusion.model_fields_set:
         # keys are folded into their projection only because TensorRT-RTX cannot build a RotaryEmbedding feeding
         # the cache Concat; a static cache has no Concat, and with RotaryEmbedding keys Myelin computes q, k and
@@ -195,18 +186,13 @@ def _cache_key(export_dir: Path, meta: dict | None, r: Recipe, backend: dict | N
 
 def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype: str, exported: str, recipe_file,
                 key: str, progress, calibration, gate: Path | None, cache_dir: Path | None,
-                onnx_only: bool = False, dynamic: Recipe | None = None) -> dict:
-    """`dynamic`: the recipe to fall back to when the graph cannot have the static cache `r` defaulted to."""
+                onnx_only: bool = False) -> dict:
     import onnx_ir as ir
 
     from .inspect import describe_onnx
-    from .static_cache import refusal
 
     started = time.perf_counter()
     model, report = _fused(export_dir, meta, r)
-    if dynamic is not None and refusal(model):
-        r = dynamic
-        model, report = _fused(export_dir, meta, r)
     fusions = frozenset(r.fusion.fusions)
     ir.save(model, tmp / ONNX_FILE, external_data=DATA_FILE, max_in_flight_bytes=256 << 20)
     _release(model)  # the export's weights are memory-mapped: mapped pages count as resident during the build

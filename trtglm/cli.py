@@ -98,9 +98,9 @@ def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as
               help="Logits of every position (eval needs them) or of the last one only (generation: the prefill "
                    "computes one row of the lm_head). [default: all]")
 @click.option("--kv-cache", type=click.Choice(["dynamic", "static"]), default=None,
-              help="static: fixed max_seq_len slots updated in place (TensorScatter, TensorRT's KV-cache-update "
-                   "layer; same shapes at every decode step); dynamic: the cache grows by a copy each step. "
-                   "[default: static; dynamic for a graph whose attention is not fused]")
+              help="dynamic: the cache grows by a copy each step; static: fixed max_seq_len slots updated in place "
+                   "(TensorScatter, TensorRT's KV-cache-update layer; same shapes at every decode step: with "
+                   "shapes.profiles split, the fewest decode kernels). [default: dynamic]")
 @click.option("--onnx-only", is_flag=True, help="Stop after the graph work: write BUILD_DIR/model.onnx.")
 @click.option("--fusions", default=None,
               help="Comma-separated fusions: rms_norm, qkv, rotary, rotary_keys_folded (keys' rotation folded into "

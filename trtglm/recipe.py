@@ -69,10 +69,12 @@ class ShapesSection(_Section):
     # all: logits [batch, sequence, vocab] (perplexity, `trtglm eval`); last: [batch, 1, vocab], the lm_head on the
     # last position only (generation: a prefill computes one row of it; last_logits.py)
     logits: Literal["all", "last"] = "all"
-    # static: fixed [B,KV,max_seq_len,D] buffers updated in place by TensorScatter, TensorRT's KV-cache-update layer
-    # (static_cache.py; it needs the attention fusion: by default a graph without it keeps a dynamic cache);
-    # dynamic: past [B,KV,P,D] in, present [B,KV,P+S,D] out (a copy each step)
-    kv_cache: Literal["dynamic", "static"] = "static"
+    # dynamic: past [B,KV,P,D] in, present [B,KV,P+S,D] out (a copy each step); static: fixed [B,KV,max_seq_len,D]
+    # buffers updated in place by TensorScatter, TensorRT's KV-cache-update layer (static_cache.py). Static is not
+    # the default: in one profile (the default) TensorRT-RTX runs the same kernels for both, and a static decode
+    # step then repeats every slot's K/V for the attention; with `profiles: split` static decodes in the fewest
+    # kernels (bench/fusion.py)
+    kv_cache: Literal["dynamic", "static"] = "dynamic"
 
     @model_validator(mode="before")
     @classmethod
