@@ -58,6 +58,11 @@ def test_cache_hit_is_fast_and_identical(fp16_export, tmp_path):
     other = build(fp16_export, tmp_path / "c", overrides={**SMALL, "builder": {"targets": "sm86"}},
                   cache_dir=tmp_path / "cache")
     assert other["cache"]["hit"] is False and other["cache"]["key"] != first["cache"]["key"]
+    import shutil  # the same export elsewhere (another checkout): a hit whose manifest points at this export
+    shutil.copytree(fp16_export, tmp_path / "moved")
+    moved = build(tmp_path / "moved", tmp_path / "d", overrides=SMALL, cache_dir=tmp_path / "cache")
+    assert moved["cache"]["hit"] is True and moved["source"]["export_dir"] == str((tmp_path / "moved").resolve())
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["source"] == moved["source"]
 
 
 def test_split_profiles_double_the_engine(fp16_export, tmp_path):
