@@ -67,6 +67,46 @@ def test_generation_and_weights_are_unchanged(pairs):
         keep_last_position(last / "model.onnx")
 
 
+@pytest.mark.parametrize("family", ["glm", "glm4", "chatglm"])
+def test_the_last_layer_runs_on_the_last_position_after_its_cache(pairs, family):
+    """Its attention, o_proj and MLP read one row (queries, mask rows and residual sliced), while its keys and
+    values still cover every position: the presents are those of the full graph (the logits test above)."""
+    import onnxruntime as ort
+
+    last = pairs[family][1]
+    model = onnx.load(last / "model.onnx")
+    names = {n.name for n in model.graph.node}
+    assert {"last_layer.query", "last_layer.mask", "last_layer.residual", "last_position"} <= names
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    down, up = matmuls[-2].output[0], matmuls[-3].output[0]  # the last layer's MLP (the lm_head is last)
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in (down, up))
+    session = ort.InferenceSession(model.SerializeToString())
+    ids, mask, pos = left_padded(PROMPTS)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+             **{i.name: np.zeros((3, 2, 0, 16), np.float32) for i in session.get_inputs()
+                if i.name.startswith("past_key_values.")}}
+    out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    assert out[down].shape[:2] == out[up].shape[:2] == (3, 1)
+    assert out["present.1.key"].shape[2] == len(PROMPTS[0])  # the last layer's cache: every position
+
+
+def test_static_cache_with_last_position_logits(exports, tmp_path):
+    """Both options: the static cache's one shared mask is built first, then sliced for the last layer (and the
+    ORT backend's cache window slices that too); logits are the dynamic full graph's last row."""
+    full = build(exports["glm4"], tmp_path / "full", onnx_only=True) and tmp_path / "full"
+    both = build(exports["glm4"], tmp_path / "both", onnx_only=True,
+                 overrides={"shapes": {"logits": "last", "kv_cache": "static", "max_seq_len": 48}}) and tmp_path / "both"
+    onnx.checker.check_model(str(both / "model.onnx"), full_check=True)
+    a, b = OrtBackend(full / "model.onnx"), OrtBackend.from_build(both)
+    ids, mask, pos = left_padded(PROMPTS)
+    x, cache_a = a.forward(ids, mask, pos, a.new_cache(3))
+    y, cache_b = b.forward(ids, mask, pos, b.new_cache(3))
+    np.testing.assert_allclose(y, x[:, -1:], atol=1e-5, rtol=0)
+    step = (np.array([[3], [4], [5]]), np.concatenate([mask, np.ones((3, 1), np.int64)], 1), pos[:, -1:] + 1)
+    np.testing.assert_allclose(b.forward(*step, cache_b)[0], a.forward(*step, cache_a)[0], atol=1e-5, rtol=0)
+    assert generate(b, PROMPTS, max_new_tokens=6).tokens == generate(a, PROMPTS, max_new_tokens=6).tokens
+
+
 def test_quantized_lm_head_keeps_its_pair_and_the_gate_sees_every_position(tmp_path):
     """int8 with the lm_head quantized: the Slice goes before its QuantizeLinear (so TensorRT and ONNX Runtime's
     integer GEMM see Q-DQ-MatMul); the gate inside the build measured every position first; eval refuses."""

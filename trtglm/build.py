@@ -207,14 +207,14 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
         precision = _precision_step(tmp, r, dtype, calibration, (cache_dir or default_cache_dir()) / "calibration",
                                     progress)
     accuracy = _gate_step(tmp, r, gate, progress) if gate else None
-    if r.shapes.logits == "last":  # after the gate, which needs every position
-        from .last_logits import keep_last_position
-
-        keep_last_position(tmp / ONNX_FILE)
     if r.shapes.kv_cache == "static":
         from .static_cache import make_static
 
         make_static(tmp / ONNX_FILE, r.shapes.max_seq_len)
+    if r.shapes.logits == "last":  # after the gate, which needs every position, and the cache's one shared mask
+        from .last_logits import keep_last_position
+
+        keep_last_position(tmp / ONNX_FILE)
     graph = describe_onnx(tmp / ONNX_FILE)
     manifest = {
         "format_version": MANIFEST_VERSION,

@@ -127,4 +127,6 @@ def _mask(graph: ir.Graph, input_ids: ir.Value, attention_mask: ir.Value, positi
     for node in nodes:
         graph.insert_before(before, node)
     allowed.name = "static_mask"
+    dims = input_ids.shape if input_ids.shape is not None and input_ids.shape.rank() == 2 else ["batch", "sequence"]
+    allowed.type, allowed.shape = ir.TensorType(ir.DataType.BOOL), ir.Shape([dims[0], 1, dims[1], slots])
     return allowed
