@@ -13,6 +13,16 @@ TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_lay
             pad_token_id=None, eos_token_id=[1, 2], bos_token_id=None)
 
 
+def left_padded(prompts: list[list[int]]):
+    """A batch of prompts left-padded with 0: input ids, attention mask and position ids (numpy)."""
+    import numpy as np
+
+    longest = max(map(len, prompts))
+    ids = np.array([[0] * (longest - len(p)) + p for p in prompts])
+    mask = np.array([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask, np.clip(np.cumsum(mask, 1) - 1, 0, None)
+
+
 def hf_model(family: str, seed: int = 0, **overrides):
     """A random transformers model whose biases and norm weights are not the 0/1 defaults."""
     from transformers import Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM

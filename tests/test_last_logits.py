@@ -19,6 +19,8 @@ from trtglm.export import export, sha256
 from trtglm.generate import generate
 from trtglm.last_logits import keep_last_position
 
+from models import left_padded
+
 MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-glm4"
 LAST = {"shapes": {"logits": "last"}}
 PROMPTS = [[5, 17, 99, 3, 42, 8, 150], [11, 12], [77, 1, 60, 61]]
@@ -31,13 +33,6 @@ def pairs(exports, tmp_path_factory):
     return {f: (build(exports[f], root / f"{f}-all", onnx_only=True) and root / f"{f}-all",
                 build(exports[f], root / f"{f}-last", onnx_only=True, overrides=LAST) and root / f"{f}-last")
             for f in ("glm", "glm4", "chatglm")}
-
-
-def left_padded(prompts):
-    longest = max(map(len, prompts))
-    ids = np.array([[0] * (longest - len(p)) + p for p in prompts])
-    mask = np.array([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask, np.clip(np.cumsum(mask, 1) - 1, 0, None)
 
 
 @pytest.mark.parametrize("family", ["glm", "glm4", "chatglm"])

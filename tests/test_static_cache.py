@@ -16,6 +16,8 @@ from trtglm.export import export, sha256
 from trtglm.generate import generate, make_prefix
 from trtglm.static_cache import make_static
 
+from models import left_padded
+
 STATIC = {"shapes": {"kv_cache": "static", "max_seq_len": 48}}
 DYNAMIC = {"shapes": {"kv_cache": "dynamic", "max_seq_len": 48}}
 PROMPTS = [[5, 17, 99, 3, 42, 8, 150], [11, 12], [77, 1, 60, 61]]
@@ -34,9 +36,7 @@ def pairs(exports, tmp_path_factory):
 def test_static_cache_computes_what_the_dynamic_one_does(pairs, family):
     dynamic, static = (OrtBackend(p / "model.onnx") for p in pairs[family])
     longest = max(map(len, PROMPTS))
-    ids = np.array([[0] * (longest - len(p)) + p for p in PROMPTS])
-    mask = np.array([[0] * (longest - len(p)) + [1] * len(p) for p in PROMPTS])
-    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    ids, mask, pos = left_padded(PROMPTS)
     a, cache_a = dynamic.forward(ids, mask, pos, dynamic.new_cache(3))
     b, cache_b = static.forward(ids, mask, pos, static.new_cache(3))
     np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
@@ -105,9 +105,7 @@ def test_onnx_runtime_attends_over_the_filled_slots_only(pairs, tmp_path):
     full = OrtBackend(static / "model.onnx")
     full.session = ort.InferenceSession(str(static / "model.onnx"))  # the graph as built: attention over 48 slots
     longest = max(map(len, PROMPTS))
-    ids = np.array([[0] * (longest - len(p)) + p for p in PROMPTS])
-    mask = np.array([[0] * (longest - len(p)) + [1] * len(p) for p in PROMPTS])
-    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    ids, mask, pos = left_padded(PROMPTS)
     a, cache_a = full.forward(ids, mask, pos, full.new_cache(3))
     b, cache_b = windowed.forward(ids, mask, pos, windowed.new_cache(3))
     np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
