@@ -83,7 +83,8 @@ def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | N
                     manifest["cache"] = {"key": key, "hit": True, "seconds": round(time.perf_counter() - started, 2)}
                     # the same export and recipe by content (the key); where they are is this build's
                     manifest["source"]["export_dir"] = str(export_dir.resolve())
-                    manifest["recipe"]["file"] = str(recipe) if recipe else None
+                    manifest["recipe"] |= {"file": str(recipe) if recipe else None,
+                                           "file_sha256": sha256(Path(recipe)) if recipe else None}
         else:
             manifest = _build_into(tmp, export_dir, meta, r, dtype, exported, recipe, key, progress, calibration,
                                    gate, cache_dir, onnx_only=onnx_only)
