@@ -119,7 +119,7 @@ def main() -> None:
                 row["nodes"] = str(len(onnx.load(path, load_external_data=False).graph.node))
             if dtype == "fp16":
                 try:
-                    single = build_engine(path, targets=("sm89",), profiles=_one_profile(path))
+                    single = build_engine(path, targets=("sm89",), profiles=_one_profile(path, config))
                     engine = build_engine(path, targets=("sm89",), max_input_len=512, max_seq_len=2048)  # split
                 except Exception as e:  # noqa: BLE001 - a refused build is a result to report
                     row["engine"] = ("build fails (Myelin internal error)" if "Myelin" in str(e)
@@ -144,12 +144,13 @@ def main() -> None:
     _table(rows)
 
 
-def _one_profile(path: Path) -> list[dict]:
+def _one_profile(path: Path, config: dict) -> list[dict]:
     """The profile `trtglm build` makes by default (shapes.profiles: single) for this graph's inputs."""
     import onnx
 
     names = [i.name for i in onnx.load(path, load_external_data=False).graph.input]
-    return make_profiles(names, 2, 64, ShapesSection(max_batch=1, max_input_len=512, max_seq_len=2048))
+    return make_profiles(names, config["num_key_value_heads"], config["head_dim"],
+                         ShapesSection(max_batch=1, max_input_len=512, max_seq_len=2048))
 
 
 def _one_layer(names: list[str], layers: int) -> list[str]:

@@ -193,11 +193,23 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
                 onnx_only: bool = False) -> dict:
     import onnx_ir as ir
 
+    from .fusion import expected_counts, fuse
     from .inspect import describe_onnx
 
     started = time.perf_counter()
-    model, report = _fused(export_dir, meta, r)
+    try:
+        model = ir.load(export_dir / ONNX_FILE)
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line
+        raise TrtglmError(f"{export_dir / ONNX_FILE}: cannot be read as ONNX ({str(e).splitlines()[0]})") from None
     fusions = frozenset(r.fusion.fusions)
+    layers = sum(1 for v in model.graph.inputs if v.name.startswith("past_key_values.") and v.name.endswith(".key"))
+    if meta:
+        expected = expected_counts(meta["config"]["num_layers"], meta["family"] == "glm4", fusions,
+                                   separate_qkv=meta["family"] != "chatglm")
+    else:
+        expected = expected_counts(layers, None, fusions) if layers else None
+    report = fuse(model, max_positions=r.shapes.max_seq_len, expected=expected, strict=r.fusion.strict,
+                  fusions=fusions)
     ir.save(model, tmp / ONNX_FILE, external_data=DATA_FILE, max_in_flight_bytes=256 << 20)
     _release(model)  # the export's weights are memory-mapped: mapped pages count as resident during the build
     del model
@@ -243,27 +255,6 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
     manifest["build_seconds"] = round(time.perf_counter() - started, 2)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def _fused(export_dir: Path, meta: dict | None, r: Recipe):
-    """The export's graph after the recipe's fusions, and the fusion report."""
-    import onnx_ir as ir
-
-    from .fusion import expected_counts, fuse
-
-    try:
-        model = ir.load(export_dir / ONNX_FILE)
-    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line
-        raise TrtglmError(f"{export_dir / ONNX_FILE}: cannot be read as ONNX ({str(e).splitlines()[0]})") from None
-    fusions = frozenset(r.fusion.fusions)
-    layers = sum(1 for v in model.graph.inputs if v.name.startswith("past_key_values.") and v.name.endswith(".key"))
-    if meta:
-        expected = expected_counts(meta["config"]["num_layers"], meta["family"] == "glm4", fusions,
-                                   separate_qkv=meta["family"] != "chatglm")
-    else:
-        expected = expected_counts(layers, None, fusions) if layers else None
-    return model, fuse(model, max_positions=r.shapes.max_seq_len, expected=expected, strict=r.fusion.strict,
-                       fusions=fusions)
 
 
 def _precision_step(tmp: Path, r: Recipe, dtype: str, calibration, cache: Path, progress) -> dict:

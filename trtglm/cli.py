@@ -132,6 +132,7 @@ def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, m
     from pathlib import Path
 
     from .build import build
+    from .inspect import graph_of
 
     fusion_list = None
     if fusions is not None:
@@ -158,9 +159,7 @@ def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, m
                f"({f['nodes_after'] / f['nodes_before']:.0%}); "
                + ", ".join(f"{kind} {n}" + (f"/{f['expected'][kind]}" if f["expected"] else "")
                            for kind, n in f["fused"].items()))
-    shapes = manifest["recipe"]["resolved"]["shapes"]
-    click.echo(_graph_line({"logits": shapes["logits"], "kv_cache": shapes["kv_cache"],
-                            "max_seq_len": manifest["max_seq_len"]}))
+    click.echo(_graph_line(graph_of(manifest)))
     for line in _precision_lines(manifest):
         click.echo(line)
     if manifest["stage"] == "engine":

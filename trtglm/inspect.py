@@ -61,6 +61,13 @@ def _engine(path: Path) -> dict:
     return info
 
 
+def graph_of(manifest: dict) -> dict:
+    """Which logits and which KV cache a build's graph has (builds from before those options: all, dynamic)."""
+    shapes = manifest.get("recipe", {}).get("resolved", {}).get("shapes", {})
+    return {"logits": shapes.get("logits", "all"), "kv_cache": shapes.get("kv_cache", "dynamic"),
+            "max_seq_len": manifest.get("max_seq_len")}
+
+
 def _build_dir(path: Path) -> dict:
     m = json.loads((path / MANIFEST_FILE).read_text())
     out = {"kind": "build", "stage": m.get("stage"), "backend": m.get("backend"), "targets": m.get("targets"),
@@ -68,9 +75,7 @@ def _build_dir(path: Path) -> dict:
            "profiles": dict(zip(m.get("profile_names") or [], m.get("profiles") or [])),
            "io": m.get("io"), "engine": m.get("engine"), "estimate": m.get("estimate"), "cache": m.get("cache"),
            "calibration": m.get("calibration"), "accuracy": m.get("accuracy")}
-    shapes = m.get("recipe", {}).get("resolved", {}).get("shapes", {})
-    out["graph"] = {"logits": shapes.get("logits", "all"), "kv_cache": shapes.get("kv_cache", "dynamic"),
-                    "max_seq_len": m.get("max_seq_len")}
+    out["graph"] = graph_of(m)
     if (path / LAYERS_FILE).is_file():
         layers = json.loads((path / LAYERS_FILE).read_text())["engine_layers"]
         out["engine_layer_types"] = dict(Counter(layer["type"] for layer in layers).most_common())

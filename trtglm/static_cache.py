@@ -42,24 +42,6 @@ def step_inputs(attention_mask: np.ndarray, cached: int, slots: int) -> dict[str
     return {"attention_mask": mask, CACHE_POSITION: np.full(batch, cached, np.int64)}
 
 
-def _cache_concats(graph: ir.Graph) -> list[ir.Node]:
-    return [n for n in graph if n.op_type == "Concat" and n.outputs[0].is_graph_output()
-            and n.inputs[0] is not None and n.inputs[0].name.startswith("past_key_values.")]
-
-
-def refusal(model: ir.Model) -> str | None:
-    """Why this graph cannot get a static cache (None: it can)."""
-    attention = [n for n in model.graph if n.op_type == "Attention"]
-    concats = _cache_concats(model.graph)
-    if not attention or len(concats) != 2 * len(attention):
-        return ("needs the attention fusion (one Attention per layer reading the KV-cache Concat); this graph has "
-                f"{len(attention)} Attention and {len(concats)} cache Concat nodes")
-    masks = {n.inputs[3] for n in attention if len(n.inputs) > 3}
-    if len(masks) != 1 or next(iter(masks)) is None or next(iter(masks)).dtype not in (None, ir.DataType.BOOL):
-        return "needs the attention layers to share one boolean mask"
-    return None
-
-
 def make_static(onnx_path: Path, max_seq_len: int) -> int:
     """Rewrite `onnx_path` (its graph only) to a static cache of `max_seq_len` slots; returns the layers."""
     model = ir.load(onnx_path)
@@ -67,11 +49,17 @@ def make_static(onnx_path: Path, max_seq_len: int) -> int:
     inputs = {v.name: v for v in graph.inputs}
     if CACHE_POSITION in inputs:
         raise TrtglmError(f"{onnx_path}: the graph has a static KV cache already")
-    reason = refusal(model)
-    if reason:
-        raise TrtglmError(f"kv_cache: static {reason}", hint="build with the default fusions, or --kv-cache dynamic")
     attention = [n for n in graph if n.op_type == "Attention"]
-    concats = _cache_concats(graph)
+    concats = [n for n in graph if n.op_type == "Concat" and n.outputs[0].is_graph_output()
+               and n.inputs[0] is not None and n.inputs[0].name.startswith("past_key_values.")]
+    if not attention or len(concats) != 2 * len(attention):
+        raise TrtglmError("kv_cache: static needs the attention fusion (one Attention per layer reading the "
+                          f"KV-cache Concat); this graph has {len(attention)} Attention and {len(concats)} cache Concat "
+                          "nodes", hint="build with the default fusions, or --kv-cache dynamic")
+    masks = {n.inputs[3] for n in attention if len(n.inputs) > 3}
+    if len(masks) != 1 or next(iter(masks)) is None or next(iter(masks)).dtype not in (None, ir.DataType.BOOL):
+        raise TrtglmError("kv_cache: static needs the attention layers to share one boolean mask",
+                          hint="build with the default fusions, or --kv-cache dynamic")
 
     position = ir.Value(name=CACHE_POSITION, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch"]))
     graph.inputs.append(position)

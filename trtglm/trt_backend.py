@@ -168,15 +168,13 @@ class TrtBackend:
 
     def _execution_context(self, cuda_graphs: bool):
         trt, engine = self._trt, self.engine
+        reason = cuda_graph_refusal(trt) if cuda_graphs else None
+        if reason:
+            raise TrtglmError(f"--cuda-graphs: {reason}")
         if not hasattr(engine, "create_runtime_config"):  # TensorRT before 10.11
-            if cuda_graphs:
-                raise TrtglmError(f"--cuda-graphs: {cuda_graph_refusal(trt)}")
             return engine.create_execution_context()
         config = engine.create_runtime_config()
         if cuda_graphs:
-            reason = cuda_graph_refusal(trt)
-            if reason:
-                raise TrtglmError(f"--cuda-graphs: {reason}")
             config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
         if hasattr(config, "create_runtime_cache"):
             self._runtime_cache = config.create_runtime_cache()
