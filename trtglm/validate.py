@@ -100,7 +100,7 @@ def validate(ckpt: Checkpoint, onnx_path: Path, dtype: str) -> dict:
     ref = reference_logits(ckpt, dtype, steps)
     from .backends import OrtBackend
 
-    got = run_steps(OrtBackend(onnx_path, low_memory=True), steps)
+    got = run_steps(OrtBackend(onnx_path, device="cpu", low_memory=True), steps)
     scale = max(1.0, max(float(np.abs(r).max()) for r in ref)) if dtype == "fp16" else 1.0
     tolerance = TOLERANCE[dtype] * scale
     diffs, agree, total = [], 0, 0
