@@ -159,7 +159,8 @@ def test_engine_availability_reasons(engine_build):
     from trtglm.trt_backend import unavailable_reason
 
     assert unavailable_reason(engine_build, cc=None) == "there is no GPU"
-    assert unavailable_reason(engine_build, cc="sm90") == "this GPU is sm90 and the engine was built for sm89"
+    assert unavailable_reason(engine_build, cc="sm86") == "this GPU is sm86 and the engine was built for sm89"
+    assert unavailable_reason(engine_build, cc="sm90").startswith("this GPU is sm90, which TensorRT-RTX cannot run")
     assert unavailable_reason(engine_build, cc="sm89") in (None, "pycuda is not installed (pip install 'trtglm[cuda]')")
 
 
@@ -255,7 +256,8 @@ def test_run_prompts_json_and_stream(text_build):
 
     r = cli("run", str(text_build), "--prompt", "the quick", "--prompt", "hello", "--max-new-tokens", "6", "--json")
     assert r.returncode == 0, r.stderr
-    assert "backend: ONNX Runtime (cpu) over model.onnx, because the build has no engine" in r.stderr
+    device = OrtBackend.from_build(text_build).device  # cpu, or cuda where onnxruntime-gpu finds a GPU
+    assert f"backend: ONNX Runtime ({device}) over model.onnx, because the build has no engine" in r.stderr
     out = json.loads(r.stdout)
     text = load_text(text_build)
     ids = [text.encode(p) for p in ("the quick", "hello")]

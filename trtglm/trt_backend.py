@@ -88,6 +88,11 @@ def unavailable_reason(build_dir: Path, cc: str | None | bool = False) -> str | 
     targets = manifest.get("targets") or []
     backend = (manifest.get("backend") or {}).get("name")
     if backend == "tensorrt_rtx" and cc not in targets:
+        from .engine import RTX_TARGETS
+
+        if cc not in RTX_TARGETS:  # seen on an H100: its runtime refuses every engine, even one built there
+            return (f"this GPU is {cc}, which TensorRT-RTX cannot run (it targets {', '.join(RTX_TARGETS)}): "
+                    "build the engine with the full TensorRT (builder.backend: tensorrt) on this GPU")
         return f"this GPU is {cc} and the engine was built for {', '.join(targets)}"
     try:
         from .engine import import_backend
