@@ -1,0 +1,133 @@
+"""Runtime benchmark on a GPU, on the 136M GLM-4-shaped random model of bench/runtime.py, in one run:
+trtglm's ONNX Runtime backend on the CUDA provider (onnxruntime-gpu) for fp32 and fp16 exports (the default
+build, `--kv-cache static`, `--logits last`) against transformers `generate` (sdpa) on the same GPU, at batch 1
+and 8; each build's greedy tokens on the CUDA provider against the CPU provider's; and where a CUDA decode step
+spends its time (ONNX Runtime's profile, per operator).
+
+    python bench/runtime_gpu.py [--workdir .bench] [--prompt 128] [--new 128] [--rounds 3]
+
+Needs a GPU, onnxruntime-gpu and a CUDA torch. The TensorRT engine is not here: TensorRT-RTX cannot run on
+the H100/H200 this was written on (sm90), and on an RTX GPU `trtglm bench BUILD --backend trt` measures it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime import interleaved
+from trtglm.backends import OrtBackend
+from trtglm.build import build
+from trtglm.export import export
+from trtglm.generate import generate
+from trtglm.synthetic import glm4_config, write_random_checkpoint
+
+BUILDS = {"default build": {}, "static KV cache": {"kv_cache": "static"}, "last-position logits": {"logits": "last"}}
+
+
+def transformers_runner(ckpt: Path, dtype: torch.dtype, prompts: list[list[int]], new: int):
+    from transformers import Glm4ForCausalLM
+
+    model = Glm4ForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa").cuda().eval()
+    model.generation_config.eos_token_id = None
+    ids = torch.tensor(prompts, device="cuda")
+
+    def timed(n: int) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    def run() -> dict:
+        timed(4)
+        ttft, total = timed(1), timed(new)
+        return {"ttft_ms": 1000 * ttft, "decode_tok_s": (new - 1) / (total - ttft), "tokens": None}
+
+    return run
+
+
+def ort_runner(backend: OrtBackend, prompts: list[list[int]], new: int):
+    def run() -> dict:
+        generate(backend, prompts, max_new_tokens=4)
+        r = generate(backend, prompts, max_new_tokens=new)
+        return {"ttft_ms": 1000 * r.prefill_seconds, "decode_tok_s": r.decode_tokens_per_second, "tokens": None}
+
+    return run
+
+
+def decode_profile(build_dir: Path, prompt: list[int], prefix: Path) -> tuple[float, dict[str, float]]:
+    """Mean decode step (ms) and its milliseconds per operator type, from ONNX Runtime's CUDA profile."""
+    backend = OrtBackend.from_build(build_dir, profile=prefix)
+    generate(backend, [prompt], max_new_tokens=33)
+    events = json.loads(Path(backend.session.end_profiling()).read_text())
+    runs = [e["dur"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    per_op: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_op[f"{e['args'].get('op_name')} ({e['args'].get('provider', '?').replace('ExecutionProvider', '')})"] += e["dur"]
+    return float(np.mean(runs[1:])) / 1000, {op: d / len(runs) / 1000 for op, d in per_op.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default=".bench")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/runtime_gpu.py: needs a GPU and a CUDA build of torch")
+    work = Path(args.workdir) / "runtime_gpu"
+    shutil.rmtree(work, ignore_errors=True)
+    config = glm4_config(hidden=768, layers=12, heads=12, kv_heads=2, intermediate=2560, vocab=32000, head_dim=64,
+                         max_positions=2048)
+    ckpt = write_random_checkpoint(work / "ckpt", {**config, "torch_dtype": "float32"}, dtype="fp32")
+    rng = np.random.default_rng(0)
+    prompts = {b: rng.integers(3, 32000, (b, args.prompt)).tolist() for b in (1, 8)}
+    runners, agreement, profiles = {}, {}, {}
+    for dtype in ("fp32", "fp16"):
+        export(str(ckpt), work / f"export-{dtype}", dtype=dtype, validate=False, max_seq_len=512)
+        for label, shapes in BUILDS.items():
+            out = work / f"build-{dtype}-{label.split()[0]}"
+            build(work / f"export-{dtype}", out, onnx_only=True, overrides={"shapes": shapes})
+            gpu, cpu = OrtBackend.from_build(out), OrtBackend.from_build(out, device="cpu")
+            if gpu.device != "cuda":
+                raise SystemExit("bench/runtime_gpu.py: ONNX Runtime has no usable CUDA provider here")
+            short = rng.integers(3, 32000, (3, 24)).tolist()
+            g, c = (generate(b, short, max_new_tokens=16).tokens for b in (gpu, cpu))
+            agreement[f"{dtype} {label}"] = sum(x == y for rg, rc in zip(g, c) for x, y in zip(rg, rc)) / (16 * 3)
+            for b, batch_prompts in prompts.items():
+                runners[f"trtglm run --backend ort (cuda), {dtype} export, {label}, batch {b}"] = ort_runner(
+                    gpu, batch_prompts, args.new)
+            if label == "default build":
+                profiles[dtype] = decode_profile(out, prompts[1][0], work / f"profile-{dtype}")
+    for dtype in (torch.float32, torch.float16):
+        for b, batch_prompts in prompts.items():
+            name = str(dtype).removeprefix("torch.").replace("float", "fp")
+            runners[f"transformers generate (sdpa, {name}, cuda), batch {b}"] = transformers_runner(
+                ckpt, dtype, batch_prompts, args.new)
+    rows = interleaved(runners, args.rounds)
+    print(f"\n{torch.cuda.get_device_name(0)}; prompt {args.prompt} tokens, {args.new} new; median of {args.rounds} rounds")
+    print(f"{'runner':78s} {'TTFT ms':>8s} {'tok/s/row':>10s}")
+    for label, r in rows.items():
+        print(f"{label:78s} {r['ttft_ms']:8.1f} {r['decode_tok_s']:10.0f}")
+    print("\ngreedy tokens equal, CUDA provider vs CPU provider (3 prompts x 16 tokens):")
+    for label, share in agreement.items():
+        print(f"  {label:40s} {share:.0%}")
+    for dtype, (step, per_op) in profiles.items():
+        print(f"\n{dtype} default build, one decode step on the CUDA provider: {step:.2f} ms; by operator:")
+        for op, ms in sorted(per_op.items(), key=lambda kv: -kv[1])[:8]:
+            print(f"  {op:40s} {ms:6.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
