@@ -124,6 +124,32 @@ def test_auto_backend_says_why_it_fell_back(builds):
         open_backend(builds["glm"], "trt")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_cuda_provider_keeps_the_cache_on_the_gpu_and_generates_like_the_cpu(exports, cache, tmp_path):
+    """onnxruntime-gpu: KV caches in CUDA memory (a static one written in place, step after step) and the
+    CPU provider's greedy tokens (fp32 graph, TF32 off)."""
+    import onnxruntime as ort
+
+    from models import left_padded
+    from trtglm.backends import _cuda_usable
+
+    if not _cuda_usable(ort):
+        pytest.skip("ONNX Runtime has no usable CUDA provider here (needs onnxruntime-gpu and a GPU)")
+    build(exports["glm4"], tmp_path / "b", onnx_only=True, overrides={"shapes": {"kv_cache": cache}})
+    gpu, cpu = OrtBackend.from_build(tmp_path / "b"), OrtBackend.from_build(tmp_path / "b", device="cpu")
+    assert gpu.device == "cuda"
+    first = gpu.new_cache(3)
+    values = first.values if gpu.static else first
+    assert {v.device_name().lower() for v in values} == {"cuda"}
+    _, after = gpu.forward(*left_padded(PROMPTS), first)
+    after = after.values if gpu.static else after
+    assert {v.device_name().lower() for v in after} == {"cuda"}
+    if gpu.static:  # the same device buffers, written in place
+        assert [v.data_ptr() for v in after] == [v.data_ptr() for v in values]
+    assert generate(gpu, PROMPTS, max_new_tokens=12).tokens == generate(cpu, PROMPTS, max_new_tokens=12).tokens
+
+
 # ---------------------------------------------------------------- TensorRT backend, without a GPU
 
 @pytest.fixture(scope="module", params=["static", "dynamic"])
