@@ -1,8 +1,9 @@
 """Runtime benchmark on a GPU, on the 136M GLM-4-shaped random model of bench/runtime.py, in one run:
 trtglm's ONNX Runtime backend on the CUDA provider (onnxruntime-gpu) for fp32 and fp16 exports (the default
-build, `--kv-cache static`, `--logits last`) against transformers `generate` (sdpa) on the same GPU, at batch 1
-and 8; each build's greedy tokens on the CUDA provider against the CPU provider's; and where a CUDA decode step
-spends its time (ONNX Runtime's profile, per operator).
+build, `--kv-cache static` with and without `--cuda-graphs`, `--logits last`) against transformers `generate`
+(sdpa) on the same GPU, at batch 1 and 8; each build's greedy tokens on the CUDA provider against the CPU
+provider's (and with CUDA graphs against without); and where a CUDA decode step spends its time (ONNX
+Runtime's profile, per operator).
 
     python bench/runtime_gpu.py [--workdir .bench] [--prompt 128] [--new 128] [--rounds 3]
 
@@ -105,9 +106,16 @@ def main() -> None:
             short = rng.integers(3, 32000, (3, 24)).tolist()
             g, c = (generate(b, short, max_new_tokens=16).tokens for b in (gpu, cpu))
             agreement[f"{dtype} {label}"] = sum(x == y for rg, rc in zip(g, c) for x, y in zip(rg, rc)) / (16 * 3)
-            for b, batch_prompts in prompts.items():
-                runners[f"trtglm run --backend ort (cuda), {dtype} export, {label}, batch {b}"] = ort_runner(
-                    gpu, batch_prompts, args.new)
+            variants = {label: gpu}
+            if label == "static KV cache":  # decode steps captured and replayed (`--cuda-graphs`)
+                variants[f"{label}, CUDA graphs"] = OrtBackend.from_build(out, cuda_graphs=True)
+                replayed = generate(variants[f"{label}, CUDA graphs"], short, max_new_tokens=16).tokens
+                agreement[f"{dtype} {label}, CUDA graphs (vs without)"] = sum(
+                    x == y for rr, rg in zip(replayed, g) for x, y in zip(rr, rg)) / (16 * 3)
+            for name, backend in variants.items():
+                for b, batch_prompts in prompts.items():
+                    runners[f"trtglm run --backend ort (cuda), {dtype} export, {name}, batch {b}"] = ort_runner(
+                        backend, batch_prompts, args.new)
             if label == "default build":
                 profiles[dtype] = decode_profile(out, prompts[1][0], work / f"profile-{dtype}")
     for dtype in (torch.float32, torch.float16):
@@ -117,12 +125,12 @@ def main() -> None:
                 ckpt, dtype, batch_prompts, args.new)
     rows = interleaved(runners, args.rounds)
     print(f"\n{torch.cuda.get_device_name(0)}; prompt {args.prompt} tokens, {args.new} new; median of {args.rounds} rounds")
-    print(f"{'runner':78s} {'TTFT ms':>8s} {'tok/s/row':>10s}")
+    print(f"{'runner':86s} {'TTFT ms':>8s} {'tok/s/row':>10s}")
     for label, r in rows.items():
-        print(f"{label:78s} {r['ttft_ms']:8.1f} {r['decode_tok_s']:10.0f}")
+        print(f"{label:86s} {r['ttft_ms']:8.1f} {r['decode_tok_s']:10.0f}")
     print("\ngreedy tokens equal, CUDA provider vs CPU provider (3 prompts x 16 tokens):")
     for label, share in agreement.items():
-        print(f"  {label:40s} {share:.0%}")
+        print(f"  {label:50s} {share:.0%}")
     for dtype, (step, per_op) in profiles.items():
         print(f"\n{dtype} default build, one decode step on the CUDA provider: {step:.2f} ms; by operator:")
         for op, ms in sorted(per_op.items(), key=lambda kv: -kv[1])[:8]:

@@ -150,6 +150,28 @@ def test_cuda_provider_keeps_the_cache_on_the_gpu_and_generates_like_the_cpu(exp
     assert generate(gpu, PROMPTS, max_new_tokens=12).tokens == generate(cpu, PROMPTS, max_new_tokens=12).tokens
 
 
+@pytest.mark.gpu
+def test_cuda_graph_replays_generate_what_plain_steps_do(exports, tmp_path):
+    """ONNX Runtime's CUDA graphs: each batch size's decode step captured once and replayed with new inputs, a
+    new cache and a prefix's cache, with the tokens of uncaptured steps."""
+    import onnxruntime as ort
+
+    from trtglm.backends import _cuda_usable
+
+    if not _cuda_usable(ort):
+        pytest.skip("ONNX Runtime has no usable CUDA provider here (needs onnxruntime-gpu and a GPU)")
+    build(exports["glm4"], tmp_path / "b", onnx_only=True, overrides={"shapes": {"kv_cache": "static"}})
+    graphs = OrtBackend.from_build(tmp_path / "b", cuda_graphs=True)
+    plain = OrtBackend.from_build(tmp_path / "b")
+    for prompts in (PROMPTS, PROMPTS[1:], [[9, 8, 7, 6]], PROMPTS[::-1]):  # batch 3 captured, then replayed
+        assert generate(graphs, prompts, max_new_tokens=10).tokens == generate(plain, prompts, max_new_tokens=10).tokens
+    prefix = [3, 1, 4, 1, 5]
+    kept = make_prefix(graphs, prefix)
+    generate(graphs, [[2, 7]], max_new_tokens=5)  # the batch-1 buffers are written over: the prefix is its own copy
+    got = generate(graphs, PROMPTS, max_new_tokens=8, prefix=kept).tokens
+    assert got == generate(plain, [prefix + p for p in PROMPTS], max_new_tokens=8).tokens
+
+
 # ---------------------------------------------------------------- TensorRT backend, without a GPU
 
 @pytest.fixture(scope="module", params=["static", "dynamic"])
@@ -219,7 +241,8 @@ def test_cuda_graphs_are_tensorrt_rtxs_and_its_runtime_cache_is_per_engine(engin
     f = runtime_cache_file(manifest)
     assert f.parent == tmp_path / "trtglm" / "runtime" and manifest["files"]["sha256"]["model.engine"].startswith(f.stem)
     if manifest["recipe"]["resolved"]["shapes"]["kv_cache"] == "static":  # what a captured decode step needs
-        with pytest.raises(TrtglmError, match="--cuda-graphs needs the TensorRT engine: there is no GPU"):
+        with pytest.raises(TrtglmError, match=r"needs its CUDA provider .*here it runs on the CPU \(and the "
+                                              r"TensorRT engine cannot run here: there is no GPU\)"):
             open_backend(engine_build, "auto", cuda_graphs=True)
     else:
         with pytest.raises(UsageError, match="--cuda-graphs needs a build with a static KV cache"):
@@ -321,6 +344,21 @@ def test_run_prefix_equals_full_prompts(text_build):
     assert [r["tokens"] for r in json.loads(a.stdout)["rows"]] == expect.tokens
 
 
+def test_cuda_graphs_on_onnx_runtime_need_its_cuda_provider(text_build, tmp_path):
+    import onnxruntime as ort
+
+    from trtglm.backends import _cuda_usable
+
+    build(text_build.parent / "e", tmp_path / "static", onnx_only=True, overrides={"shapes": {"kv_cache": "static"}})
+    r = cli("bench", str(tmp_path / "static"), "--backend", "ort", "--cuda-graphs", "--input-len", "8",
+            "--output-len", "4")
+    if _cuda_usable(ort):
+        assert r.returncode == 0 and "ONNX Runtime (cuda, CUDA graphs)" in r.stderr, r.stderr
+    else:
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert "--cuda-graphs on ONNX Runtime needs its CUDA provider (onnxruntime-gpu and a GPU)" in r.stderr
+
+
 def test_run_errors_are_one_line(text_build, builds):
     r = cli("run", str(text_build))
     assert r.returncode == 2 and "give --prompt, --input-file or --chat" in r.stderr and "Traceback" not in r.stderr
@@ -333,7 +371,7 @@ def test_run_errors_are_one_line(text_build, builds):
     r = cli("run", str(text_build), "--prompt", "x", "--cuda-graphs")
     assert r.returncode == 2 and "--cuda-graphs needs a build with a static KV cache" in r.stderr
     r = cli("bench", str(text_build), "--backend", "ort", "--cuda-graphs")
-    assert r.returncode == 2 and "--cuda-graphs applies to the TensorRT engine" in r.stderr
+    assert r.returncode == 2 and "--cuda-graphs needs a build with a static KV cache" in r.stderr
     assert "Traceback" not in r.stderr
 
 

@@ -56,12 +56,16 @@ class OrtBackend:
     a build, or a test's. `low_memory` drops ONNX Runtime's arena (fp16 weights cast to fp32 per op
     are then freed at once); `optimize=False` turns its graph optimizations off; `profile=PREFIX` records
     ONNX Runtime's profile to PREFIX_<time>.json (`session.end_profiling()` returns the path).
+    `cuda_graphs=True` (CUDA provider, static cache): each batch size's decode step is captured once as a CUDA
+    graph and replayed after (one launch instead of one per node); its inputs, logits and KV cache then live
+    in device buffers kept per batch size, since a replay reads and writes the addresses it was captured with.
     """
 
     name = "ort"
 
     def __init__(self, onnx_path: str | Path, *, max_seq_len: int | None = None, threads: int = 0,
-                 device: str = "auto", optimize: bool = True, low_memory: bool = False, profile: str | Path | None = None):
+                 device: str = "auto", optimize: bool = True, low_memory: bool = False, profile: str | Path | None = None,
+                 cuda_graphs: bool = False):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -78,10 +82,14 @@ class OrtBackend:
         if device in ("auto", "cuda") and _cuda_usable(ort):
             # fp32 means fp32: the CUDA provider's default TF32 matmuls move an fp32 graph's logits by ~1e-2
             # (H100, measured), 100x the export's own tolerance against transformers.
-            providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"}))
+            providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"} | ({"enable_cuda_graph": "1"} if cuda_graphs else {})))
         elif device == "cuda":
             raise TrtglmError("--device cuda: ONNX Runtime has no usable CUDA provider here")
-        model = _session_graph(Path(onnx_path), opts, cpu=len(providers) == 1)
+        if cuda_graphs and len(providers) == 1:
+            raise TrtglmError("--cuda-graphs on ONNX Runtime needs its CUDA provider (onnxruntime-gpu and a GPU); "
+                              "here it runs on the CPU")
+        # a replayed step keeps the shapes it was captured with: no attention window that grows with the cache
+        model = _session_graph(Path(onnx_path), opts, cpu=len(providers) == 1, window_cache=not cuda_graphs)
         self.session = ort.InferenceSession(model, opts, providers=providers)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         inputs = self.session.get_inputs()
@@ -97,7 +105,11 @@ class OrtBackend:
         self._dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(self.past[0].type)
         if self._dtype is None:
             raise TrtglmError(f"ONNX Runtime cannot run a {self.past[0].type} KV cache on this machine")
+        if cuda_graphs and not self.static:
+            raise UsageError("--cuda-graphs needs a build with a static KV cache (trtglm build --kv-cache static)")
         self._ort = ort
+        self._graphs = cuda_graphs
+        self._kept: dict[int, dict[str, object]] = {}  # batch -> device buffers of its captured decode step
 
     @classmethod
     def from_build(cls, build_dir: str | Path, threads: int = 0, **options) -> "OrtBackend":
@@ -111,9 +123,8 @@ class OrtBackend:
         return self._ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
 
     def new_cache(self, batch: int):
-        values = [self._on_device(np.zeros((batch, p.shape[1], self._slots, p.shape[3]), self._dtype))
-                  for p in self.past]
-        return StaticCache(values, 0) if self.static else values
+        empty = [np.zeros((batch, p.shape[1], self._slots, p.shape[3]), self._dtype) for p in self.past]
+        return self._cache_of(batch, empty, 0)
 
     def close(self) -> None:
         pass
@@ -121,10 +132,60 @@ class OrtBackend:
     def expand_cache(self, cache, batch: int):
         """`cache` (batch 1, a prefix) copied into `batch` rows: later steps write the copy, never `cache`."""
         values = cache.values if self.static else cache
-        tiled = [self._on_device(np.repeat(v.numpy(), batch, axis=0)) for v in values]  # once per request
-        return StaticCache(tiled, cache.length) if self.static else tiled
+        tiled = [np.repeat(v.numpy(), batch, axis=0) for v in values]  # once per request
+        return self._cache_of(batch, tiled, cache.length if self.static else 0)
+
+    def snapshot(self, cache):
+        """A prefix's cache in values of its own: with CUDA graphs, `cache` is the batch's kept buffers."""
+        if not self._graphs:
+            return cache
+        return StaticCache([self._on_device(v.numpy()) for v in cache.values], cache.length)
+
+    def _cache_of(self, batch: int, arrays: list[np.ndarray], length: int):
+        if not self._graphs:
+            values = [self._on_device(a) for a in arrays]
+            return StaticCache(values, length) if self.static else values
+        values = self._kept_buffers(batch)["cache"]
+        for value, array in zip(values, arrays):
+            value.update_inplace(array)
+        return StaticCache(values, length)
+
+    def _kept_buffers(self, batch: int) -> dict:
+        """The device buffers of one batch size's captured decode step: its cache, its inputs, its logits."""
+        if batch not in self._kept:
+            new = self._ort.OrtValue.ortvalue_from_shape_and_type
+            self._kept[batch] = {
+                "cache": [new((batch, p.shape[1], self._slots, p.shape[3]), self._dtype, "cuda", 0) for p in self.past],
+                "inputs": {name: new(shape, np.int64, "cuda", 0) for name, shape in (
+                    ("input_ids", (batch, 1)), ("position_ids", (batch, 1)), ("attention_mask", (batch, self._slots)),
+                    (CACHE_POSITION, (batch,)))},
+                "logits": new((batch, 1, self.vocab_size), np.float32, "cuda", 0)}
+        return self._kept[batch]
+
+    def _replayed_decode(self, input_ids, attention_mask, position_ids, cache: "StaticCache"):
+        """One decode step through the batch size's CUDA graph (captured on its first run, replayed after)."""
+        batch = input_ids.shape[0]
+        kept = self._kept_buffers(batch)
+        if cache.values is not kept["cache"]:
+            raise TrtglmError("internal: a captured decode step got a cache it was not captured with")
+        arrays = {"input_ids": input_ids, "position_ids": position_ids,
+                  **step_inputs(attention_mask, cache.length, self._slots)}
+        binding = self.session.io_binding()
+        for name, value in kept["inputs"].items():
+            value.update_inplace(np.ascontiguousarray(arrays[name], dtype=np.int64))
+            binding.bind_ortvalue_input(name, value)
+        for spec, name, value in zip(self.past, self.present, cache.values):
+            binding.bind_ortvalue_input(spec.name, value)
+            binding.bind_ortvalue_output(name, value)
+        binding.bind_ortvalue_output("logits", kept["logits"])
+        options = self._ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", str(batch))  # one graph per batch size (ids from 1)
+        self.session.run_with_iobinding(binding, options)
+        return kept["logits"].numpy(), StaticCache(cache.values, cache.length + 1)
 
     def forward(self, input_ids, attention_mask, position_ids, cache):
+        if self._graphs and input_ids.shape[1] == 1:
+            return self._replayed_decode(input_ids, attention_mask, position_ids, cache)
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
@@ -141,14 +202,17 @@ class OrtBackend:
             binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
             for name in self.present:
                 binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
+        options = self._ort.RunOptions()
+        if self._graphs:  # a prefill's length varies: run it, never capture it
+            options.add_run_config_entry("gpu_graph_id", "-1")
+        self.session.run_with_iobinding(binding, options)
         logits, *presents = binding.get_outputs()
         if self.static:
             return logits.numpy(), StaticCache(values, cache.length + input_ids.shape[1])
         return logits.numpy(), presents
 
 
-def _session_graph(onnx_path: Path, opts, cpu: bool) -> str | bytes:
+def _session_graph(onnx_path: Path, opts, cpu: bool, window_cache: bool = True) -> str | bytes:
     """What ONNX Runtime runs of `onnx_path`, rewritten in memory (the build's model.onnx is TensorRT's graph and
     stays as it is). A static cache's attention reads only the filled slots (cache_window.py). On the CPU, W8A8
     graphs (int8/fp8 Q/DQ, fp16 around) have no GEMM: it would dequantize every weight at every step (measured
@@ -161,7 +225,7 @@ def _session_graph(onnx_path: Path, opts, cpu: bool) -> str | bytes:
     from .integer_gemm import lower
 
     model = ir.load(onnx_path)  # the weights stay in the data file
-    changed = window(model)
+    changed = window(model) if window_cache else 0
     if cpu and any(node.op_type == "QuantizeLinear" for node in model.graph):
         opts.add_session_config_entry("session.disable_quant_qdq", "1")
         changed += lower(model)
@@ -186,27 +250,27 @@ def _cuda_usable(ort) -> bool:
 def open_backend(build_dir: str | Path, kind: str = "auto", threads: int = 0,
                  cuda_graphs: bool = False) -> tuple[Backend, str]:
     """The backend and a sentence saying which and why (auto: the engine when a GPU and TensorRT are there).
-    `cuda_graphs`: the engine's steps captured as CUDA graphs (TensorRT-RTX); refused on ONNX Runtime."""
+    `cuda_graphs`: decode steps captured as CUDA graphs, by TensorRT-RTX on the engine or by ONNX Runtime's CUDA
+    provider; both need a static KV cache."""
     build_dir = Path(build_dir)
-    if cuda_graphs and kind != "ort" and not _static_cache(read_manifest(build_dir)):
+    if cuda_graphs and not _static_cache(read_manifest(build_dir)):
         raise UsageError("--cuda-graphs needs a build with a static KV cache (trtglm build --kv-cache static): a "
                          "dynamic cache changes shape at every step, so no captured step would recur")
+    graphs = ", CUDA graphs" if cuda_graphs else ""
     if kind in ("auto", "trt"):
         from .trt_backend import TrtBackend, unavailable_reason
 
         reason = unavailable_reason(build_dir)
         if reason is None:
-            return TrtBackend(build_dir, cuda_graphs=cuda_graphs), "TensorRT engine" + (
-                ", CUDA graphs" if cuda_graphs else "")
+            return TrtBackend(build_dir, cuda_graphs=cuda_graphs), f"TensorRT engine{graphs}"
         if kind == "trt":
             raise TrtglmError(f"--backend trt: {reason}")
-        if cuda_graphs:
-            raise TrtglmError(f"--cuda-graphs needs the TensorRT engine: {reason}")
-        backend = OrtBackend.from_build(build_dir, threads=threads)
-        return backend, f"ONNX Runtime ({backend.device}) over model.onnx, because {reason}"
+        try:
+            backend = OrtBackend.from_build(build_dir, threads=threads, cuda_graphs=cuda_graphs)
+        except TrtglmError as e:
+            raise TrtglmError(f"{e} (and the TensorRT engine cannot run here: {reason})") from None
+        return backend, f"ONNX Runtime ({backend.device}{graphs}) over model.onnx, because {reason}"
     if kind == "ort":
-        if cuda_graphs:
-            raise UsageError("--cuda-graphs applies to the TensorRT engine, not to --backend ort")
-        backend = OrtBackend.from_build(build_dir, threads=threads)
-        return backend, f"ONNX Runtime ({backend.device}) over model.onnx"
+        backend = OrtBackend.from_build(build_dir, threads=threads, cuda_graphs=cuda_graphs)
+        return backend, f"ONNX Runtime ({backend.device}{graphs}) over model.onnx"
     raise TrtglmError(f"unknown backend {kind!r}: auto, trt or ort")

@@ -278,8 +278,8 @@ def _sampling_options(f):
 
 _cuda_graphs_option = click.option(
     "--cuda-graphs", is_flag=True,
-    help="Capture the engine's steps as CUDA graphs and replay them when a shape recurs (every decode step of a "
-         "static cache): fewer kernel launches. TensorRT-RTX engines only.")
+    help="Capture decode steps as CUDA graphs and replay them (a static-cache build: every decode step has the "
+         "same shapes): one launch per step. TensorRT-RTX engines, or ONNX Runtime's CUDA provider.")
 
 
 @cli.command("run")
