@@ -82,7 +82,8 @@ class OrtBackend:
         if device in ("auto", "cuda") and _cuda_usable(ort):
             # fp32 means fp32: the CUDA provider's default TF32 matmuls move an fp32 graph's logits by ~1e-2
             # (H100, measured), 100x the export's own tolerance against transformers.
-            providers.insert(0, ("CUDAExecutionProvider", {"use_tf32": "0"} | ({"enable_cuda_graph": "1"} if cuda_graphs else {})))
+            options = {"use_tf32": "0"} | ({"enable_cuda_graph": "1"} if cuda_graphs else {})
+            providers.insert(0, ("CUDAExecutionProvider", options))
         elif device == "cuda":
             raise TrtglmError("--device cuda: ONNX Runtime has no usable CUDA provider here")
         if cuda_graphs and len(providers) == 1:
