@@ -333,12 +333,13 @@ def test_ort_runs_int8_as_integer_gemms(graphs, e32):
     assert lower(ir.load(graphs["int8"] / "model.onnx")) == manifest["precision"]["quantized_nodes"] == 16
     ids = np.array([list(range(3, 3000, 47))])  # 64 tokens
     args = (ids, np.ones_like(ids), np.arange(ids.shape[1])[None])
-    backend, fp32 = OrtBackend(graphs["int8"] / "model.onnx"), OrtBackend(e32 / "model.onnx")
+    # the CPU provider's lowering (on a GPU machine OrtBackend would take the CUDA provider, which keeps Q/DQ)
+    backend, fp32 = OrtBackend(graphs["int8"] / "model.onnx", device="cpu"), OrtBackend(e32 / "model.onnx", device="cpu")
     integer = backend.forward(*args, backend.new_cache(1))[0]
     ref = fp32.forward(*args, fp32.new_cache(1))[0]
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    plain = OrtBackend(graphs["int8"] / "model.onnx")  # the backend's feeding, over the graph exactly as built
+    plain = OrtBackend(graphs["int8"] / "model.onnx", device="cpu")  # its feeding, over the graph as built
     plain.session = ort.InferenceSession(str(graphs["int8"] / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     dequantized = plain.forward(*args, plain.new_cache(1))[0]
 
