@@ -92,18 +92,27 @@ def interleaved(runners: dict, rounds: int) -> dict[str, dict]:
             for label, rs in results.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str, prompt: int, new: int) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=".bench")
-    ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=prompt)
+    ap.add_argument("--new", type=int, default=new)
     ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
-    work = Path(args.workdir) / "runtime"
+    return ap.parse_args()
+
+
+def model_136m(work: Path) -> tuple[dict, Path]:
+    """The issue's random-weight GLM-4 shape (hidden 768, 12 layers, 12/2 heads, vocab 32000), in a fresh WORK."""
     shutil.rmtree(work, ignore_errors=True)
     config = glm4_config(hidden=768, layers=12, heads=12, kv_heads=2, intermediate=2560, vocab=32000, head_dim=64,
                          max_positions=2048)
-    ckpt = write_random_checkpoint(work / "ckpt", {**config, "torch_dtype": "float32"}, dtype="fp32")
+    return config, write_random_checkpoint(work / "ckpt", {**config, "torch_dtype": "float32"}, dtype="fp32")
+
+
+def main() -> None:
+    args = arguments(__doc__, prompt=32, new=64)
+    work = Path(args.workdir) / "runtime"
+    config, ckpt = model_136m(work)
     for name in ("tokenizer.json", "tokenizer_config.json"):  # for calibration only
         shutil.copy2(Path(__file__).resolve().parent.parent / "models" / "tiny-glm4" / name, ckpt / name)
     prompt = np.random.default_rng(0).integers(3, 32000, args.prompt).tolist()

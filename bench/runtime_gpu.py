@@ -13,9 +13,7 @@ the H100/H200 this was written on (sm90), and on an RTX GPU `trtglm bench BUILD 
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -23,12 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime import interleaved
+from runtime import arguments, interleaved, model_136m
 from trtglm.backends import OrtBackend
 from trtglm.build import build
 from trtglm.export import export
 from trtglm.generate import generate
-from trtglm.synthetic import glm4_config, write_random_checkpoint
 
 BUILDS = {"default build": {}, "static KV cache": {"kv_cache": "static"}, "last-position logits": {"logits": "last"}}
 
@@ -79,19 +76,11 @@ def decode_profile(build_dir: Path, prompt: list[int], prefix: Path) -> tuple[fl
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default=".bench")
-    ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
+    args = arguments(__doc__, prompt=128, new=128)
     if not torch.cuda.is_available():
         raise SystemExit("bench/runtime_gpu.py: needs a GPU and a CUDA build of torch")
-    work = Path(args.workdir) / "runtime_gpu"
-    shutil.rmtree(work, ignore_errors=True)
-    config = glm4_config(hidden=768, layers=12, heads=12, kv_heads=2, intermediate=2560, vocab=32000, head_dim=64,
-                         max_positions=2048)
-    ckpt = write_random_checkpoint(work / "ckpt", {**config, "torch_dtype": "float32"}, dtype="fp32")
+    config, ckpt = model_136m(Path(args.workdir) / "runtime_gpu")
+    work = ckpt.parent
     rng = np.random.default_rng(0)
     prompts = {b: rng.integers(3, 32000, (b, args.prompt)).tolist() for b in (1, 8)}
     runners, agreement, profiles = {}, {}, {}
