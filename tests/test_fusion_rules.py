@@ -97,9 +97,9 @@ def rope_feeds():
             "position_ids": np.array([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]], np.int64)}
 
 
-def strided_rope(g, x, position_ids, c):
+def strided_rope(g, x, position_ids, c, sized=lambda t: t):
     """The torch.stack((-x2, x1), -1).flatten(-2) form of the interleaved rotation."""
-    cos, sin = G._rope_tables(g, c, position_ids)
+    cos, sin = (sized(t) for t in G._rope_tables(g, c, position_ids))
     rot = c.rotary_dim
     x_rot = g.op("Slice", x, g.const([0], np.int64), g.const([rot], np.int64), g.const([-1], np.int64))
     x1 = g.op("Slice", x_rot, g.const([0], np.int64), g.const([rot], np.int64), g.const([-1], np.int64), g.const([2], np.int64))
@@ -161,6 +161,17 @@ def test_rotary_refuses_a_table_that_does_not_match_the_rotation():
     assert report.fused["rotary"] == 0
 
 
+def test_rotary_refuses_tables_that_mix_the_batch_rows():
+    """A table computed from the first row's positions and broadcast to every row is no per-position table."""
+    def build(g, x, p):
+        def first_row(t):
+            return g.op("Expand", g.op("Slice", t, g.const([0], np.int64), g.const([1], np.int64),
+                                       g.const([0], np.int64)), g.op("Shape", t))
+        return strided_rope(g, x, p, config(), first_row)
+    model = micro(build, {"x": (F32, ("batch", H, "seq", D)), "position_ids": (I64, ("batch", "seq"))})
+    assert fuse(model, max_positions=64, strict=False, fusions=frozenset({"rotary"})).fused["rotary"] == 0
+
+
 def test_rotary_refuses_tables_that_depend_on_another_input():
     c = config()
 
@@ -169,6 +180,26 @@ def test_rotary_refuses_tables_that_depend_on_another_input():
         return G._apply_rope(g, c, x, g.op("Mul", cos, scale), sin)
     model = micro(build, {**rope_inputs(), "scale": (F32, (1,))})
     assert fuse(model, max_positions=64, strict=False, fusions=frozenset({"rotary"})).fused["rotary"] == 0
+
+
+def test_rotary_tables_may_read_another_inputs_shape():
+    """torch's dynamo exporter (transformers 5.17's GLM-4) sizes cos/sin with a dimension read off another
+    input, the KV cache's batch: only its Shape is read, so the tables still depend on position_ids alone."""
+    def build(g, x, p, past):
+        def repeat_interleave(t):  # as the exporter writes t[..., ::2].repeat_interleave(2, -1), sized off past
+            half = g.op("Unsqueeze", g.op("Slice", t, g.const([0], np.int64), g.const([8], np.int64),
+                                          g.const([-1], np.int64), g.const([2], np.int64)), g.const([-1], np.int64))
+            pairs = g.op("Concat", g.op("Shape", past, start=0, end=1), g.op("Shape", half, start=1, end=-1),
+                         g.const([2], np.int64), axis=0)
+            return g.op("Reshape", g.op("Expand", half, pairs), g.const([0, 0, 0, 8], np.int64))
+        return strided_rope(g, x, p, config(), repeat_interleave)
+    model = micro(build, {"x": (F32, ("batch", H, "seq", D)), "position_ids": (I64, ("batch", "seq")),
+                          "past": (F32, ("batch", 2, "past", D))})
+    before, report = fused(model, ["rotary", "rotary_keys"])
+    assert report.fused["rotary"] == 1
+    node = next(n for n in model.graph if n.op_type == "RotaryEmbedding")
+    assert node.inputs[3].name == "position_ids" and node.inputs[1].const_value.shape == (64, 4)
+    assert_same(before, model, rope_feeds() | {"past": np.zeros((B, 2, 3, D), np.float32)})
 
 
 def test_rotary_tables_are_shared_between_layers():

@@ -10,10 +10,11 @@
 
     ==>  RotaryEmbedding(x, cos_cache, sin_cache, position_ids, interleaved, rotary_embedding_dim=rot)
 
-cos and sin may be computed any way from position_ids alone: the check evaluates that subgraph
-for positions 0..max_positions-1 and accepts it only if it is a rotary table (each frequency
-repeated in pairs, or in halves for rotate-half, and cos^2 + sin^2 = 1). The resulting
-[max_positions, rot/2] caches are shared by every layer.
+cos and sin may be computed any way from position_ids alone (other inputs only through their Shape, as
+torch's dynamo exporter reads dynamic dimensions): the check evaluates that subgraph for positions
+0..max_positions-1 and accepts it only if it is a rotary table (each frequency repeated in pairs, or in
+halves for rotate-half, and cos^2 + sin^2 = 1). The resulting [max_positions, rot/2] caches are shared by
+every layer.
 
 With keys=False only queries are fused: TensorRT-RTX 1.7 fails inside Myelin ("ssa.cpp CHECK
 failed ... proxy-HOST") building any profile with a non-empty past when a RotaryEmbedding output
@@ -104,27 +105,42 @@ class Rotary(pattern.RewriteRuleClassBase):
 
     def _tables(self, cos: ir.Value, sin: ir.Value, rot: int):
         """[max_positions, rot/2] cos and sin caches, or the reason they cannot be had."""
-        _, inputs_c = ancestors(cos)
-        _, inputs_s = ancestors(sin)
-        inputs = inputs_c | inputs_s
-        if len(inputs) != 1:
-            return f"cos/sin depend on {sorted(i.name for i in inputs)}, not on position_ids alone"
-        (position_ids,) = inputs
+        nodes_c, inputs_c = ancestors(cos)
+        nodes_s, inputs_s = ancestors(sin)
+        inputs, nodes = inputs_c | inputs_s, set(nodes_c) | set(nodes_s)
+        # inputs read only through Shape (an exporter's dynamic dims, e.g. the batch size taken off the KV cache)
+        shape_only = {i for i in inputs if all(u.node.op_type == "Shape" for u in i.uses() if u.node in nodes)}
+        if len(inputs - shape_only) != 1:
+            return f"cos/sin depend on {sorted(i.name for i in inputs - shape_only)}, not on position_ids alone"
+        (position_ids,) = inputs - shape_only
         if position_ids.dtype not in (ir.DataType.INT64, ir.DataType.INT32) or position_ids.shape is None \
                 or position_ids.shape.rank() != 2:
             return f"cos/sin come from {position_ids.name}, which is not [batch, seq] integer positions"
         key = (cos, sin)
         if key in self._caches:
             return self._caches[key]
-        positions = np.arange(self.max_positions, dtype=position_ids.dtype.numpy())[None, :]
+        # rows of positions 0..P-1 and P-1..0: a table is a function of each position, whatever the row
+        rows = position_ids.shape[0] if isinstance(position_ids.shape[0], int) else 2
+        ramp = np.arange(self.max_positions, dtype=position_ids.dtype.numpy())
+        positions = np.stack([ramp if r % 2 == 0 else ramp[::-1] for r in range(rows)])
+        feeds = {position_ids: positions}
+        for value in shape_only:
+            if value.shape is None:
+                return f"cos/sin read the shape of {value.name}, which is unknown"
+            feeds[value] = np.zeros(_stand_in_shape(value.shape, position_ids.shape, positions.shape),
+                                    value.dtype.numpy())
         try:
-            c, s = evaluate([cos, sin], {position_ids: positions}, self.opset)
+            c, s = evaluate([cos, sin], feeds, self.opset)
         except Exception as e:  # noqa: BLE001 - any failure means "not a table we understand"
             return f"cos/sin could not be evaluated from position_ids ({e})"
         c, s = c.astype(np.float32), s.astype(np.float32)
-        if c.size != self.max_positions * rot or c.shape[-1] != rot:
-            return f"cos table has shape {list(c.shape)}, expected [.., {self.max_positions}, {rot}]"
-        c, s = c.reshape(self.max_positions, rot), s.reshape(self.max_positions, rot)
+        if c.size != positions.size * rot or c.shape[-1] != rot:
+            return f"cos table has shape {list(c.shape)}, expected [{rows}, .., {self.max_positions}, {rot}]"
+        c, s = c.reshape(rows, self.max_positions, rot), s.reshape(rows, self.max_positions, rot)
+        if not all(np.allclose(t[r], t[0] if r % 2 == 0 else t[0][::-1], atol=1e-6) for t in (c, s)
+                   for r in range(rows)):
+            return "cos/sin of a row are not its own positions' (they mix the batch's rows)"
+        c, s = c[0], s[0]
         halves = (c[:, 0::2], c[:, 1::2], s[:, 0::2], s[:, 1::2]) if self.rotate != "half" else \
             (c[:, : rot // 2], c[:, rot // 2:], s[:, : rot // 2], s[:, rot // 2:])
         if not (np.array_equal(halves[0], halves[1]) and np.array_equal(halves[2], halves[3])):
@@ -141,6 +157,14 @@ class Rotary(pattern.RewriteRuleClassBase):
             x, op.Constant(value=ir.tensor(cos_cache.astype(dtype))), op.Constant(value=ir.tensor(sin_cache.astype(dtype))),
             position_ids, interleaved=int(self.rotate != "half"),
             rotary_embedding_dim=0 if rot == x.shape[3] else rot)
+
+
+def _stand_in_shape(shape: ir.Shape, positions: ir.Shape, fed: tuple[int, int]) -> tuple[int, ...]:
+    """The shape of an input whose shape alone feeds cos/sin, for evaluating them over the positions fed:
+    position_ids' batch and sequence dimensions take the fed sizes, any other unknown dimension (a past
+    length) 0. The table checks that follow reject a wrong guess."""
+    sizes = {positions[0]: fed[0], positions[1]: fed[1]}
+    return tuple(d if isinstance(d, int) else sizes.get(d, 0) for d in shape)
 
 
 def feeds_kv_cache(value: ir.Value) -> bool:
