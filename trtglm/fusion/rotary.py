@@ -11,9 +11,10 @@
     ==>  RotaryEmbedding(x, cos_cache, sin_cache, position_ids, interleaved, rotary_embedding_dim=rot)
 
 cos and sin may be computed any way from position_ids alone (other inputs only through their Shape, as
-torch's dynamo exporter reads dynamic dimensions): the check evaluates that subgraph for positions
-0..max_positions-1 and accepts it only if it is a rotary table (each frequency repeated in pairs, or in
-halves for rotate-half, and cos^2 + sin^2 = 1). The resulting [max_positions, rot/2] caches are shared by
+torch's dynamo exporter reads dynamic dimensions): the check evaluates that subgraph for the rows of
+positions 0..max_positions-1 and max_positions-1..0, and accepts it only if each row's table is its own
+positions' and a rotary table (each frequency repeated in pairs, or in halves for rotate-half, and
+cos^2 + sin^2 = 1). The resulting [max_positions, rot/2] caches are shared by
 every layer.
 
 With keys=False only queries are fused: TensorRT-RTX 1.7 fails inside Myelin ("ssa.cpp CHECK
