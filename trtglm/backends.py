@@ -30,6 +30,8 @@ class Backend(Protocol):
 
     def expand_cache(self, cache, batch: int): ...
 
+    def snapshot(self, cache): ...  # the cache where later steps cannot overwrite it (prefix reuse)
+
     def close(self) -> None: ...
 
 

@@ -40,8 +40,7 @@ def make_prefix(backend, ids: list[int]) -> Prefix:
     cache = backend.new_cache(1)
     n = len(ids)
     _, cache = backend.forward(np.array([ids]), np.ones((1, n), np.int64), np.arange(n)[None], cache)
-    snapshot = getattr(backend, "snapshot", None)  # device buffers are reused by later steps: keep a copy
-    return Prefix(list(ids), snapshot(cache) if snapshot else cache)
+    return Prefix(list(ids), backend.snapshot(cache))  # a backend reusing its buffers hands out a copy
 
 
 def generate(backend, prompts: list[list[int]], *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
