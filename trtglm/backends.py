@@ -113,6 +113,9 @@ class OrtBackend:
         self._ort = ort
         self._graphs = cuda_graphs
         self._kept: dict[int, dict[str, object]] = {}  # batch -> device buffers of its captured decode step
+        self._uncaptured = None  # run options of the steps that run as they are (all, without CUDA graphs)
+        if cuda_graphs:  # a prefill's length varies: run it, never capture it
+            self._uncaptured = self._run_options("-1")
 
     @classmethod
     def from_build(cls, build_dir: str | Path, threads: int = 0, **options) -> "OrtBackend":
@@ -162,8 +165,14 @@ class OrtBackend:
                 "inputs": {name: new(shape, np.int64, "cuda", 0) for name, shape in (
                     ("input_ids", (batch, 1)), ("position_ids", (batch, 1)), ("attention_mask", (batch, self._slots)),
                     (CACHE_POSITION, (batch,)))},
-                "logits": new((batch, 1, self.vocab_size), np.float32, "cuda", 0)}
+                "logits": new((batch, 1, self.vocab_size), np.float32, "cuda", 0),
+                "options": self._run_options(str(batch))}  # one graph per batch size (ids from 1)
         return self._kept[batch]
+
+    def _run_options(self, graph_id: str):
+        options = self._ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", graph_id)
+        return options
 
     def _replayed_decode(self, input_ids, attention_mask, position_ids, cache: "StaticCache"):
         """One decode step through the batch size's CUDA graph (captured on its first run, replayed after)."""
@@ -181,9 +190,7 @@ class OrtBackend:
             binding.bind_ortvalue_input(spec.name, value)
             binding.bind_ortvalue_output(name, value)
         binding.bind_ortvalue_output("logits", kept["logits"])
-        options = self._ort.RunOptions()
-        options.add_run_config_entry("gpu_graph_id", str(batch))  # one graph per batch size (ids from 1)
-        self.session.run_with_iobinding(binding, options)
+        self.session.run_with_iobinding(binding, kept["options"])
         return kept["logits"].numpy(), StaticCache(cache.values, cache.length + 1)
 
     def forward(self, input_ids, attention_mask, position_ids, cache):
@@ -205,10 +212,7 @@ class OrtBackend:
             binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
             for name in self.present:
                 binding.bind_output(name, self.device)
-        options = self._ort.RunOptions()
-        if self._graphs:  # a prefill's length varies: run it, never capture it
-            options.add_run_config_entry("gpu_graph_id", "-1")
-        self.session.run_with_iobinding(binding, options)
+        self.session.run_with_iobinding(binding, self._uncaptured)
         logits, *presents = binding.get_outputs()
         if self.static:
             return logits.numpy(), StaticCache(values, cache.length + input_ids.shape[1])
