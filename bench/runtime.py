@@ -68,12 +68,10 @@ def transformers_runner(ckpt: Path, prompt: list[int], new: int):
     return run
 
 
-def ort_runner(build_dir: Path, prompt: list[int], new: int):
-    backend = OrtBackend.from_build(build_dir)
-
+def ort_runner(backend: OrtBackend, prompts: list[list[int]], new: int):
     def run() -> dict:
-        generate(backend, [prompt], max_new_tokens=4)
-        r = generate(backend, [prompt], max_new_tokens=new)
+        generate(backend, prompts, max_new_tokens=4)
+        r = generate(backend, prompts, max_new_tokens=new)
         return {"ttft_ms": 1000 * r.prefill_seconds, "decode_tok_s": r.decode_tokens_per_second, "tokens": r.tokens[0]}
 
     return run
@@ -129,7 +127,8 @@ def main() -> None:
             out = work / f"build-{dtype}-{variant}"
             build(work / f"export-{dtype}", out, onnx_only=True, overrides={"shapes": shapes})
             label = f"trtglm run --backend ort, {dtype} export, {label}"
-            runners[label], read[label] = ort_runner(out, prompt, args.new), weight_bytes[dtype]
+            runners[label] = ort_runner(OrtBackend.from_build(out), [prompt], args.new)
+            read[label] = weight_bytes[dtype]
     read["transformers generate (sdpa, fp32)"] = weight_bytes["fp32"]
     for dtype, lm_head in (("fp16", False), ("int8", False), ("int4", False), ("int8", True), ("int4", True)):
         out = work / f"build-{dtype}-from-fp32{'-lm-head' if lm_head else ''}"
@@ -137,7 +136,8 @@ def main() -> None:
               overrides={"precision": {"dtype": dtype, "quantization": {"lm_head": lm_head}},
                          "calibration": {"samples": 16, "seq_len": 128}})
         label = f"trtglm run --backend ort, `build --{dtype}` of the fp32 export{', lm_head quantized' if lm_head else ''}"
-        runners[label], read[label] = ort_runner(out, prompt, args.new), (out / "model.onnx.data").stat().st_size
+        runners[label] = ort_runner(OrtBackend.from_build(out), [prompt], args.new)
+        read[label] = (out / "model.onnx.data").stat().st_size
     rows = interleaved(runners, args.rounds)
     bandwidth = read_bandwidth_gbs()
     embedding = config["vocab_size"] * config["hidden_size"]  # one row of it is read per token

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime import arguments, interleaved, model_136m
+from runtime import arguments, interleaved, model_136m, ort_runner
 from trtglm.backends import OrtBackend
 from trtglm.build import build
 from trtglm.export import export
@@ -53,13 +53,10 @@ def transformers_runner(ckpt: Path, dtype: torch.dtype, prompts: list[list[int]]
     return run
 
 
-def ort_runner(backend: OrtBackend, prompts: list[list[int]], new: int):
-    def run() -> dict:
-        generate(backend, prompts, max_new_tokens=4)
-        r = generate(backend, prompts, max_new_tokens=new)
-        return {"ttft_ms": 1000 * r.prefill_seconds, "decode_tok_s": r.decode_tokens_per_second, "tokens": None}
-
-    return run
+def share_equal(a: list[list[int]], b: list[list[int]]) -> float:
+    """The share of token positions where two generations agree."""
+    pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+    return sum(x == y for x, y in pairs) / len(pairs)
 
 
 def decode_profile(build_dir: Path, prompt: list[int], prefix: Path) -> tuple[float, dict[str, float]]:
@@ -94,13 +91,12 @@ def main() -> None:
                 raise SystemExit("bench/runtime_gpu.py: ONNX Runtime has no usable CUDA provider here")
             short = rng.integers(3, 32000, (3, 24)).tolist()
             g, c = (generate(b, short, max_new_tokens=16).tokens for b in (gpu, cpu))
-            agreement[f"{dtype} {label}"] = sum(x == y for rg, rc in zip(g, c) for x, y in zip(rg, rc)) / (16 * 3)
+            agreement[f"{dtype} {label}"] = share_equal(g, c)
             variants = {label: gpu}
             if label == "static KV cache":  # decode steps captured and replayed (`--cuda-graphs`)
                 variants[f"{label}, CUDA graphs"] = OrtBackend.from_build(out, cuda_graphs=True)
                 replayed = generate(variants[f"{label}, CUDA graphs"], short, max_new_tokens=16).tokens
-                agreement[f"{dtype} {label}, CUDA graphs (vs without)"] = sum(
-                    x == y for rr, rg in zip(replayed, g) for x, y in zip(rr, rg)) / (16 * 3)
+                agreement[f"{dtype} {label}, CUDA graphs (vs without)"] = share_equal(replayed, g)
             for name, backend in variants.items():
                 for b, batch_prompts in prompts.items():
                     runners[f"trtglm run --backend ort (cuda), {dtype} export, {name}, batch {b}"] = ort_runner(
