@@ -124,18 +124,27 @@ def test_auto_backend_says_why_it_fell_back(builds):
         open_backend(builds["glm"], "trt")
 
 
+def cuda_provider_usable() -> bool:
+    import onnxruntime as ort
+
+    from trtglm.backends import _cuda_usable
+
+    return _cuda_usable(ort)
+
+
+def skip_without_cuda_provider() -> None:
+    if not cuda_provider_usable():
+        pytest.skip("ONNX Runtime has no usable CUDA provider here (needs onnxruntime-gpu and a GPU)")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_cuda_provider_keeps_the_cache_on_the_gpu_and_generates_like_the_cpu(exports, cache, tmp_path):
     """onnxruntime-gpu: KV caches in CUDA memory (a static one written in place, step after step) and the
     CPU provider's greedy tokens (fp32 graph, TF32 off)."""
-    import onnxruntime as ort
-
     from models import left_padded
-    from trtglm.backends import _cuda_usable
 
-    if not _cuda_usable(ort):
-        pytest.skip("ONNX Runtime has no usable CUDA provider here (needs onnxruntime-gpu and a GPU)")
+    skip_without_cuda_provider()
     build(exports["glm4"], tmp_path / "b", onnx_only=True, overrides={"shapes": {"kv_cache": cache}})
     gpu, cpu = OrtBackend.from_build(tmp_path / "b"), OrtBackend.from_build(tmp_path / "b", device="cpu")
     assert gpu.device == "cuda"
@@ -154,12 +163,7 @@ def test_cuda_provider_keeps_the_cache_on_the_gpu_and_generates_like_the_cpu(exp
 def test_cuda_graph_replays_generate_what_plain_steps_do(exports, tmp_path):
     """ONNX Runtime's CUDA graphs: each batch size's decode step captured once and replayed with new inputs, a
     new cache and a prefix's cache, with the tokens of uncaptured steps."""
-    import onnxruntime as ort
-
-    from trtglm.backends import _cuda_usable
-
-    if not _cuda_usable(ort):
-        pytest.skip("ONNX Runtime has no usable CUDA provider here (needs onnxruntime-gpu and a GPU)")
+    skip_without_cuda_provider()
     build(exports["glm4"], tmp_path / "b", onnx_only=True, overrides={"shapes": {"kv_cache": "static"}})
     graphs = OrtBackend.from_build(tmp_path / "b", cuda_graphs=True)
     plain = OrtBackend.from_build(tmp_path / "b")
@@ -345,14 +349,10 @@ def test_run_prefix_equals_full_prompts(text_build):
 
 
 def test_cuda_graphs_on_onnx_runtime_need_its_cuda_provider(text_build, tmp_path):
-    import onnxruntime as ort
-
-    from trtglm.backends import _cuda_usable
-
     build(text_build.parent / "e", tmp_path / "static", onnx_only=True, overrides={"shapes": {"kv_cache": "static"}})
     r = cli("bench", str(tmp_path / "static"), "--backend", "ort", "--cuda-graphs", "--input-len", "8",
             "--output-len", "4")
-    if _cuda_usable(ort):
+    if cuda_provider_usable():
         assert r.returncode == 0 and "ONNX Runtime (cuda, CUDA graphs)" in r.stderr, r.stderr
     else:
         assert r.returncode == 1 and "Traceback" not in r.stderr
