@@ -135,7 +135,8 @@ def test_engine_uses_tensorrts_kv_cache_update_layer(checkpoints, tmp_path):
     m = build(tmp_path / "e", tmp_path / "b", overrides={"shapes": shapes}, use_cache=False)
     layers = json.loads((tmp_path / "b" / "layers.json").read_text())
     types = layers["network_layer_types"]
-    assert types["KV_CACHE_UPDATE"] == 4 and types["ATTENTION_INPUT"] == 2
+    assert types["KV_CACHE_UPDATE"] == 4  # one profile: attention decomposed for Myelin (engine_graph.py)
+    assert m["engine_graph"]["attention"] == "decomposed" and "ATTENTION_INPUT" not in types
     # keys rotated by RotaryEmbedding feeding the cache update: builds (feeding a cache Concat it does not, README)
     assert types["ROTARY_EMBEDDING"] == 4 and "rotary_keys" in m["fusion"]["fusions"]
     assert any("mha" in layer["name"] for layer in layers["engine_layers"])

@@ -1,7 +1,7 @@
 """`trtglm build`: export dir + recipe -> fused graph -> TensorRT engine -> BUILD_DIR.
 
     EXPORT_DIR ─ recipe ─ checks (precision, targets, shapes) ─ cache? ─ fuse ─ engine ─> BUILD_DIR/
-        model.engine  model.onnx(+.data)  manifest.json  layers.json  build.log  tokenizer files
+        model.engine  model.onnx(+.data)  [engine.onnx]  manifest.json  layers.json  build.log  tokenizer files
 
 The cache key hashes what determines the result: the export's graph and weights (their sha256),
 the resolved recipe, the backend and its version, and trtglm's version (fusion is deterministic).
@@ -24,6 +24,7 @@ from .export import DATA_FILE, META_FILE, ONNX_FILE, sha256, tool_versions
 from .recipe import Recipe, load_recipe
 
 MANIFEST_FILE, ENGINE_FILE, LAYERS_FILE, LOG_FILE = "manifest.json", "model.engine", "layers.json", "build.log"
+ENGINE_ONNX_FILE = "engine.onnx"  # the graph the engine is built from, where it is not model.onnx (engine_graph.py)
 MANIFEST_VERSION = 1
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 2, "int4": 2, "fp8": 2}  # KV cache element (quantized: fp16)
 
@@ -251,7 +252,7 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
     if not onnx_only:
         manifest.update(_engine_step(tmp, meta, manifest["io"], r, dtype, progress))
     manifest["files"] = {"sha256": {p.name: sha256(p) for p in sorted(tmp.iterdir())
-                                    if p.name in (ONNX_FILE, DATA_FILE, ENGINE_FILE)}}
+                                    if p.name in (ONNX_FILE, DATA_FILE, ENGINE_FILE, ENGINE_ONNX_FILE)}}
     manifest["build_seconds"] = round(time.perf_counter() - started, 2)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -312,6 +313,7 @@ def _release(model) -> None:
 
 def _engine_step(tmp: Path, meta: dict | None, io: dict | None, r: Recipe, dtype: str, progress) -> dict:
     from .engine import build_engine, plan_shapes
+    from .engine_graph import attention_form, write_engine_graph
 
     if meta is None:
         raise UsageError("an engine build needs the export's export.json (IO spec and config)",
@@ -328,8 +330,19 @@ def _engine_step(tmp: Path, meta: dict | None, io: dict | None, r: Recipe, dtype
         if progress:
             progress.update(task, description=f"TensorRT: {phase}", completed=step, total=total or None)
 
-    engine = build_engine(tmp / ONNX_FILE, profiles=plan.profiles, builder=r.builder, dtype=dtype, on_step=on_step,
-                          timing_cache=default_cache_dir().parent / f"timing-{r.builder.backend}.cache")
+    graph = {"file": ONNX_FILE, "attention": "layer"}
+    if attention_form(r.builder.attention, len(plan.profiles)) == "decomposed":
+        lowered = write_engine_graph(tmp / ONNX_FILE, tmp / ENGINE_ONNX_FILE)
+        if lowered["kept"] and r.builder.attention == "decomposed":
+            raise TrtglmError(f"builder.attention: decomposed, but {lowered['kept']} of {lowered['attention_ops']} "
+                              "Attention ops have a form engine_graph.py does not decompose (not 4-D, or attributes "
+                              "other than scale)", hint="use builder.attention: auto or layer")
+        if lowered["decomposed"]:
+            graph = lowered
+        else:
+            (tmp / ENGINE_ONNX_FILE).unlink()
+    engine = build_engine(tmp / graph["file"], profiles=plan.profiles, builder=r.builder, dtype=dtype,
+                          on_step=on_step, timing_cache=default_cache_dir().parent / f"timing-{r.builder.backend}.cache")
     if progress:
         progress.remove_task(task)
     (tmp / ENGINE_FILE).write_bytes(engine.plan)
@@ -341,6 +354,7 @@ def _engine_step(tmp: Path, meta: dict | None, io: dict | None, r: Recipe, dtype
         "targets": list(r.builder.targets),
         "profiles": [{name: [list(s) for s in shapes] for name, shapes in p.items()} for p in plan.profiles],
         "profile_names": ["prefill", "decode"] if len(plan.profiles) == 2 else ["prefill+decode"],
+        "engine_graph": graph,
         "estimate": {"weights_bytes": weights, "kv_cache_bytes": plan.kv_cache_bytes,
                      "activation_bytes": plan.activation_bytes},
         "engine": {"bytes": len(engine.plan), "network_layers": engine.network_layers,

@@ -167,8 +167,14 @@ def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, m
         how = "cache hit" if c.get("hit") else f"built in {e['tensorrt_build_seconds']:.1f} s"
         click.echo(f"engine: {manifest['backend']['name']} {manifest['backend']['version']}, "
                    f"{', '.join(manifest['targets'])}, {manifest['precision']['dtype']}, "
-                   f"{e['bytes'] / 1e6:.1f} MB, {e['kernels']} kernels ({how})")
+                   f"{e['bytes'] / 1e6:.1f} MB, {e['kernels']} kernels ({how}), {_attention(manifest)}")
     click.echo(f"written to {out_dir}")
+
+
+def _attention(m: dict) -> str:
+    g = m.get("engine_graph") or {"attention": "layer"}
+    return (f"attention decomposed for Myelin ({g['file']})" if g["attention"] == "decomposed"
+            else "attention as TensorRT's attention layer")
 
 
 def _graph_line(g: dict) -> str:
@@ -232,7 +238,8 @@ def _summary(info: dict) -> list[str]:
     if info.get("engine"):
         e = info["engine"]
         lines.append(f"engine: {info['backend']['name']} {info['backend']['version']} for {', '.join(info['targets'])}, "
-                     f"{e['bytes'] / 1e6:.1f} MB, {e['kernels']} kernels, {e['network_layers']} network layers")
+                     f"{e['bytes'] / 1e6:.1f} MB, {e['kernels']} kernels, {e['network_layers']} network layers, "
+                     + _attention(info))
         lines.append("engine layer types: " + ", ".join(f"{k} {v}" for k, v in info.get("engine_layer_types", {}).items()))
         if info.get("gemm_datatypes"):
             lines.append("GEMMs (activations x weights): "

@@ -104,6 +104,10 @@ class BuilderSection(_Section):
     tiling_level: Literal["none", "fast", "moderate", "full"] = "none"
     max_aux_streams: int | None = Field(None, ge=0)
     weight_streaming: bool = False
+    # the form TensorRT gets each fused Attention op in (engine_graph.py): layer = the op as is (TensorRT's
+    # IAttention), decomposed = MatMul-Softmax-MatMul with K/V repeated together, which Myelin fuses into its own
+    # attention kernel with fewer kernels around it in one profile; auto = decomposed for one profile, layer for split
+    attention: Literal["auto", "layer", "decomposed"] = "auto"
     profiling_verbosity: Literal["none", "layer_names_only", "detailed"] = "detailed"
 
     @field_validator("targets", mode="before")

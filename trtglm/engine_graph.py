@@ -1,0 +1,118 @@
+"""model.onnx -> engine.onnx, the graph a one-profile TensorRT engine is built from: attention unfused again.
+
+TensorRT's IAttention layer (what the parser makes of an `Attention` op) costs kernels in a
+one-profile engine, whose single kernel list is the prefill's (bench/fusion.py, TensorRT-RTX 1.7,
+SM89): its prefill kernel reads K/V repeated to every query head and writes [B,H,S,D], so a
+separate kernel repeats each of K and V, and another moves the output into o_proj's layout.
+Written out as MatMul-Softmax-MatMul, Myelin fuses the same attention into its own mha kernel,
+reads o_proj's layout directly, and with K and V stacked repeats both in the kernel that
+updates the cache: 10 kernels per layer against IAttention's 12 and the plain export's 11.
+
+    K [B,KV,T,D] ─ Unsqueeze(1) ─┐
+                                  Concat(1) ─ Unsqueeze(3) ─ Tile(G) ─ Reshape [B,2,H,T,D] ─┬─ Gather 0 ─ K' ─ Transpose ─┐
+    V [B,KV,T,D] ─ Unsqueeze(1) ─┘                                                          └─ Gather 1 ─ V' ──────────┐ │
+    Q [B,H,S,D] ─ Mul(scale) ───────────────────────────────────────────────────────────────────────────── MatMul ─┘ │
+        ─[Cast fp32]─ Add(Where(mask, 0, -max)) ─ Softmax ─[Cast]─ MatMul(V') ─> [B,H,S,D]                          │
+
+A split-profile engine keeps the layer: its decode profile's kernel reads the KV heads as they are
+(no repeated copy), where this form would write one. The ONNX Runtime graph (model.onnx) keeps the
+`Attention` op too (it reads the KV heads directly); engine.onnx shares model.onnx.data, and
+tests run both graphs in ONNX Runtime to show they compute the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+ATTENTION_FORMS = ("auto", "layer", "decomposed")
+_HALF = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+class DecomposeAttention(pattern.RewriteRuleClassBase):
+    def __init__(self, name: str, masked: bool):
+        super().__init__(name)
+        self.masked = masked
+
+    def pattern(self, op, q, k, v, mask):
+        if self.masked:
+            return op.Attention(q, k, v, mask, _allow_other_attributes=True)
+        return op.Attention(q, k, v, _allow_other_attributes=True)
+
+    def check(self, context, q, k, v, mask=None, **_):
+        result = pattern.MatchResult()
+        node = context.root
+        extra = set(node.attributes) - {"scale"}
+        if extra:
+            return result.fail(f"Attention attributes {sorted(extra)} are not decomposed (only scale is)")
+        if len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
+            return result.fail("Attention's present/qk outputs are used")
+        for name, t in (("query", q), ("key", k), ("value", v)):
+            if t.shape is None or t.shape.rank() != 4:
+                return result.fail(f"{name} is not a 4-D [batch, heads, seq, head_dim] tensor", t)
+        heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[3]
+        if not all(isinstance(d, int) for d in (heads, kv_heads, head_dim)) or heads % kv_heads:
+            return result.fail(f"head counts {heads}/{kv_heads} are not constants with KV dividing Q", q)
+        if q.dtype not in (*_HALF, ir.DataType.FLOAT):
+            return result.fail(f"query is {q.dtype}", q)
+        if mask is not None and mask.dtype not in (ir.DataType.BOOL, q.dtype):
+            return result.fail(f"mask is {mask.dtype}, neither bool nor the query's type", mask)
+        scale = node.attributes.get("scale")
+        self._scale = scale.value if scale is not None else 1 / float(np.sqrt(head_dim))
+        self._shape = (heads, kv_heads, head_dim)
+        return result
+
+    def rewrite(self, op, q, k, v, mask=None, **_):
+        heads, kv_heads, head_dim = self._shape
+        dtype = q.dtype
+        axis = op.Constant(value=ir.tensor(np.array([1], np.int64)))
+        kv = op.Concat(op.Unsqueeze(k, axis), op.Unsqueeze(v, axis), axis=1)  # [B,2,KV,T,D]: one tensor to repeat
+        if heads != kv_heads:
+            kv = op.Tile(op.Unsqueeze(kv, op.Constant(value=ir.tensor(np.array([3], np.int64)))),
+                         op.Constant(value=ir.tensor(np.array([1, 1, 1, heads // kv_heads, 1, 1], np.int64))))
+            kv = op.Reshape(kv, op.Constant(value=ir.tensor(np.array([0, 2, heads, -1, head_dim], np.int64))))
+        key = op.Gather(kv, op.Constant(value=ir.tensor(np.array(0, np.int64))), axis=1)
+        value = op.Gather(kv, op.Constant(value=ir.tensor(np.array(1, np.int64))), axis=1)
+        scale = op.Constant(value=ir.tensor(np.array(self._scale, dtype.numpy())))
+        scores = op.MatMul(op.Mul(q, scale), op.Transpose(key, perm=[0, 1, 3, 2]))  # q scaled first, as TensorRT asks
+        if dtype in _HALF:
+            scores = op.Cast(scores, to=ir.DataType.FLOAT)
+        if mask is not None:
+            if mask.dtype == ir.DataType.BOOL:
+                low = np.finfo(np.float32).min
+                bias = op.Where(mask, op.Constant(value=ir.tensor(np.array(0, np.float32))),
+                                op.Constant(value=ir.tensor(np.array(low, np.float32))))
+            else:
+                bias = op.Cast(mask, to=ir.DataType.FLOAT) if dtype in _HALF else mask
+            scores = op.Add(scores, bias)
+        probs = op.Softmax(scores, axis=-1)
+        if dtype in _HALF:
+            probs = op.Cast(probs, to=dtype)
+        return op.MatMul(probs, value)
+
+
+RULES = [DecomposeAttention.rule("attention_decomposed_masked", masked=True),
+         DecomposeAttention.rule("attention_decomposed", masked=False)]
+
+
+def attention_form(form: str, profiles: int) -> str:
+    """`auto`: decomposed for one profile (its prefill kernel list repeats K/V anyway), the layer for split."""
+    return ("decomposed" if profiles == 1 else "layer") if form == "auto" else form
+
+
+def write_engine_graph(onnx_path: Path, out_path: Path) -> dict:
+    """Write `out_path` beside `onnx_path`: the same graph with every Attention decomposed, the weights still
+    read from onnx_path's data file. Returns how many were decomposed and how many stayed (with why)."""
+    from .fusion import _tidy
+
+    model = ir.load(onnx_path)
+    before = sum(node.op_type == "Attention" for node in model.graph)
+    decomposed = pattern.RewriteRuleSet(RULES).apply_to_model(model)
+    _tidy(model)
+    kept = sum(node.op_type == "Attention" for node in model.graph)
+    ir.save(model, out_path)  # external tensors stay references into onnx_path's data file
+    return {"file": out_path.name, "attention": "decomposed", "decomposed": decomposed, "attention_ops": before,
+            "kept": kept}
