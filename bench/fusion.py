@@ -5,8 +5,10 @@
 One run measures, side by side:
 - TensorRT-RTX fp16 engines for SM89 (built on the CPU) of the plain export and of the fused graphs:
   network layers, engine kernels per decoder layer with one profile (what `trtglm build` makes by
-  default: one kernel list serves prefill and decode) and with split profiles (`shapes.profiles:
-  split`: a prefill and a decode profile, each its own kernels and its own copy of the weights),
+  default: one kernel list serves prefill and decode, built from engine.onnx, attention decomposed
+  for Myelin; and from the Attention op as it is, TensorRT's attention layer) and with split
+  profiles (`shapes.profiles: split`, attention layer: a prefill and a decode profile, each its own
+  kernels and its own copy of the weights),
   whether the fused attention (mha) kernel is there, and the kernel lists of one layer;
 - ONNX Runtime CPU (fp32): prefill latency at 512 tokens and decode tokens/s at 1024 tokens of
   context, plain vs fused, the graphs measured in turn over three rounds. Rows: the default build
@@ -31,6 +33,7 @@ import numpy as np
 
 from trtglm.build import build
 from trtglm.engine import build_engine, make_profiles
+from trtglm.engine_graph import write_engine_graph
 from trtglm.export import export
 from trtglm.fusion import DEFAULT_FUSIONS
 from trtglm.recipe import ShapesSection
@@ -118,30 +121,46 @@ def main() -> None:
 
                 row["nodes"] = str(len(onnx.load(path, load_external_data=False).graph.node))
             if dtype == "fp16":
-                try:
-                    single = build_engine(path, targets=("sm89",), profiles=_one_profile(path, config))
-                    engine = build_engine(path, targets=("sm89",), max_input_len=512, max_seq_len=2048)  # split
-                except Exception as e:  # noqa: BLE001 - a refused build is a result to report
-                    row["engine"] = ("build fails (Myelin internal error)" if "Myelin" in str(e)
-                                     else "build fails: " + str(e).splitlines()[0][:100])
-                    continue
-                prof = kernels_by_profile(engine)
+                one = _one_profile(path, config)
+                lowered = path
+                if how is not None:  # what `trtglm build` builds one profile from (builder.attention: auto)
+                    lowered = path.with_name("engine.onnx")
+                    write_engine_graph(path, lowered)
+                single = _try_build(lowered, one)
+                layer = _try_build(path, one) if how is not None else single
+                engine = _try_build(path, None)  # split profiles
+                prof = kernels_by_profile(engine) if not isinstance(engine, str) else {"prefill": [], "decode": []}
                 row["engine"] = {
-                    "network_layers": engine.network_layers, "build_s": round(engine.seconds, 1),
-                    "kernels_per_layer_one_profile": round(len(single.kernels) / L, 2),
-                    "engine_mb_one_profile": round(len(single.plan) / 1e6, 1),
-                    "kernels_per_layer_prefill": round(len(prof["prefill"]) / L, 2),
-                    "kernels_per_layer_decode": round(len(prof["decode"]) / L, 2),
-                    "mha": any("mha" in n for n in prof["decode"]),
-                    "engine_mb": round(len(engine.plan) / 1e6, 1)}
+                    "network_layers": getattr(single, "network_layers", None),
+                    "kernels_per_layer_one_profile": _per_layer(single, L),
+                    "kernels_per_layer_one_profile_attention_layer": _per_layer(layer, L),
+                    "engine_mb_one_profile": round(len(single.plan) / 1e6, 1) if not isinstance(single, str) else None,
+                    "kernels_per_layer_prefill": round(len(prof["prefill"]) / L, 2) if prof["prefill"] else engine,
+                    "kernels_per_layer_decode": round(len(prof["decode"]) / L, 2) if prof["decode"] else engine,
+                    "mha": any("mha" in k["name"] for e in (single, engine) if not isinstance(e, str) for k in e.kernels),
+                    "engine_mb": round(len(engine.plan) / 1e6, 1) if not isinstance(engine, str) else None}
                 row["decode_kernels_one_layer"] = _one_layer(prof["decode"], L)
                 row["prefill_kernels_one_layer"] = _one_layer(prof["prefill"], L)
+                if not isinstance(single, str):
+                    row["one_profile_kernels_one_layer"] = _one_layer([k["name"] for k in single.kernels], L)
             else:
                 fp32_graphs[label] = path
             print(json.dumps({label: row}), flush=True)
     for label, timings in ort_timings(fp32_graphs, config["vocab_size"]).items():
         rows[label]["ort"] = timings
     _table(rows)
+
+
+def _try_build(path: Path, profiles: list[dict] | None):
+    """The engine (split profiles when `profiles` is None), or why TensorRT-RTX refused it."""
+    try:
+        return build_engine(path, targets=("sm89",), profiles=profiles, max_input_len=512, max_seq_len=2048)
+    except Exception as e:  # noqa: BLE001 - a refused build is a result to report
+        return "build fails (Myelin internal error)" if "Myelin" in str(e) else "build fails: " + str(e).splitlines()[0][:80]
+
+
+def _per_layer(engine, layers: int):
+    return engine if isinstance(engine, str) else round(len(engine.kernels) / layers, 2)
 
 
 def _one_profile(path: Path, config: dict) -> list[dict]:
@@ -162,20 +181,22 @@ def _one_layer(names: list[str], layers: int) -> list[str]:
 
 def _table(rows: dict) -> None:
     base = rows["plain export"]["ort"]
-    print("\n| graph | KV cache | nodes | TRT network layers | kernels/layer, one profile (default) | split: prefill "
-          "| split: decode | mha kernel | ORT prefill 512 (ms) | ORT decode tok/s @1024 | vs plain |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| graph | KV cache | nodes | TRT network layers | kernels/layer, one profile (default: attention "
+          "decomposed) | one profile, attention layer | split: prefill | split: decode | mha kernel | "
+          "ORT prefill 512 (ms) | ORT decode tok/s @1024 | vs plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, r in rows.items():
         e = r.get("engine")
-        eng = (f"{e['network_layers']} | {e['kernels_per_layer_one_profile']} | {e['kernels_per_layer_prefill']} | "
-               f"{e['kernels_per_layer_decode']} | {'yes' if e['mha'] else 'no'}") if isinstance(e, dict) else f"{e} | | | |"
+        eng = (f"{e['network_layers'] or ''} | {e['kernels_per_layer_one_profile']} | "
+               f"{e['kernels_per_layer_one_profile_attention_layer']} | {e['kernels_per_layer_prefill']} | "
+               f"{e['kernels_per_layer_decode']} | {'yes' if e['mha'] else 'no'}")
         o = r["ort"]
         print(f"| {label} | {r.get('kv_cache', 'dynamic')} | {r['nodes']} | {eng} | {o['prefill_512_ms']:.0f} | {o['decode_tok_s_at_1024']:.1f} | "
               f"prefill x{base['prefill_512_ms'] / o['prefill_512_ms']:.2f}, "
               f"decode x{o['decode_tok_s_at_1024'] / base['decode_tok_s_at_1024']:.2f} |")
-    for label, phase in ((DEFAULT, "decode"), ("static KV cache (keys by RotaryEmbedding)", "decode"),
-                         (DEFAULT, "prefill"), ("plain export", "prefill")):
-        print(f"\n{phase} kernels of one layer ({label}):")
+    for label, phase in ((DEFAULT, "one_profile"), ("plain export", "one_profile"), (DEFAULT, "decode"),
+                         ("static KV cache (keys by RotaryEmbedding)", "decode"), (DEFAULT, "prefill")):
+        print(f"\n{phase.replace('_', ' ')} kernels of one layer ({label}):")
         for n in rows[label].get(f"{phase}_kernels_one_layer", []):
             print("  ", n)
 

@@ -106,13 +106,13 @@ def attention_form(form: str, profiles: int) -> str:
 def write_engine_graph(onnx_path: Path, out_path: Path) -> dict:
     """Write `out_path` beside `onnx_path`: the same graph with every Attention decomposed, the weights still
     read from onnx_path's data file. Returns how many were decomposed and how many stayed (with why)."""
-    from .fusion import _tidy
-
-    model = ir.load(onnx_path)
+    model = ir.load(onnx_path)  # the weights stay memory-mapped, never read: only the graph changes
     before = sum(node.op_type == "Attention" for node in model.graph)
     decomposed = pattern.RewriteRuleSet(RULES).apply_to_model(model)
-    _tidy(model)
     kept = sum(node.op_type == "Attention" for node in model.graph)
     ir.save(model, out_path)  # external tensors stay references into onnx_path's data file
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value.release()
     return {"file": out_path.name, "attention": "decomposed", "decomposed": decomposed, "attention_ops": before,
             "kept": kept}
