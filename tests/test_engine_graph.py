@@ -48,11 +48,13 @@ def test_decomposed_attention_in_fp16(checkpoints, tmp_path):
 
 
 def _attention_graph(path, **attributes):
+    """q passes an Identity whose output declares no shape, as after the precision stage's rewrites."""
     q = helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 4, 3, 8])
     kv = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 5, 8]) for n in ("k", "v")]
     out = helper.make_tensor_value_info("o", TensorProto.FLOAT, [1, 4, 3, 8])
-    node = helper.make_node("Attention", ["q", "k", "v"], ["o"], **attributes)
-    model = helper.make_model(helper.make_graph([node], "g", [q, *kv], [out]), opset_imports=[helper.make_opsetid("", 23)], ir_version=11)
+    nodes = [helper.make_node("Identity", ["q"], ["q1"]),
+             helper.make_node("Attention", ["q1", "k", "v"], ["o"], **attributes)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [q, *kv], [out]), opset_imports=[helper.make_opsetid("", 23)], ir_version=11)
     onnx.save(model, path)
     return path
 
@@ -72,6 +74,7 @@ def test_decomposition_without_a_mask_and_its_refusals(tmp_path):
     for attributes in ({"is_causal": 1}, {"softcap": 30.0}):
         kept = write_engine_graph(_attention_graph(tmp_path / "x.onnx", **attributes), tmp_path / "x_engine.onnx")
         assert kept["decomposed"] == 0 and kept["kept"] == 1
+        assert f"Attention attributes ['{next(iter(attributes))}'] are not decomposed" in kept["why_kept"]
 
 
 def test_auto_decomposes_for_one_profile_only():

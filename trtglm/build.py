@@ -335,12 +335,12 @@ def _engine_step(tmp: Path, meta: dict | None, io: dict | None, r: Recipe, dtype
         lowered = write_engine_graph(tmp / ONNX_FILE, tmp / ENGINE_ONNX_FILE)
         if lowered["kept"] and r.builder.attention == "decomposed":
             raise TrtglmError(f"builder.attention: decomposed, but {lowered['kept']} of {lowered['attention_ops']} "
-                              "Attention ops have a form engine_graph.py does not decompose (not 4-D, or attributes "
-                              "other than scale)", hint="use builder.attention: auto or layer")
+                              f"Attention ops stay ops: {lowered['why_kept']}", hint="use builder.attention: auto or layer")
         if lowered["decomposed"]:
             graph = lowered
-        else:
+        else:  # nothing to write out: the layer, and why (auto)
             (tmp / ENGINE_ONNX_FILE).unlink()
+            graph |= {k: lowered[k] for k in ("attention_ops", "why_kept") if k in lowered}
     engine = build_engine(tmp / graph["file"], profiles=plan.profiles, builder=r.builder, dtype=dtype,
                           on_step=on_step, timing_cache=default_cache_dir().parent / f"timing-{r.builder.backend}.cache")
     if progress:

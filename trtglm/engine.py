@@ -87,7 +87,8 @@ def plan_shapes(io: dict, config: dict, shapes: ShapesSection, kv_bytes: int) ->
     TensorRT checks that total = past + seq holds at each profile's min, opt and max. `single` (default) is one
     profile whose max corner is (max_input_len, max_seq_len-1, their sum); `split` is one profile per phase.
     Measured with TensorRT-RTX 1.7: split compiles one Myelin graph per profile, each with its own copy of the
-    weights (engine and build memory double), for about one decode kernel per layer less.
+    weights (engine and build memory double); its decode kernels read the KV heads unrepeated, one kernel per
+    layer fewer than one profile with a static cache, one more with the dynamic cache (bench/fusion.py).
     """
     b, inp, seq = shapes.max_batch, shapes.max_input_len, shapes.max_seq_len
     if not 0 < inp <= seq:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as passes
 from onnxscript.rewriter import pattern
 
 ATTENTION_FORMS = ("auto", "layer", "decomposed")
@@ -106,13 +107,19 @@ def attention_form(form: str, profiles: int) -> str:
 def write_engine_graph(onnx_path: Path, out_path: Path) -> dict:
     """Write `out_path` beside `onnx_path`: the same graph with every Attention decomposed, the weights still
     read from onnx_path's data file. Returns how many were decomposed and how many stayed (with why)."""
+    from .fusion import why_refused
+
     model = ir.load(onnx_path)  # the weights stay memory-mapped, never read: only the graph changes
+    passes.ShapeInferencePass()(model)  # the precision stage's rewrites leave shapes undeclared (initializers aside)
     before = sum(node.op_type == "Attention" for node in model.graph)
     decomposed = pattern.RewriteRuleSet(RULES).apply_to_model(model)
     kept = sum(node.op_type == "Attention" for node in model.graph)
+    report = {"file": out_path.name, "attention": "decomposed", "decomposed": decomposed, "attention_ops": before,
+              "kept": kept}
+    if kept:
+        report["why_kept"] = why_refused(model, RULES)
     ir.save(model, out_path)  # external tensors stay references into onnx_path's data file
     for value in model.graph.initializers.values():
         if isinstance(value.const_value, ir.ExternalTensor):
             value.const_value.release()
-    return {"file": out_path.name, "attention": "decomposed", "decomposed": decomposed, "attention_ops": before,
-            "kept": kept}
+    return report

@@ -138,7 +138,7 @@ def _enforce(model: ir.Model, report: FusionReport, kinds: dict, refused: dict[s
                 "qkv": "no value feeds three MatMul+Add projections",
                 "rotary_keys_folded": "no key rotation became a RotaryEmbedding to fold"}[kind]
         else:
-            why = _why(model, kinds[kind])
+            why = why_refused(model, kinds[kind])
         what = f"{FUSED_OP[kind]} op(s)" if kind in FUSED_OP else {"qkv": "q/k/v merge(s)",
                                                                     "rotary_keys_folded": "folded key rotation(s)"}[kind]
         raise FusionError(f"strict fusion: {got} {what} in the graph, expected {wanted}; "
@@ -146,7 +146,7 @@ def _enforce(model: ir.Model, report: FusionReport, kinds: dict, refused: dict[s
                           hint="pass --no-strict to build the graph as far as it fuses")
 
 
-def _why(model: ir.Model, rules) -> str:
+def why_refused(model: ir.Model, rules) -> str:
     """The rule whose best partial match got furthest, and why it stopped."""
     tracer = MatchingTracer()
     pattern.RewriteRuleSet(rules).apply_to_model(model, tracer=tracer)
