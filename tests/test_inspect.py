@@ -55,8 +55,10 @@ def test_inspect_and_verify_cli(built, capsys):
     out = capsys.readouterr().out
     assert "profile prefill+decode" in out and "memory estimate" in out
     assert "graph: logits of every position, dynamic KV cache" in out
+    assert "attention decomposed for Myelin (engine.onnx)" in out  # one profile: the engine's own graph
     main(["verify", str(built / "b"), "--json"])
-    assert json.loads(capsys.readouterr().out)["hashes"] == "ok"
+    verified = json.loads(capsys.readouterr().out)
+    assert verified["hashes"] == "ok" and "engine.onnx" in verified["files"]  # hashed like the other artifacts
     with pytest.raises(SystemExit) as e:
         main(["verify", str(built / "e")])
     err = capsys.readouterr().err
