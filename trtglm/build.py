@@ -335,7 +335,8 @@ def _engine_step(tmp: Path, meta: dict | None, io: dict | None, r: Recipe, dtype
         lowered = write_engine_graph(tmp / ONNX_FILE, tmp / ENGINE_ONNX_FILE)
         if lowered["kept"] and r.builder.attention == "decomposed":
             raise TrtglmError(f"builder.attention: decomposed, but {lowered['kept']} of {lowered['attention_ops']} "
-                              f"Attention ops stay ops: {lowered['why_kept']}", hint="use builder.attention: auto or layer")
+                              f"Attention ops stay ops: {lowered['why_kept']}",
+                              hint="use builder.attention: auto or layer")
         if lowered["decomposed"]:
             graph = lowered
         else:  # nothing to write out: the layer, and why (auto)

@@ -29,7 +29,6 @@ import onnx_ir as ir
 import onnx_ir.passes.common as passes
 from onnxscript.rewriter import pattern
 
-ATTENTION_FORMS = ("auto", "layer", "decomposed")
 _HALF = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 

@@ -73,8 +73,9 @@ def _build_dir(path: Path) -> dict:
     out = {"kind": "build", "stage": m.get("stage"), "backend": m.get("backend"), "targets": m.get("targets"),
            "precision": m.get("precision"), "fusion": {k: m["fusion"][k] for k in ("fused", "nodes_before", "nodes_after")},
            "profiles": dict(zip(m.get("profile_names") or [], m.get("profiles") or [])),
-           "io": m.get("io"), "engine": m.get("engine"), "engine_graph": m.get("engine_graph"), "estimate": m.get("estimate"), "cache": m.get("cache"),
-           "calibration": m.get("calibration"), "accuracy": m.get("accuracy")}
+           "io": m.get("io"), "engine": m.get("engine"), "engine_graph": m.get("engine_graph"),
+           "estimate": m.get("estimate"), "cache": m.get("cache"), "calibration": m.get("calibration"),
+           "accuracy": m.get("accuracy")}
     out["graph"] = graph_of(m)
     if (path / LAYERS_FILE).is_file():
         layers = json.loads((path / LAYERS_FILE).read_text())["engine_layers"]
