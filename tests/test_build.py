@@ -168,6 +168,19 @@ def test_cli_engine_build_and_errors(fp16_export, tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
+def test_cli_attention_flag(fp16_export, tmp_path, capsys):
+    from trtglm.cli import main
+
+    main(["build", str(fp16_export), "-o", str(tmp_path / "b"), "--no-cache", "--max-input-len", "32",
+          "--max-seq-len", "64", "--attention", "layer"])
+    assert "attention as TensorRT's attention layer" in capsys.readouterr().out
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["recipe"]["resolved"]["builder"]["attention"] == "layer" and m["engine_graph"]["file"] == "model.onnx"
+    with pytest.raises(SystemExit) as e:
+        main(["build", str(fp16_export), "-o", str(tmp_path / "c"), "--attention", "fused"])
+    assert e.value.code == 2 and "'fused' is not one of" in capsys.readouterr().err
+
+
 def test_concurrent_builds_of_one_key_build_once(fp16_export, tmp_path):
     """Two processes, same export and recipe, same cache: the file lock makes one build and the other reuse it."""
     cmd = [sys.executable, "-m", "trtglm", "build", str(fp16_export), "--cache-dir", str(tmp_path / "cache"),

@@ -101,6 +101,10 @@ def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as
               help="dynamic: the cache grows by a copy each step; static: fixed max_seq_len slots updated in place "
                    "(TensorScatter, TensorRT's KV-cache-update layer; same shapes at every decode step: with "
                    "shapes.profiles split, the fewest decode kernels). [default: dynamic]")
+@click.option("--attention", type=click.Choice(["auto", "layer", "decomposed"]), default=None,
+              help="How the engine gets the fused attention: TensorRT's attention layer, or written out for Myelin "
+                   "(engine.onnx: fewer kernels in one profile); auto: written out for one profile, the layer for "
+                   "split profiles. [default: auto]")
 @click.option("--onnx-only", is_flag=True, help="Stop after the graph work: write BUILD_DIR/model.onnx.")
 @click.option("--fusions", default=None,
               help="Comma-separated fusions: rms_norm, qkv, rotary, rotary_keys_folded (keys' rotation folded into "
@@ -126,8 +130,8 @@ def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as
 @click.option("--force", is_flag=True, help="Replace BUILD_DIR if it exists.")
 @json_option
 def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, max_input_len, max_seq_len,
-              logits, kv_cache, onnx_only, fusions, strict, calib_data, calib_samples, calib_seq_len, calib_method, gate, reference,
-              cache_dir, no_cache, force, as_json):
+              logits, kv_cache, attention, onnx_only, fusions, strict, calib_data, calib_samples, calib_seq_len,
+              calib_method, gate, reference, cache_dir, no_cache, force, as_json):
     """Fuse the graph of a `trtglm export` directory and build a TensorRT engine from it."""
     from pathlib import Path
 
@@ -139,7 +143,7 @@ def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, m
         fusion_list = () if fusions == "none" else tuple(f for f in fusions.split(",") if f)
     overrides = {
         "precision": {"dtype": dtype},
-        "builder": {"targets": targets, "backend": backend},
+        "builder": {"targets": targets, "backend": backend, "attention": attention},
         "shapes": {"max_batch": max_batch, "max_input_len": max_input_len, "max_seq_len": max_seq_len,
                    "logits": logits, "kv_cache": kv_cache},
         "fusion": {"fusions": fusion_list, "strict": strict},
