@@ -2,11 +2,11 @@
 
 TensorRT's IAttention layer (what the parser makes of an `Attention` op) costs kernels in a
 one-profile engine, whose single kernel list is the prefill's (bench/fusion.py, TensorRT-RTX 1.7,
-SM89): its prefill kernel reads K/V repeated to every query head and writes [B,H,S,D], so a
-separate kernel repeats each of K and V, and another moves the output into o_proj's layout.
-Written out as MatMul-Softmax-MatMul, Myelin fuses the same attention into its own mha kernel,
-reads o_proj's layout directly, and with K and V stacked repeats both in the kernel that
-updates the cache: 10 kernels per layer against IAttention's 12 and the plain export's 11.
+SM89): its prefill kernel reads K/V repeated to every query head, which K's and V's cache
+appends write in a kernel each, and writes [B,H,S,D], which another kernel moves into o_proj's
+layout. Written out as MatMul-Softmax-MatMul, Myelin fuses the same attention into its own mha
+kernel, writes o_proj's layout directly, and with K and V stacked appends and repeats both in one
+kernel: 10 kernels per layer against IAttention's 12 and the plain export's 11.
 
     K [B,KV,T,D] ─ Unsqueeze(1) ─┐
                                   Concat(1) ─ Unsqueeze(3) ─ Tile(G) ─ Reshape [B,2,H,T,D] ─┬─ Gather 0 ─ K' ─ Transpose ─┐
