@@ -6,7 +6,8 @@ One run measures, side by side:
 - TensorRT-RTX fp16 engines for SM89 (built on the CPU) of the plain export and of the fused graphs:
   network layers, engine kernels per decoder layer with one profile (what `trtglm build` makes by
   default: one kernel list serves prefill and decode, built from engine.onnx, attention decomposed
-  for Myelin; and from the Attention op as it is, TensorRT's attention layer) and with split
+  for Myelin; grouped, `builder.attention: grouped`; and from the Attention op as it is, TensorRT's
+  attention layer) and with split
   profiles (`shapes.profiles: split`, attention layer: a prefill and a decode profile, each its own
   kernels and its own copy of the weights),
   whether the fused attention (mha) kernel is there, and the kernel lists of one layer;
@@ -128,12 +129,17 @@ def main() -> None:
                     write_engine_graph(path, lowered)
                 single = _try_build(lowered, one)
                 layer = _try_build(path, one) if how is not None else single
+                grouped = single
+                if how is not None:  # builder.attention: grouped (no repeated K/V)
+                    write_engine_graph(path, path.with_name("engine-grouped.onnx"), "grouped")
+                    grouped = _try_build(path.with_name("engine-grouped.onnx"), one)
                 engine = _try_build(path, None)  # split profiles
                 prof = kernels_by_profile(engine) if not isinstance(engine, str) else {"prefill": [], "decode": []}
                 row["engine"] = {
                     "network_layers": getattr(single, "network_layers", None),
                     "kernels_per_layer_one_profile": _per_layer(single, L),
                     "kernels_per_layer_one_profile_attention_layer": _per_layer(layer, L),
+                    "kernels_per_layer_one_profile_grouped": _per_layer(grouped, L),
                     "engine_mb_one_profile": round(len(single.plan) / 1e6, 1) if not isinstance(single, str) else None,
                     "kernels_per_layer_prefill": round(len(prof["prefill"]) / L, 2) if prof["prefill"] else engine,
                     "kernels_per_layer_decode": round(len(prof["decode"]) / L, 2) if prof["decode"] else engine,
@@ -182,12 +188,13 @@ def _one_layer(names: list[str], layers: int) -> list[str]:
 def _table(rows: dict) -> None:
     base = rows["plain export"]["ort"]
     print("\n| graph | KV cache | nodes | TRT network layers | kernels/layer, one profile (default: attention "
-          "decomposed) | one profile, attention layer | split: prefill | split: decode | mha kernel | "
-          "ORT prefill 512 (ms) | ORT decode tok/s @1024 | vs plain |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "decomposed) | one profile, grouped | one profile, attention layer | split: prefill | split: decode | "
+          "mha kernel | ORT prefill 512 (ms) | ORT decode tok/s @1024 | vs plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, r in rows.items():
         e = r.get("engine")
         eng = (f"{e['network_layers'] or ''} | {e['kernels_per_layer_one_profile']} | "
+               f"{e['kernels_per_layer_one_profile_grouped']} | "
                f"{e['kernels_per_layer_one_profile_attention_layer']} | {e['kernels_per_layer_prefill']} | "
                f"{e['kernels_per_layer_decode']} | {'yes' if e['mha'] else 'no'}")
         o = r["ort"]

@@ -28,12 +28,17 @@ VARIANTS = {"dynamic": {}, "static": {"kv_cache": "static", "max_seq_len": 48}, 
 
 @pytest.mark.parametrize("family", ["glm4", "chatglm"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_decomposed_attention_computes_what_the_attention_op_does(family, variant, exports, tmp_path):
+@pytest.mark.parametrize("form", ["decomposed", "grouped"])
+def test_written_out_attention_computes_what_the_attention_op_does(family, variant, form, exports, tmp_path):
     build(exports[family], tmp_path / "b", onnx_only=True, overrides={"shapes": VARIANTS[variant]})
-    report = write_engine_graph(tmp_path / "b" / "model.onnx", tmp_path / "b" / "engine.onnx")
+    report = write_engine_graph(tmp_path / "b" / "model.onnx", tmp_path / "b" / "engine.onnx", form)
     assert report["decomposed"] == report["attention_ops"] == 2 and report["kept"] == 0
-    ops = {n.op_type for n in onnx.load(tmp_path / "b" / "engine.onnx", load_external_data=False).graph.node}
-    assert "Attention" not in ops and {"Softmax", "Tile"} <= ops  # GQA: K and V repeated once, together
+    graph = onnx.load(tmp_path / "b" / "engine.onnx", load_external_data=False).graph
+    assert "Attention" not in {n.op_type for n in graph.node} and any(n.op_type == "Softmax" for n in graph.node)
+    producer = {out: n.op_type for n in graph.node for out in n.output}
+    tiled = [producer.get(n.input[0]) for n in graph.node if n.op_type == "Tile"]
+    # decomposed: per layer, K and V stacked (Concat -> Unsqueeze) and repeated once; grouped: only the mask rows
+    assert tiled == ["Unsqueeze", "Unsqueeze"] if form == "decomposed" else tiled == ["Where", "Where"]
     assert max_diff(tmp_path / "b" / "model.onnx", tmp_path / "b" / "engine.onnx") < 1e-5
     # the weights are model.onnx's: no second data file
     assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.name.endswith(".data")) == ["model.onnx.data"]
@@ -77,16 +82,39 @@ def test_decomposition_without_a_mask_and_its_refusals(tmp_path):
         assert f"Attention attributes ['{next(iter(attributes))}'] are not decomposed" in kept["why_kept"]
 
 
+def test_grouped_needs_a_mask_shared_by_the_heads(tmp_path):
+    import onnxruntime as ort
+
+    q = helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 4, 3, 8])
+    kv = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 5, 8]) for n in ("k", "v")]
+    mask = helper.make_tensor_value_info("m", TensorProto.BOOL, [1, 4, 3, 5])  # one mask per head
+    out = helper.make_tensor_value_info("o", TensorProto.FLOAT, [1, 4, 3, 8])
+    node = helper.make_node("Attention", ["q", "k", "v", "m"], ["o"])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(helper.make_graph([node], "g", [q, *kv, mask], [out]),
+                                opset_imports=[helper.make_opsetid("", 23)], ir_version=11), path)
+    grouped = write_engine_graph(path, tmp_path / "g.onnx", "grouped")
+    assert grouped["kept"] == 1 and "shared by the heads" in grouped["why_kept"]
+    assert write_engine_graph(path, tmp_path / "d.onnx", "decomposed")["decomposed"] == 1
+    rng = np.random.default_rng(1)
+    feeds = {"q": rng.standard_normal((1, 4, 3, 8), np.float32), "m": rng.random((1, 4, 3, 5)) < 0.7,
+             **{n: rng.standard_normal((1, 2, 5, 8), np.float32) for n in ("k", "v")}}
+    feeds["m"][..., 0] = True  # every row sees a key
+    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+            for p in (path, tmp_path / "d.onnx"))
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_auto_decomposes_for_one_profile_only():
     assert attention_form("auto", 1) == "decomposed" and attention_form("auto", 2) == "layer"
     assert attention_form("layer", 1) == "layer" and attention_form("decomposed", 2) == "decomposed"
 
 
-def test_one_profile_engine_has_fewer_kernels_decomposed(checkpoints, tmp_path):
+def test_one_profile_engine_kernels_by_attention_form(checkpoints, tmp_path):
     export(str(checkpoints["glm4"]), tmp_path / "e", dtype="fp16", validate=False, max_seq_len=64)
     shapes = {"max_input_len": 16, "max_seq_len": 64}
     built = {}
-    for form in ("auto", "layer"):
+    for form in ("auto", "layer", "grouped"):
         m = build(tmp_path / "e", tmp_path / form, overrides={"shapes": shapes, "builder": {"attention": form}},
                   use_cache=False)
         layers = json.loads((tmp_path / form / "layers.json").read_text())
@@ -99,6 +127,13 @@ def test_one_profile_engine_has_fewer_kernels_decomposed(checkpoints, tmp_path):
     assert layer["engine_graph"] == {"file": "model.onnx", "attention": "layer"}
     assert layer_layers["network_layer_types"]["ATTENTION_OUTPUT"] == 2 and not (tmp_path / "layer" / "engine.onnx").exists()
     assert auto["engine"]["kernels"] < layer["engine"]["kernels"]
+    grouped, grouped_layers = built["grouped"]
+    assert grouped["engine_graph"]["attention"] == "grouped"
+    # kernels that append to the cache (Conc) and repeat (Repl): K/V copied to every query head, not when grouped
+    repeats = {form: [k["name"] for k in built[form][1]["engine_layers"] if "Conc" in k["name"] and "Repl" in k["name"]]
+               for form in built}
+    assert repeats["auto"] and repeats["layer"] and not repeats["grouped"]
+    assert auto["engine"]["kernels"] < grouped["engine"]["kernels"] < layer["engine"]["kernels"]
     assert auto["files"]["sha256"]["engine.onnx"] and auto["files"]["sha256"]["model.onnx"]
     split = build(tmp_path / "e", tmp_path / "split", overrides={"shapes": shapes | {"profiles": "split"}},
                   use_cache=False)

@@ -331,10 +331,11 @@ def _engine_step(tmp: Path, meta: dict | None, io: dict | None, r: Recipe, dtype
             progress.update(task, description=f"TensorRT: {phase}", completed=step, total=total or None)
 
     graph = {"file": ONNX_FILE, "attention": "layer"}
-    if attention_form(r.builder.attention, len(plan.profiles)) == "decomposed":
-        lowered = write_engine_graph(tmp / ONNX_FILE, tmp / ENGINE_ONNX_FILE)
-        if lowered["kept"] and r.builder.attention == "decomposed":
-            raise TrtglmError(f"builder.attention: decomposed, but {lowered['kept']} of {lowered['attention_ops']} "
+    form = attention_form(r.builder.attention, len(plan.profiles))
+    if form != "layer":
+        lowered = write_engine_graph(tmp / ONNX_FILE, tmp / ENGINE_ONNX_FILE, form)
+        if lowered["kept"] and r.builder.attention == form:
+            raise TrtglmError(f"builder.attention: {form}, but {lowered['kept']} of {lowered['attention_ops']} "
                               f"Attention ops stay ops: {lowered['why_kept']}",
                               hint="use builder.attention: auto or layer")
         if lowered["decomposed"]:

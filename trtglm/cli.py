@@ -101,10 +101,11 @@ def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as
               help="dynamic: the cache grows by a copy each step; static: fixed max_seq_len slots updated in place "
                    "(TensorScatter, TensorRT's KV-cache-update layer; same shapes at every decode step: with "
                    "shapes.profiles split, the fewest decode kernels). [default: dynamic]")
-@click.option("--attention", type=click.Choice(["auto", "layer", "decomposed"]), default=None,
+@click.option("--attention", type=click.Choice(["auto", "layer", "decomposed", "grouped"]), default=None,
               help="How the engine gets the fused attention: TensorRT's attention layer, or written out for Myelin "
-                   "(engine.onnx: fewer kernels in one profile); auto: written out for one profile, the layer for "
-                   "split profiles. [default: auto]")
+                   "(engine.onnx: fewer kernels in one profile), K/V repeated to the query heads (decomposed) or "
+                   "query heads grouped per KV head (grouped: no repeated K/V, one kernel more); auto: decomposed "
+                   "for one profile, the layer for split profiles. [default: auto]")
 @click.option("--onnx-only", is_flag=True, help="Stop after the graph work: write BUILD_DIR/model.onnx.")
 @click.option("--fusions", default=None,
               help="Comma-separated fusions: rms_norm, qkv, rotary, rotary_keys_folded (keys' rotation folded into "
@@ -177,7 +178,7 @@ def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, m
 
 def _attention(m: dict) -> str:
     g = m.get("engine_graph") or {"attention": "layer"}
-    return (f"attention decomposed for Myelin ({g['file']})" if g["attention"] == "decomposed"
+    return (f"attention {g['attention']} for Myelin ({g['file']})" if g["attention"] != "layer"
             else "attention as TensorRT's attention layer")
 
 

@@ -33,9 +33,13 @@ _HALF = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
 class DecomposeAttention(pattern.RewriteRuleClassBase):
-    def __init__(self, name: str, masked: bool):
+    """grouped=False: K/V repeated to the query heads. grouped=True: each KV head's G query heads become G x S
+    query rows (Q [B,H,S,D] -> [B,KV,G*S,D]; the mask tiled G times along its rows), so nothing is repeated."""
+
+    def __init__(self, name: str, masked: bool, grouped: bool = False):
         super().__init__(name)
         self.masked = masked
+        self.grouped = grouped
 
     def pattern(self, op, q, k, v, mask):
         if self.masked:
@@ -60,6 +64,8 @@ class DecomposeAttention(pattern.RewriteRuleClassBase):
             return result.fail(f"query is {q.dtype}", q)
         if mask is not None and mask.dtype not in (ir.DataType.BOOL, q.dtype):
             return result.fail(f"mask is {mask.dtype}, neither bool nor the query's type", mask)
+        if self.grouped and mask is not None and (mask.shape is None or mask.shape.rank() != 4 or mask.shape[1] != 1):
+            return result.fail("grouped attention needs a [batch, 1, seq, total] mask shared by the heads", mask)
         scale = node.attributes.get("scale")
         self._scale = scale.value if scale is not None else 1 / float(np.sqrt(head_dim))
         self._shape = (heads, kv_heads, head_dim)
@@ -68,16 +74,20 @@ class DecomposeAttention(pattern.RewriteRuleClassBase):
     def rewrite(self, op, q, k, v, mask=None, **_):
         heads, kv_heads, head_dim = self._shape
         dtype = q.dtype
+        groups = heads // kv_heads if self.grouped else 1
         axis = op.Constant(value=ir.tensor(np.array([1], np.int64)))
-        kv = op.Concat(op.Unsqueeze(k, axis), op.Unsqueeze(v, axis), axis=1)  # [B,2,KV,T,D]: one tensor to repeat
-        if heads != kv_heads:
+        kv = op.Concat(op.Unsqueeze(k, axis), op.Unsqueeze(v, axis), axis=1)  # [B,2,KV,T,D]: one tensor to update
+        if heads != kv_heads and not self.grouped:
             kv = op.Tile(op.Unsqueeze(kv, op.Constant(value=ir.tensor(np.array([3], np.int64)))),
                          op.Constant(value=ir.tensor(np.array([1, 1, 1, heads // kv_heads, 1, 1], np.int64))))
             kv = op.Reshape(kv, op.Constant(value=ir.tensor(np.array([0, 2, heads, -1, head_dim], np.int64))))
         key = op.Gather(kv, op.Constant(value=ir.tensor(np.array(0, np.int64))), axis=1)
         value = op.Gather(kv, op.Constant(value=ir.tensor(np.array(1, np.int64))), axis=1)
         scale = op.Constant(value=ir.tensor(np.array(self._scale, dtype.numpy())))
-        scores = op.MatMul(op.Mul(q, scale), op.Transpose(key, perm=[0, 1, 3, 2]))  # q scaled first, as TensorRT asks
+        q = op.Mul(q, scale)  # before the first MatMul, as TensorRT asks
+        if groups > 1:  # rows (g, s) of kv head k: query head k*G + g at position s
+            q = op.Reshape(q, op.Constant(value=ir.tensor(np.array([0, kv_heads, -1, head_dim], np.int64))))
+        scores = op.MatMul(q, op.Transpose(key, perm=[0, 1, 3, 2]))
         if dtype in _HALF:
             scores = op.Cast(scores, to=ir.DataType.FLOAT)
         if mask is not None:
@@ -87,15 +97,25 @@ class DecomposeAttention(pattern.RewriteRuleClassBase):
                                 op.Constant(value=ir.tensor(np.array(low, np.float32))))
             else:
                 bias = op.Cast(mask, to=ir.DataType.FLOAT) if dtype in _HALF else mask
+            if groups > 1:  # [B,1,S,T] -> [B,1,G*S,T]: the same rows for every group
+                bias = op.Tile(bias, op.Constant(value=ir.tensor(np.array([1, 1, groups, 1], np.int64))))
             scores = op.Add(scores, bias)
         probs = op.Softmax(scores, axis=-1)
         if dtype in _HALF:
             probs = op.Cast(probs, to=dtype)
-        return op.MatMul(probs, value)
+        out = op.MatMul(probs, value)
+        if groups > 1:
+            out = op.Reshape(out, op.Constant(value=ir.tensor(np.array([0, heads, -1, head_dim], np.int64))))
+        return out
 
 
-RULES = [DecomposeAttention.rule("attention_decomposed_masked", masked=True),
-         DecomposeAttention.rule("attention_decomposed", masked=False)]
+def rules(grouped: bool = False) -> list:
+    name = "attention_grouped" if grouped else "attention_decomposed"
+    return [DecomposeAttention.rule(name + "_masked", masked=True, grouped=grouped),
+            DecomposeAttention.rule(name, masked=False, grouped=grouped)]
+
+
+RULES = {"decomposed": rules(grouped=False), "grouped": rules(grouped=True)}
 
 
 def attention_form(form: str, profiles: int) -> str:
@@ -103,20 +123,21 @@ def attention_form(form: str, profiles: int) -> str:
     return ("decomposed" if profiles == 1 else "layer") if form == "auto" else form
 
 
-def write_engine_graph(onnx_path: Path, out_path: Path) -> dict:
-    """Write `out_path` beside `onnx_path`: the same graph with every Attention decomposed, the weights still
-    read from onnx_path's data file. Returns how many were decomposed and how many stayed (with why)."""
+def write_engine_graph(onnx_path: Path, out_path: Path, form: str = "decomposed") -> dict:
+    """Write `out_path` beside `onnx_path`: the same graph with every Attention written out in `form` (decomposed
+    or grouped), the weights still read from onnx_path's data file. Returns how many were written out and how
+    many stayed ops (with why)."""
     from .fusion import why_refused
 
     model = ir.load(onnx_path)  # the weights stay memory-mapped, never read: only the graph changes
     passes.ShapeInferencePass()(model)  # the precision stage's rewrites leave shapes undeclared (initializers aside)
     before = sum(node.op_type == "Attention" for node in model.graph)
-    decomposed = pattern.RewriteRuleSet(RULES).apply_to_model(model)
+    decomposed = pattern.RewriteRuleSet(RULES[form]).apply_to_model(model)
     kept = sum(node.op_type == "Attention" for node in model.graph)
-    report = {"file": out_path.name, "attention": "decomposed", "decomposed": decomposed, "attention_ops": before,
+    report = {"file": out_path.name, "attention": form, "decomposed": decomposed, "attention_ops": before,
               "kept": kept}
     if kept:
-        report["why_kept"] = why_refused(model, RULES)
+        report["why_kept"] = why_refused(model, RULES[form])
     ir.save(model, out_path)  # external tensors stay references into onnx_path's data file
     for value in model.graph.initializers.values():
         if isinstance(value.const_value, ir.ExternalTensor):

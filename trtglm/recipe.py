@@ -106,8 +106,10 @@ class BuilderSection(_Section):
     weight_streaming: bool = False
     # the form TensorRT gets each fused Attention op in (engine_graph.py): layer = the op as is (TensorRT's
     # IAttention), decomposed = MatMul-Softmax-MatMul with K/V repeated together, which Myelin fuses into its own
-    # attention kernel with fewer kernels around it in one profile; auto = decomposed for one profile, layer for split
-    attention: Literal["auto", "layer", "decomposed"] = "auto"
+    # attention kernel with fewer kernels around it in one profile; grouped = the same with each KV head's query
+    # heads as extra query rows (no repeated K/V copy, one kernel more); auto = decomposed for one profile, layer
+    # for split
+    attention: Literal["auto", "layer", "decomposed", "grouped"] = "auto"
     profiling_verbosity: Literal["none", "layer_names_only", "detailed"] = "detailed"
 
     @field_validator("targets", mode="before")
