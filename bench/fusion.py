@@ -1,6 +1,6 @@
 """Fusion benchmark on a random-weight GLM-4-shaped model of about 136M parameters.
 
-    python bench/fusion.py [--workdir .bench] [--layers 12]
+    python bench/fusion.py [--workdir .bench] [--layers 12] [--rounds 3]
 
 One run measures, side by side:
 - TensorRT-RTX fp16 engines for SM89 (built on the CPU) of the plain export and of the fused graphs:
@@ -95,6 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=".bench")
     ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=3, help="ONNX Runtime rounds, every graph timed in turn in each")
     args = ap.parse_args()
     work = Path(args.workdir) / "fusion"
     shutil.rmtree(work, ignore_errors=True)
@@ -152,7 +153,7 @@ def main() -> None:
             else:
                 fp32_graphs[label] = path
             print(json.dumps({label: row}), flush=True)
-    for label, timings in ort_timings(fp32_graphs, config["vocab_size"]).items():
+    for label, timings in ort_timings(fp32_graphs, config["vocab_size"], rounds=args.rounds).items():
         rows[label]["ort"] = timings
     _table(rows)
 
