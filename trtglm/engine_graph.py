@@ -8,14 +8,20 @@ layout. Written out as MatMul-Softmax-MatMul, Myelin fuses the same attention in
 kernel, writes o_proj's layout directly, and with K and V stacked appends and repeats both in one
 kernel: 10 kernels per layer against IAttention's 12 and the plain export's 11.
 
+    decomposed (auto's choice for one profile):
     K [B,KV,T,D] ─ Unsqueeze(1) ─┐
-                                  Concat(1) ─ Unsqueeze(3) ─ Tile(G) ─ Reshape [B,2,H,T,D] ─┬─ Gather 0 ─ K' ─ Transpose ─┐
-    V [B,KV,T,D] ─ Unsqueeze(1) ─┘                                                          └─ Gather 1 ─ V' ──────────┐ │
-    Q [B,H,S,D] ─ Mul(scale) ───────────────────────────────────────────────────────────────────────────── MatMul ─┘ │
-        ─[Cast fp32]─ Add(Where(mask, 0, -max)) ─ Softmax ─[Cast]─ MatMul(V') ─> [B,H,S,D]                          │
+                                  Concat(1) ─ Unsqueeze(3) ─ Tile(G) ─ Reshape [B,2,H,T,D] ─┬─ Gather 0 ─ K'
+    V [B,KV,T,D] ─ Unsqueeze(1) ─┘                                                          └─ Gather 1 ─ V'
+    Q [B,H,S,D] ─ Mul(scale) ─ MatMul(Transpose(K')) ─[Cast fp32]─ Add(Where(mask, 0, -max)) ─ Softmax ─[Cast]
+        ─ MatMul(V') ─> [B,H,S,D]
+
+    grouped (no repeat; one kernel more, the mha output moved into o_proj's layout):
+    K, V stacked as above, no Tile: K', V' [B,KV,T,D]
+    Q [B,H,S,D] ─ Mul(scale) ─ Reshape [B,KV,G*S,D] ─ MatMul(Transpose(K')) ─[Cast]─ Add(Tile(Where(..), G rows))
+        ─ Softmax ─[Cast]─ MatMul(V') ─ Reshape ─> [B,H,S,D]
 
 A split-profile engine keeps the layer: its decode profile's kernel reads the KV heads as they are
-(no repeated copy), where this form would write one. The ONNX Runtime graph (model.onnx) keeps the
+(no repeated copy), where decomposed would write one. The ONNX Runtime graph (model.onnx) keeps the
 `Attention` op too (it reads the KV heads directly); engine.onnx shares model.onnx.data, and
 tests run both graphs in ONNX Runtime to show they compute the same.
 """
