@@ -65,6 +65,17 @@ def test_cache_hit_is_fast_and_identical(fp16_export, tmp_path):
     assert json.loads((tmp_path / "d" / "manifest.json").read_text())["source"] == moved["source"]
 
 
+def test_changed_trtglm_code_is_a_cache_miss(fp16_export, tmp_path, monkeypatch):
+    import trtglm.build as build_module
+
+    first = build(fp16_export, tmp_path / "a", overrides=SMALL, cache_dir=tmp_path / "cache")
+    digest = build_module.source_digest()
+    assert digest == build_module.source_digest() and len(digest) == 64  # stable for the same code
+    monkeypatch.setattr(build_module, "source_digest", lambda: "0" * 64)  # as if a module had changed
+    again = build(fp16_export, tmp_path / "b", overrides=SMALL, cache_dir=tmp_path / "cache")
+    assert again["cache"]["hit"] is False and again["cache"]["key"] != first["cache"]["key"]
+
+
 def test_split_profiles_double_the_engine(fp16_export, tmp_path):
     single = build(fp16_export, tmp_path / "a", overrides=SMALL, use_cache=False)
     split = build(fp16_export, tmp_path / "b", overrides={"shapes": {**SMALL["shapes"], "profiles": "split"}},

@@ -4,7 +4,8 @@
         model.engine  model.onnx(+.data)  [engine.onnx]  manifest.json  layers.json  build.log  tokenizer files
 
 The cache key hashes what determines the result: the export's graph and weights (their sha256),
-the resolved recipe, the backend and its version, and trtglm's version (fusion is deterministic).
+the resolved recipe, the backend and its version, and trtglm's version and source (fusion is
+deterministic).
 """
 
 from __future__ import annotations
@@ -184,9 +185,19 @@ def _cache_key(export_dir: Path, meta: dict | None, r: Recipe, backend: dict | N
     hashes = (meta or {}).get("files", {}).get("sha256") or {
         n: sha256(export_dir / n) for n in (ONNX_FILE, DATA_FILE) if (export_dir / n).is_file()}
     h.update(json.dumps({"export": hashes, "recipe": r.resolved(), "backend": backend, "trtglm": __version__,
-                         "onnx_only": onnx_only, "calibration": calibration and calibration.fingerprint},
-                        sort_keys=True).encode())
+                         "source": source_digest(), "onnx_only": onnx_only,
+                         "calibration": calibration and calibration.fingerprint}, sort_keys=True).encode())
     return h.hexdigest()[:32]
+
+
+def source_digest() -> str:
+    """sha256 of trtglm's own code: a build from changed code (between releases, in CI off main) is not a hit for
+    an engine the old code made."""
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype: str, exported: str, recipe_file,
