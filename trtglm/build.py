@@ -223,7 +223,7 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
     report = fuse(model, max_positions=r.shapes.max_seq_len, expected=expected, strict=r.fusion.strict,
                   fusions=fusions)
     ir.save(model, tmp / ONNX_FILE, external_data=DATA_FILE, max_in_flight_bytes=256 << 20)
-    _release(model)  # the export's weights are memory-mapped: mapped pages count as resident during the build
+    release_weights(model)  # the export's weights are memory-mapped: mapped pages count as resident during the build
     del model
     for f in _sidecars(export_dir, meta):
         shutil.copy2(f, tmp / f.name)
@@ -311,7 +311,8 @@ def _io(meta: dict | None, graph: dict) -> dict | None:
                    for v in graph[side]] for side in ("inputs", "outputs")}
 
 
-def _release(model) -> None:
+def release_weights(model) -> None:
+    """Unmap `model`'s external weights (onnx-ir keeps them memory-mapped; mapped pages count as resident)."""
     import gc
 
     import onnx_ir as ir

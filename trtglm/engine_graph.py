@@ -133,6 +133,7 @@ def write_engine_graph(onnx_path: Path, out_path: Path, form: str = "decomposed"
     """Write `out_path` beside `onnx_path`: the same graph with every Attention written out in `form` (decomposed
     or grouped), the weights still read from onnx_path's data file. Returns how many were written out and how
     many stayed ops (with why)."""
+    from .build import release_weights
     from .fusion import why_refused
 
     model = ir.load(onnx_path)  # the weights stay memory-mapped, never read: only the graph changes
@@ -145,7 +146,5 @@ def write_engine_graph(onnx_path: Path, out_path: Path, form: str = "decomposed"
     if kept:
         report["why_kept"] = why_refused(model, RULES[form])
     ir.save(model, out_path)  # external tensors stay references into onnx_path's data file
-    for value in model.graph.initializers.values():
-        if isinstance(value.const_value, ir.ExternalTensor):
-            value.const_value.release()
+    release_weights(model)
     return report
