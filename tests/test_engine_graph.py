@@ -52,29 +52,40 @@ def test_decomposed_attention_in_fp16(checkpoints, tmp_path):
     assert max_diff(tmp_path / "b" / "model.onnx", tmp_path / "b" / "engine.onnx") <= max(fp16_noise, 2e-3)
 
 
-def _attention_graph(path, **attributes):
-    """q passes an Identity whose output declares no shape, as after the precision stage's rewrites."""
+def _attention_graph(path, mask=None, **attributes):
+    """Attention(q, k, v[, mask]) with q passed through an Identity whose output declares no shape, as after the
+    precision stage's rewrites; `mask`: the boolean mask's shape."""
     q = helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 4, 3, 8])
-    kv = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 5, 8]) for n in ("k", "v")]
+    inputs = [q, *(helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 5, 8]) for n in ("k", "v"))]
+    if mask:
+        inputs.append(helper.make_tensor_value_info("m", TensorProto.BOOL, mask))
     out = helper.make_tensor_value_info("o", TensorProto.FLOAT, [1, 4, 3, 8])
     nodes = [helper.make_node("Identity", ["q"], ["q1"]),
-             helper.make_node("Attention", ["q1", "k", "v"], ["o"], **attributes)]
-    model = helper.make_model(helper.make_graph(nodes, "g", [q, *kv], [out]), opset_imports=[helper.make_opsetid("", 23)], ir_version=11)
+             helper.make_node("Attention", ["q1", "k", "v", *(["m"] if mask else [])], ["o"], **attributes)]
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, [out]),
+                              opset_imports=[helper.make_opsetid("", 23)], ir_version=11)
     onnx.save(model, path)
     return path
 
 
-def test_decomposition_without_a_mask_and_its_refusals(tmp_path):
+def _assert_same_outputs(a_path, b_path, mask=None, seed=0):
     import onnxruntime as ort
 
-    plain = _attention_graph(tmp_path / "plain.onnx", scale=0.3)
-    assert write_engine_graph(plain, tmp_path / "plain_engine.onnx")["decomposed"] == 1
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     feeds = {"q": rng.standard_normal((1, 4, 3, 8), np.float32),
              **{n: rng.standard_normal((1, 2, 5, 8), np.float32) for n in ("k", "v")}}
+    if mask:
+        feeds["m"] = rng.random(mask) < 0.7
+        feeds["m"][..., 0] = True  # every row sees a key
     a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-            for p in (plain, tmp_path / "plain_engine.onnx"))
+            for p in (a_path, b_path))
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_decomposition_without_a_mask_and_its_refusals(tmp_path):
+    plain = _attention_graph(tmp_path / "plain.onnx", scale=0.3)
+    assert write_engine_graph(plain, tmp_path / "plain_engine.onnx")["decomposed"] == 1
+    _assert_same_outputs(plain, tmp_path / "plain_engine.onnx")
     # attributes whose meaning the decomposition does not carry stay an Attention op
     for attributes in ({"is_causal": 1}, {"softcap": 30.0}):
         kept = write_engine_graph(_attention_graph(tmp_path / "x.onnx", **attributes), tmp_path / "x_engine.onnx")
@@ -83,26 +94,12 @@ def test_decomposition_without_a_mask_and_its_refusals(tmp_path):
 
 
 def test_grouped_needs_a_mask_shared_by_the_heads(tmp_path):
-    import onnxruntime as ort
-
-    q = helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 4, 3, 8])
-    kv = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 5, 8]) for n in ("k", "v")]
-    mask = helper.make_tensor_value_info("m", TensorProto.BOOL, [1, 4, 3, 5])  # one mask per head
-    out = helper.make_tensor_value_info("o", TensorProto.FLOAT, [1, 4, 3, 8])
-    node = helper.make_node("Attention", ["q", "k", "v", "m"], ["o"])
-    path = tmp_path / "m.onnx"
-    onnx.save(helper.make_model(helper.make_graph([node], "g", [q, *kv, mask], [out]),
-                                opset_imports=[helper.make_opsetid("", 23)], ir_version=11), path)
+    per_head = (1, 4, 3, 5)  # one mask per head
+    path = _attention_graph(tmp_path / "m.onnx", mask=per_head)
     grouped = write_engine_graph(path, tmp_path / "g.onnx", "grouped")
     assert grouped["kept"] == 1 and "shared by the heads" in grouped["why_kept"]
     assert write_engine_graph(path, tmp_path / "d.onnx", "decomposed")["decomposed"] == 1
-    rng = np.random.default_rng(1)
-    feeds = {"q": rng.standard_normal((1, 4, 3, 8), np.float32), "m": rng.random((1, 4, 3, 5)) < 0.7,
-             **{n: rng.standard_normal((1, 2, 5, 8), np.float32) for n in ("k", "v")}}
-    feeds["m"][..., 0] = True  # every row sees a key
-    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-            for p in (path, tmp_path / "d.onnx"))
-    np.testing.assert_allclose(a, b, atol=1e-5)
+    _assert_same_outputs(path, tmp_path / "d.onnx", mask=per_head, seed=1)
 
 
 def test_auto_decomposes_for_one_profile_only():
