@@ -352,8 +352,7 @@ def _engine_step(tmp: Path, meta: dict | None, io: dict | None, r: Recipe, dtype
                               hint="use builder.attention: auto or layer")
         if lowered["decomposed"]:
             graph = lowered
-        else:  # nothing to write out: the layer, and why (auto)
-            (tmp / ENGINE_ONNX_FILE).unlink()
+        else:  # nothing written out (auto): the layer, and why
             graph |= {k: lowered[k] for k in ("attention_ops", "why_kept") if k in lowered}
     engine = build_engine(tmp / graph["file"], profiles=plan.profiles, builder=r.builder, dtype=dtype,
                           on_step=on_step, timing_cache=default_cache_dir().parent / f"timing-{r.builder.backend}.cache")

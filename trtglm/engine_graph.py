@@ -131,8 +131,8 @@ def attention_form(form: str, profiles: int) -> str:
 
 def write_engine_graph(onnx_path: Path, out_path: Path, form: str = "decomposed") -> dict:
     """Write `out_path` beside `onnx_path`: the same graph with every Attention written out in `form` (decomposed
-    or grouped), the weights still read from onnx_path's data file. Returns how many were written out and how
-    many stayed ops (with why)."""
+    or grouped), the weights still read from onnx_path's data file; nothing when no Attention could be. Returns
+    how many were written out and how many stayed ops (with why)."""
     from .build import release_weights
     from .fusion import why_refused
 
@@ -145,6 +145,7 @@ def write_engine_graph(onnx_path: Path, out_path: Path, form: str = "decomposed"
               "kept": kept}
     if kept:
         report["why_kept"] = why_refused(model, RULES[form])
-    ir.save(model, out_path)  # external tensors stay references into onnx_path's data file
+    if decomposed:  # else there is nothing to write: the engine is built from onnx_path
+        ir.save(model, out_path)  # external tensors stay references into onnx_path's data file
     release_weights(model)
     return report
