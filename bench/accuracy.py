@@ -42,7 +42,8 @@ def main() -> None:
         out = work / f"b-{label.replace(' ', '-').replace(',', '')}"
         started = time.perf_counter()
         precision = {"dtype": dtype, "quantization": {"lm_head": "lm_head" in label}}
-        build(source, out, onnx_only=True, overrides={"precision": precision} if dtype else None)
+        build(source, out, onnx_only=True,  # perplexity needs every position
+              overrides={"shapes": {"logits": "all"}, **({"precision": precision} if dtype else {})})
         seconds = time.perf_counter() - started
         r = evaluate(out, work / "e-fp32", samples=10_000, seq_len=256)
         size = (out / "model.onnx.data").stat().st_size / 1e6

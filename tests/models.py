@@ -12,6 +12,10 @@ TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_lay
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
             pad_token_id=None, eos_token_id=[1, 2], bos_token_id=None)
 
+# build overrides for a graph with the logits of every position (the default is the last position only), for
+# comparisons of every position with the export or with transformers
+EVERY_POSITION = {"shapes": {"logits": "all"}}
+
 
 def left_padded(prompts: list[list[int]]):
     """A batch of prompts left-padded with 0: input ids, attention mask and position ids (numpy)."""

@@ -13,6 +13,8 @@ from trtglm.errors import TrtglmError
 from trtglm.evaluate import GateFailed, evaluate
 from trtglm.export import export
 
+from models import EVERY_POSITION  # perplexity needs every position
+
 MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-glm4"
 EVAL = Path(__file__).resolve().parent.parent / "calibration_data" / "eval.jsonl"
 
@@ -22,7 +24,7 @@ def shipped(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     export(str(MODEL), root / "e32", validate=False)
     export(str(MODEL), root / "e16", dtype="fp16", validate=False)
-    build(root / "e16", root / "b16", onnx_only=True)
+    build(root / "e16", root / "b16", onnx_only=True, overrides=EVERY_POSITION)
     return root
 
 
@@ -42,7 +44,7 @@ def test_a_broken_model_fails_the_gate(shipped, tmp_path):
     weights["model.layers.1.post_attention_layernorm.weight"] *= 100  # scales multiplied by 100
     save_file(weights, ckpt / "model.safetensors")
     export(str(ckpt), tmp_path / "e", dtype="fp16", validate=False)
-    build(tmp_path / "e", tmp_path / "b", onnx_only=True)
+    build(tmp_path / "e", tmp_path / "b", onnx_only=True, overrides=EVERY_POSITION)
     r = evaluate(tmp_path / "b", shipped / "e32", EVAL, samples=4, seq_len=128)
     assert not r["gate"]["passed"] and r["perplexity_delta"] > 0.02  # measured +4%: the post-MLP norm absorbs much of it
     cmd = [sys.executable, "-m", "trtglm", "eval", str(tmp_path / "b"), "--reference", str(shipped / "e32"),

@@ -15,6 +15,8 @@ from trtglm.fusion import DEFAULT_FUSIONS, FusionError, expected_counts, fuse
 from trtglm.backends import OrtBackend
 from trtglm.validate import Steps, run_steps
 
+from models import EVERY_POSITION
+
 FAMILIES = ["glm", "glm4", "chatglm"]
 ALL = frozenset({"rms_norm", "qkv", "rotary", "rotary_keys", "attention"})
 
@@ -30,7 +32,7 @@ def max_diff(a_path, b_path, atol_scale=False):
 @pytest.mark.parametrize("fusions", ["default", "all"])
 def test_fused_model_counts_and_logits(family, fusions, exports, tmp_path):
     chosen = ALL if fusions == "all" else DEFAULT_FUSIONS
-    manifest = build(exports[family], tmp_path / "b", onnx_only=True, fusions=chosen)
+    manifest = build(exports[family], tmp_path / "b", onnx_only=True, fusions=chosen, overrides=EVERY_POSITION)
     f = manifest["fusion"]
     layers = 2
     norms = (4 if family == "glm4" else 2) * layers + 1
@@ -68,7 +70,7 @@ def test_fp16_fused_graph_matches_and_builds_with_tensorrt_rtx(checkpoints, tmp_
     from trtglm.engine import build_engine
 
     export(str(checkpoints["glm4"]), tmp_path / "e", dtype="fp16", validate=False)
-    build(tmp_path / "e", tmp_path / "b", onnx_only=True)
+    build(tmp_path / "e", tmp_path / "b", onnx_only=True, overrides=EVERY_POSITION)
     steps_scale = max_diff(tmp_path / "e" / "model.onnx", tmp_path / "b" / "model.onnx")
     assert steps_scale < 2e-2
     engine = build_engine(tmp_path / "b" / "model.onnx", targets=("sm89",), max_input_len=32, max_seq_len=64)
@@ -117,7 +119,7 @@ def test_build_cli(exports, tmp_path, capsys):
 
 
 def test_no_fusion_is_a_faithful_copy(exports, tmp_path):
-    manifest = build(exports["glm"], tmp_path / "b", onnx_only=True, fusions=frozenset())
+    manifest = build(exports["glm"], tmp_path / "b", onnx_only=True, fusions=frozenset(), overrides=EVERY_POSITION)
     assert manifest["fusion"]["fused"] == {"rms_norm": 0, "rotary": 0, "attention": 0}
     assert max_diff(exports["glm"] / "model.onnx", tmp_path / "b" / "model.onnx") < 1e-6
 
@@ -135,7 +137,7 @@ def test_graph_from_torch_dynamo_exporter_fuses_strictly(models, exports, tmp_pa
     from models import dynamo_export
 
     foreign = dynamo_export(models["glm4"], tmp_path / "dynamo")
-    manifest = build(foreign, tmp_path / "b", onnx_only=True, max_seq_len=256)
+    manifest = build(foreign, tmp_path / "b", onnx_only=True, max_seq_len=256, overrides=EVERY_POSITION)
     assert manifest["fusion"]["fused"] == {"rms_norm": 9, "rotary": 2, "attention": 2, "qkv": 2,
                                            "rotary_keys_folded": 2}
     assert manifest["fusion"]["rewrites"]["rotary_strided_partial"] == 4  # torch.stack((-x2, x1)) form, q and k

@@ -54,7 +54,7 @@ def test_inspect_and_verify_cli(built, capsys):
     main(["inspect", str(built / "b")])
     out = capsys.readouterr().out
     assert "profile prefill+decode" in out and "memory estimate" in out
-    assert "graph: logits of every position, dynamic KV cache" in out
+    assert "graph: logits of the last position, dynamic KV cache" in out
     assert "attention decomposed for Myelin (engine.onnx)" in out  # one profile: the engine's own graph
     main(["verify", str(built / "b"), "--json"])
     verified = json.loads(capsys.readouterr().out)

@@ -18,6 +18,8 @@ from trtglm.errors import TrtglmError, UsageError
 from trtglm.evaluate import GateFailed, evaluate
 from trtglm.export import export, sha256
 
+from models import EVERY_POSITION  # perplexity and logits comparisons need every position
+
 MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-glm4"
 CALIB = {"calibration": {"samples": 16, "seq_len": 128}}
 SHAPES = {"shapes": {"max_batch": 1, "max_input_len": 64, "max_seq_len": 128}}
@@ -43,7 +45,7 @@ def graphs(e32, cache, tmp_path_factory):
     out = {}
     for dtype in ("fp16", "bf16", "int8", "fp8", "int4"):
         build(e32, root / dtype, onnx_only=True, cache_dir=cache,
-              overrides={"precision": {"dtype": dtype}, **CALIB})
+              overrides={"precision": {"dtype": dtype}, **CALIB, **EVERY_POSITION})
         out[dtype] = root / dtype
     return out
 
@@ -212,9 +214,9 @@ def test_fp32_islands_keep_overflowing_tensors_in_fp32(tmp_path):
     save_file(w, ckpt / "model.safetensors")
     export(str(ckpt), tmp_path / "e", validate=False, max_seq_len=256)
     build(tmp_path / "e", tmp_path / "f32", onnx_only=True,  # the fused graph, still fp32, fed below by hand
-          overrides={"shapes": {"kv_cache": "dynamic"}})
+          overrides={"shapes": {"kv_cache": "dynamic", "logits": "all"}})
     m = build(tmp_path / "e", tmp_path / "b", onnx_only=True, cache_dir=tmp_path / "cache",
-              overrides={"precision": {"dtype": "fp16"}, **CALIB})
+              overrides={"precision": {"dtype": "fp16"}, **CALIB, **EVERY_POSITION})
     islands = set(m["precision"]["fp32_islands"]["overflowing_nodes"])
     ids = token_windows(EVAL_DATA, MODEL, 64, 1, 3072)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(64)[None],
@@ -352,7 +354,7 @@ def test_ort_runs_int8_as_integer_gemms(graphs, e32):
 
 def test_logits_dtype_is_configurable(e32, cache, tmp_path):
     m = build(e32, tmp_path / "b", onnx_only=True, cache_dir=cache,
-              overrides={"precision": {"dtype": "fp16", "logits_dtype": "fp16"}, **CALIB})
+              overrides={"precision": {"dtype": "fp16", "logits_dtype": "fp16"}, **CALIB, **EVERY_POSITION})
     assert _io_types(_model(tmp_path / "b"))["logits"] == TensorProto.FLOAT16
     assert {s["name"]: s["dtype"] for s in m["io"]["outputs"]}["logits"] == "float16"
     r = evaluate(tmp_path / "b", e32, samples=2, seq_len=64, backend="ort")
@@ -385,7 +387,7 @@ def test_every_family_quantizes(checkpoints, family, tmp_path):
     for dtype, floor in (("fp16", 0.9999), ("int8", 0.99), ("fp8", 0.98), ("int4", 0.85)):
         m = build(tmp_path / "e", tmp_path / dtype, onnx_only=True, cache_dir=tmp_path / "cache",
                   overrides={"precision": {"dtype": dtype, "quantization": {"block_size": 32}},
-                             "calibration": {"samples": 8, "seq_len": 32}})
+                             "calibration": {"samples": 8, "seq_len": 32}, **EVERY_POSITION})
         got = logits(tmp_path / dtype / "model.onnx")
         cosine = (got * ref).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref, axis=-1)
         assert cosine.mean() > floor, (dtype, cosine)
@@ -406,7 +408,7 @@ def test_unfused_norm_reductions_and_softmax_stay_fp32(e32, cache, tmp_path):
     """With fusion off the graph keeps its primitive norms and attention: their reductions and the softmax are
     the recipe's default fp32 ops, the rest is fp16, and the result stays within the fp16 goal."""
     build(e32, tmp_path / "b", onnx_only=True, cache_dir=cache, fusions=frozenset(),
-          overrides={"precision": {"dtype": "fp16"}, **CALIB})
+          overrides={"precision": {"dtype": "fp16"}, **CALIB, **EVERY_POSITION})
     m = _model(tmp_path / "b")
     types = _float_types(m)
     for node in m.graph.node:

@@ -145,7 +145,7 @@ def test_engine_uses_tensorrts_kv_cache_update_layer(checkpoints, tmp_path):
     assert profile["attention_mask"] == [[1, 64], [1, 64], [2, 64]] and profile["cache_position"] == [[1], [1], [2]]
     plan = plan_buffers(m)
     assert plan["present.0.key"].max_shape == plan["past_key_values.0.key"].max_shape == (2, 2, 64, 16)
-    assert inspect_path(tmp_path / "b")["graph"] == {"logits": "all", "kv_cache": "static", "max_seq_len": 64}
+    assert inspect_path(tmp_path / "b")["graph"] == {"logits": "last", "kv_cache": "static", "max_seq_len": 64}
 
 
 def test_step_inputs_both_runtimes_feed():

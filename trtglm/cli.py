@@ -96,7 +96,7 @@ def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as
 @click.option("--max-seq-len", type=int, default=None, help="Longest sequence, past + new tokens.")
 @click.option("--logits", type=click.Choice(["all", "last"]), default=None,
               help="Logits of every position (eval needs them) or of the last one only (generation: the prefill "
-                   "computes one row of the lm_head). [default: all]")
+                   "computes one row of the lm_head). [default: last]")
 @click.option("--kv-cache", type=click.Choice(["dynamic", "static"]), default=None,
               help="dynamic: the cache grows by a copy each step; static: fixed max_seq_len slots updated in place "
                    "(TensorScatter, TensorRT's KV-cache-update layer; same shapes at every decode step: with "

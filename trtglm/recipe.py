@@ -68,7 +68,7 @@ class ShapesSection(_Section):
     profiles: Literal["single", "split"] = "single"
     # all: logits [batch, sequence, vocab] (perplexity, `trtglm eval`); last: [batch, 1, vocab], the lm_head on the
     # last position only (generation: a prefill computes one row of it; last_logits.py)
-    logits: Literal["all", "last"] = "all"
+    logits: Literal["all", "last"] = "last"
     # dynamic: past [B,KV,P,D] in, present [B,KV,P+S,D] out (a copy each step); static: fixed [B,KV,max_seq_len,D]
     # buffers updated in place by TensorScatter, TensorRT's KV-cache-update layer (static_cache.py). Static is not
     # the default: in one profile (the default) TensorRT-RTX runs the same kernels for both, and a static decode
