@@ -12,9 +12,10 @@ One run measures, side by side:
   kernels and its own copy of the weights),
   whether the fused attention (mha) kernel is there, and the kernel lists of one layer;
 - ONNX Runtime CPU (fp32): prefill latency at 512 tokens and decode tokens/s at 1024 tokens of
-  context, plain vs fused, the graphs measured in turn over three rounds. Rows: the default build
-  (dynamic KV cache, keys' rotation folded into their projection), `--logits last` (the lm_head on the
-  last position only, as generation needs), `--kv-cache static` (2048 slots updated in place, keys
+  context, plain vs fused, the graphs measured in turn over three rounds (ratios: the median over rounds
+  of each round's plain/fused). Rows: the default build (dynamic KV cache, keys' rotation folded into
+  their projection, the lm_head and the last layer on the last position only, as generation needs),
+  `--logits all` (the lm_head on every position, as perplexity needs), `--kv-cache static` (2048 slots updated in place, keys
   rotated by RotaryEmbedding, or folded) and fusion variants;
 - node counts before and after fusion.
 """
@@ -47,7 +48,7 @@ DEFAULT = "fused (default)"
 ROWS = {
     "plain export": None,
     DEFAULT: (None, {}),
-    "fused (default), last-position logits": (None, {"logits": "last"}),  # the lm_head on one row
+    "fused, every position's logits": (None, {"logits": "all"}),  # the lm_head on every row (eval needs it)
     "static KV cache (keys by RotaryEmbedding)": (None, STATIC),  # its default fusions
     "static KV cache, keys folded": (DEFAULT_FUSIONS, STATIC),
     "default, key rotation unfolded": (DEFAULT_FUSIONS - {"rotary_keys_folded"}, {}),
@@ -71,23 +72,29 @@ def kernels_by_profile(engine) -> dict[str, list[str]]:
 def ort_timings(paths: dict[str, Path], vocab: int, prefill: int = 512, context: int = 1024, decode: int = 16,
                 rounds: int = 3) -> dict[str, dict]:
     """Every graph measured in turn, `rounds` times over (this shared machine's speed drifts by 20-30% within
-    minutes, so ratios come from interleaved measurements): best prefill, median decode step."""
+    minutes, so ratios come from interleaved measurements): best prefill, median decode step, and the speed-ups
+    over the first graph (the plain export) as the median over rounds of each round's ratio."""
     sessions = {label: OrtBackend(path) for label, path in paths.items()}
     rng = np.random.default_rng(0)
     ids = rng.integers(0, vocab, (1, max(prefill, context)))
     caches = {label: dec.forward(ids[:, :context], np.ones((1, context), np.int64), np.arange(context)[None],
                                  dec.new_cache(1))[1] for label, dec in sessions.items()}
-    pre, steps = defaultdict(list), defaultdict(list)
+    pre, steps = defaultdict(list), defaultdict(list)  # per round: prefill seconds, median decode step seconds
     for _ in range(rounds):
         for label, dec in sessions.items():
             t = time.perf_counter()
             dec.forward(ids[:, :prefill], np.ones((1, prefill), np.int64), np.arange(prefill)[None], dec.new_cache(1))
             pre[label].append(time.perf_counter() - t)
+            step = []
             for _ in range(decode):  # always one token onto the same 1024-token cache
                 t = time.perf_counter()
                 dec.forward(ids[:, :1], np.ones((1, context + 1), np.int64), np.array([[context]]), caches[label])
-                steps[label].append(time.perf_counter() - t)
-    return {label: {"prefill_512_ms": 1000 * min(pre[label]), "decode_tok_s_at_1024": 1 / statistics.median(steps[label])}
+                step.append(time.perf_counter() - t)
+            steps[label].append(statistics.median(step))
+    base = next(iter(sessions))
+    return {label: {"prefill_512_ms": 1000 * min(pre[label]), "decode_tok_s_at_1024": 1 / statistics.median(steps[label]),
+                    "prefill_x": statistics.median(b / t for b, t in zip(pre[base], pre[label])),
+                    "decode_x": statistics.median(b / t for b, t in zip(steps[base], steps[label]))}
             for label in sessions}
 
 
@@ -124,16 +131,16 @@ def main() -> None:
                 row["nodes"] = str(len(onnx.load(path, load_external_data=False).graph.node))
             if dtype == "fp16":
                 one = _one_profile(path, config)
-                lowered = path
-                if how is not None:  # what `trtglm build` builds one profile from (builder.attention: auto)
-                    lowered = path.with_name("engine.onnx")
-                    write_engine_graph(path, lowered)
-                single = _try_build(lowered, one)
-                layer = _try_build(path, one) if how is not None else single
-                grouped = single
-                if how is not None:  # builder.attention: grouped (no repeated K/V)
-                    write_engine_graph(path, path.with_name("engine-grouped.onnx"), "grouped")
-                    grouped = _try_build(path.with_name("engine-grouped.onnx"), one)
+                lowered = grouped = path
+                if how is not None:  # what `trtglm build` builds one profile from (builder.attention: auto), and
+                    # builder.attention: grouped (no repeated K/V); the graph itself where it has no Attention op
+                    lowered, grouped = path.with_name("engine.onnx"), path.with_name("engine-grouped.onnx")
+                    if not write_engine_graph(path, lowered)["decomposed"]:
+                        lowered = path
+                    if not write_engine_graph(path, grouped, "grouped")["decomposed"]:
+                        grouped = path
+                built = {p: _try_build(p, one) for p in {lowered, path, grouped}}  # each graph once
+                single, layer, grouped = built[lowered], built[path], built[grouped]
                 engine = _try_build(path, None)  # split profiles
                 prof = kernels_by_profile(engine) if not isinstance(engine, str) else {"prefill": [], "decode": []}
                 row["engine"] = {
@@ -187,10 +194,9 @@ def _one_layer(names: list[str], layers: int) -> list[str]:
 
 
 def _table(rows: dict) -> None:
-    base = rows["plain export"]["ort"]
     print("\n| graph | KV cache | nodes | TRT network layers | kernels/layer, one profile (default: attention "
           "decomposed) | one profile, grouped | one profile, attention layer | split: prefill | split: decode | "
-          "mha kernel | ORT prefill 512 (ms) | ORT decode tok/s @1024 | vs plain |")
+          "mha kernel | ORT prefill 512 (ms) | ORT decode tok/s @1024 | vs plain (median of rounds) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, r in rows.items():
         e = r.get("engine")
@@ -200,8 +206,7 @@ def _table(rows: dict) -> None:
                f"{e['kernels_per_layer_decode']} | {'yes' if e['mha'] else 'no'}")
         o = r["ort"]
         print(f"| {label} | {r.get('kv_cache', 'dynamic')} | {r['nodes']} | {eng} | {o['prefill_512_ms']:.0f} | {o['decode_tok_s_at_1024']:.1f} | "
-              f"prefill x{base['prefill_512_ms'] / o['prefill_512_ms']:.2f}, "
-              f"decode x{o['decode_tok_s_at_1024'] / base['decode_tok_s_at_1024']:.2f} |")
+              f"prefill x{o['prefill_x']:.2f}, decode x{o['decode_x']:.2f} |")
     for label, phase in ((DEFAULT, "one_profile"), ("plain export", "one_profile"), (DEFAULT, "decode"),
                          ("static KV cache (keys by RotaryEmbedding)", "decode"), (DEFAULT, "prefill")):
         print(f"\n{phase.replace('_', ' ')} kernels of one layer ({label}):")

@@ -7,8 +7,8 @@ decode: `trtglm run`'s generation loop on the fused build of `--dtype` (32-token
 int4 are `build --int8|--int4` of the fp32 export, as in bench/runtime.py); prints kernel
 time per op type and the MatMul time per generated token next to the time the weights' bytes need at the
 measured read bandwidth (why 85% of that bound is out of reach with per-op overhead).
-prefill: one 512-token prefill of the plain export, of the fused build and of the fused build with `--logits last`
-(the lm_head on the last position only), each after a warm-up; prints
+prefill: one 512-token prefill of the plain export, of the fused build (by default the lm_head and the last layer on
+the last position only) and of the fused build with `--logits all`, each after a warm-up in the same session; prints
 kernel time per op type of both and the most any fusion could gain there (total / MatMul kernel time:
 what is left if every other op took no time at all).
 """
@@ -75,27 +75,29 @@ def main() -> None:
 def prefill(work: Path, config: dict, tokens: int = 512) -> None:
     ids = np.random.default_rng(0).integers(3, config["vocab_size"], (1, tokens))
     feeds = (ids, np.ones((1, tokens), np.int64), np.arange(tokens)[None])
-    last = work / "build-last"
-    build(work / "export", last, onnx_only=True, force=True, overrides={"shapes": {"logits": "last"}})
+    every = work / "build-all"
+    build(work / "export", every, onnx_only=True, force=True, overrides={"shapes": {"logits": "all"}})
     for label, path in (("plain export", work / "export" / "model.onnx"), ("fused build", work / "build" / "model.onnx"),
-                        ("fused build, --logits last", last / "model.onnx")):
-        backend = OrtBackend(path)
-        backend.forward(*feeds, backend.new_cache(1))  # warm-up, unprofiled
+                        ("fused build, --logits all", every / "model.onnx")):
         backend = OrtBackend(path, profile=work / "ort-profile")
-        backend.forward(*feeds, backend.new_cache(1))
-        per_op, calls = kernel_times(backend)
+        for _ in range(2):  # a warm-up (the first run sizes the memory arena), then the one counted
+            backend.forward(*feeds, backend.new_cache(1))
+        per_op, calls = kernel_times(backend, last_run_only=True)
         total = sum(per_op.values())
         print(f"\n{label}: {tokens}-token prefill, kernels {total / 1000:.0f} ms, MatMul {per_op['MatMul'] / 1000:.0f} ms "
               f"({per_op['MatMul'] / total:.0%}); at most x{total / per_op['MatMul']:.2f} faster with every other op free")
         table(per_op, calls)
 
 
-def kernel_times(backend: OrtBackend) -> tuple[Counter, Counter]:
-    """Microseconds and calls per op type, from the session's profile (which is then deleted)."""
+def kernel_times(backend: OrtBackend, last_run_only: bool = False) -> tuple[Counter, Counter]:
+    """Microseconds and calls per op type, from the session's profile (which is then deleted): of every run, or of
+    the last one only."""
     trace = backend.session.end_profiling()
+    events = json.load(open(trace))
+    since = max(e["ts"] for e in events if e["name"] == "model_run") if last_run_only else 0
     per_op, calls = Counter(), Counter()
-    for event in json.load(open(trace)):
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["ts"] >= since:
             per_op[event["args"]["op_name"]] += event["dur"]
             calls[event["args"]["op_name"]] += 1
     os.remove(trace)
