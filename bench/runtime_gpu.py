@@ -1,6 +1,6 @@
 """Runtime benchmark on a GPU, on the 136M GLM-4-shaped random model of bench/runtime.py, in one run:
 trtglm's ONNX Runtime backend on the CUDA provider (onnxruntime-gpu) for fp32 and fp16 exports (the default
-build, `--kv-cache static` with and without `--cuda-graphs`, `--logits last`) against transformers `generate`
+build, `--kv-cache static` with and without `--cuda-graphs`, `--logits all`) against transformers `generate`
 (sdpa) on the same GPU, at batch 1 and 8; each build's greedy tokens on the CUDA provider against the CPU
 provider's (and with CUDA graphs against without); and where a CUDA decode step spends its time (ONNX
 Runtime's profile, per operator).
@@ -27,7 +27,7 @@ from trtglm.build import build
 from trtglm.export import export
 from trtglm.generate import generate
 
-BUILDS = {"default build": {}, "static KV cache": {"kv_cache": "static"}, "last-position logits": {"logits": "last"}}
+BUILDS = {"default build": {}, "static KV cache": {"kv_cache": "static"}, "every position's logits": {"logits": "all"}}
 
 
 def transformers_runner(ckpt: Path, dtype: torch.dtype, prompts: list[list[int]], new: int):
