@@ -19,11 +19,10 @@ from trtglm.export import export, sha256
 from trtglm.generate import generate
 from trtglm.last_logits import keep_last_position
 
-from models import left_padded
+from models import EVERY_POSITION, left_padded
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-glm4"
 LAST = {"shapes": {"logits": "last"}}  # the default, said where a test compares it with every position
-ALL = {"shapes": {"logits": "all"}}
 PROMPTS = [[5, 17, 99, 3, 42, 8, 150], [11, 12], [77, 1, 60, 61]]
 
 
@@ -31,7 +30,7 @@ PROMPTS = [[5, 17, 99, 3, 42, 8, 150], [11, 12], [77, 1, 60, 61]]
 def pairs(exports, tmp_path_factory):
     """family -> (onnx-only build with every position's logits, the same with the last position's)."""
     root = tmp_path_factory.mktemp("last")
-    return {f: (build(exports[f], root / f"{f}-all", onnx_only=True, overrides=ALL) and root / f"{f}-all",
+    return {f: (build(exports[f], root / f"{f}-all", onnx_only=True, overrides=EVERY_POSITION) and root / f"{f}-all",
                 build(exports[f], root / f"{f}-last", onnx_only=True, overrides=LAST) and root / f"{f}-last")
             for f in ("glm", "glm4", "chatglm")}
 
@@ -89,7 +88,7 @@ def test_the_last_layer_runs_on_the_last_position_after_its_cache(pairs, family)
 def test_static_cache_with_last_position_logits(exports, tmp_path):
     """Both options: the static cache's one shared mask is built first, then sliced for the last layer (and the
     ORT backend's cache window slices that too); logits are the dynamic full graph's last row."""
-    full = build(exports["glm4"], tmp_path / "full", onnx_only=True, overrides=ALL) and tmp_path / "full"
+    full = build(exports["glm4"], tmp_path / "full", onnx_only=True, overrides=EVERY_POSITION) and tmp_path / "full"
     both = build(exports["glm4"], tmp_path / "both", onnx_only=True,
                  overrides={"shapes": {"logits": "last", "kv_cache": "static", "max_seq_len": 48}}) and tmp_path / "both"
     onnx.checker.check_model(str(both / "model.onnx"), full_check=True)
@@ -136,5 +135,5 @@ def test_engine_builds_with_a_one_row_logits_buffer(pairs, checkpoints, tmp_path
     m = build(tmp_path / "e", tmp_path / "b", overrides={"shapes": shapes | LAST["shapes"]}, use_cache=False)
     assert m["engine"]["kernels"] > 0
     assert plan_buffers(m)["logits"].max_shape == (2, 1, 160)
-    full = build(tmp_path / "e", tmp_path / "a", overrides={"shapes": shapes | ALL["shapes"]}, use_cache=False)
+    full = build(tmp_path / "e", tmp_path / "a", overrides={"shapes": shapes | EVERY_POSITION["shapes"]}, use_cache=False)
     assert full["estimate"]["activation_bytes"] - m["estimate"]["activation_bytes"] == 2 * 15 * 160 * 4
