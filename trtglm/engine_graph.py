@@ -81,18 +81,17 @@ class DecomposeAttention(pattern.RewriteRuleClassBase):
         heads, kv_heads, head_dim = self._shape
         dtype = q.dtype
         groups = heads // kv_heads if self.grouped else 1
-        axis = op.Constant(value=ir.tensor(np.array([1], np.int64)))
+        axis = _ints(op, [1])
         kv = op.Concat(op.Unsqueeze(k, axis), op.Unsqueeze(v, axis), axis=1)  # [B,2,KV,T,D]: one tensor to update
         if heads != kv_heads and not self.grouped:
-            kv = op.Tile(op.Unsqueeze(kv, op.Constant(value=ir.tensor(np.array([3], np.int64)))),
-                         op.Constant(value=ir.tensor(np.array([1, 1, 1, heads // kv_heads, 1, 1], np.int64))))
-            kv = op.Reshape(kv, op.Constant(value=ir.tensor(np.array([0, 2, heads, -1, head_dim], np.int64))))
-        key = op.Gather(kv, op.Constant(value=ir.tensor(np.array(0, np.int64))), axis=1)
-        value = op.Gather(kv, op.Constant(value=ir.tensor(np.array(1, np.int64))), axis=1)
+            kv = op.Tile(op.Unsqueeze(kv, _ints(op, [3])), _ints(op, [1, 1, 1, heads // kv_heads, 1, 1]))
+            kv = op.Reshape(kv, _ints(op, [0, 2, heads, -1, head_dim]))
+        key = op.Gather(kv, _ints(op, 0), axis=1)
+        value = op.Gather(kv, _ints(op, 1), axis=1)
         scale = op.Constant(value=ir.tensor(np.array(self._scale, dtype.numpy())))
         q = op.Mul(q, scale)  # before the first MatMul, as TensorRT asks
         if groups > 1:  # rows (g, s) of kv head k: query head k*G + g at position s
-            q = op.Reshape(q, op.Constant(value=ir.tensor(np.array([0, kv_heads, -1, head_dim], np.int64))))
+            q = op.Reshape(q, _ints(op, [0, kv_heads, -1, head_dim]))
         scores = op.MatMul(q, op.Transpose(key, perm=[0, 1, 3, 2]))
         if dtype in _HALF:
             scores = op.Cast(scores, to=ir.DataType.FLOAT)
@@ -104,15 +103,20 @@ class DecomposeAttention(pattern.RewriteRuleClassBase):
             else:
                 bias = op.Cast(mask, to=ir.DataType.FLOAT) if dtype in _HALF else mask
             if groups > 1:  # [B,1,S,T] -> [B,1,G*S,T]: the same rows for every group
-                bias = op.Tile(bias, op.Constant(value=ir.tensor(np.array([1, 1, groups, 1], np.int64))))
+                bias = op.Tile(bias, _ints(op, [1, 1, groups, 1]))
             scores = op.Add(scores, bias)
         probs = op.Softmax(scores, axis=-1)
         if dtype in _HALF:
             probs = op.Cast(probs, to=dtype)
         out = op.MatMul(probs, value)
         if groups > 1:
-            out = op.Reshape(out, op.Constant(value=ir.tensor(np.array([0, heads, -1, head_dim], np.int64))))
+            out = op.Reshape(out, _ints(op, [0, heads, -1, head_dim]))
         return out
+
+
+def _ints(op, values):
+    """An int64 Constant (shapes, axes, repeats, indices)."""
+    return op.Constant(value=ir.tensor(np.array(values, np.int64)))
 
 
 def rules(grouped: bool = False) -> list:
