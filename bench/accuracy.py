@@ -1,5 +1,5 @@
 """Accuracy of each precision on the shipped model (models/tiny-glm4) against its fp32 export, on the whole
-held-out split (calibration_data/eval.jsonl). Every row is built by `trtglm build --<precision> --onnx-only`
+held-out split (trtglm/data/eval.jsonl). Every row is built by `trtglm build --<precision> --onnx-only`
 from the one fp32 export, with the default calibration (64 windows of 256 tokens of the calibration split),
 and evaluated with ONNX Runtime on the CPU; "fp16 export" is the export written in fp16 directly; the last two
 rows quantize the lm_head too (`precision.quantization.lm_head: true`; left in fp16 by default).

@@ -2,7 +2,8 @@
 decode tokens/s and time to first token of trtglm's ONNX Runtime backend for fp32 and fp16 exports
 (the default build, whose lm_head reads the last position only, and with `--kv-cache static`; fp32 also
 with `--logits all`, the lm_head on every position) and for the fp16, int8 and int4 builds of
-the fp32 export (`trtglm build --fp16|--int8|--int4`; int8 and int4 also with the lm_head quantized),
+the fp32 export (`trtglm build --fp16|--int8|--int4`; int8 and int4 also with the lm_head quantized; int8
+in every integer GEMM form, integer_gemm.py, marked where the form is not exact on this CPU),
 against transformers `generate` (sdpa) on the same weights, and each row's read-bandwidth limit
 (measured bandwidth / weight bytes read per token).
 
@@ -30,6 +31,7 @@ from trtglm.backends import OrtBackend
 from trtglm.build import build
 from trtglm.export import export
 from trtglm.generate import generate
+from trtglm.integer_gemm import FORMS, select_form
 from trtglm.synthetic import glm4_config, write_random_checkpoint
 
 
@@ -136,14 +138,21 @@ def main() -> None:
               overrides={"precision": {"dtype": dtype, "quantization": {"lm_head": lm_head}},
                          "calibration": {"samples": 16, "seq_len": 128}})
         label = f"trtglm run --backend ort, `build --{dtype}` of the fp32 export{', lm_head quantized' if lm_head else ''}"
-        runners[label] = ort_runner(OrtBackend.from_build(out), [prompt], args.new)
-        read[label] = (out / "model.onnx.data").stat().st_size
+        forms = [None] if dtype != "int8" or lm_head else FORMS
+        for form in forms:
+            backend = OrtBackend.from_build(out, int8_gemm=form)
+            saturates = form == "u8s8" and select_form()[0] != "u8s8"
+            row = f"{label}, {form} GEMMs{' (not exact on this CPU)' if saturates else ''}" if form else label
+            runners[row] = ort_runner(backend, [prompt], args.new)
+            # dequantize: ONNX Runtime folds the weights into fp32 at load
+            read[row] = weight_bytes["fp32"] if form == "dequantize" else (out / "model.onnx.data").stat().st_size
     rows = interleaved(runners, args.rounds)
     bandwidth = read_bandwidth_gbs()
     embedding = config["vocab_size"] * config["hidden_size"]  # one row of it is read per token
     per_token = {label: n - embedding * (4 if n == weight_bytes["fp32"] else 2) for label, n in read.items()}
     base = rows["transformers generate (sdpa, fp32)"]
-    print(f"\nread bandwidth {bandwidth:.1f} GB/s (2 threads); weights read per token = the graph's weights but the "
+    print(f"\nint8 GEMM form chosen on this CPU: {' '.join(select_form())}")
+    print(f"read bandwidth {bandwidth:.1f} GB/s (2 threads); weights read per token = the graph's weights but the "
           f"embedding table (fp32 {per_token[next(iter(rows))] / 1e6:.0f} MB)\n")
     print("| runner | weights read per token | time to first token (ms) | decode tok/s | vs transformers "
           "| of its bandwidth limit | tokens = transformers |")

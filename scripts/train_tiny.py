@@ -1,4 +1,4 @@
-"""Train the small GLM-4 model trtglm ships (models/tiny-glm4) and write calibration_data/.
+"""Train the small GLM-4 model trtglm ships (models/tiny-glm4) and write trtglm/data/ (calibration and held-out text).
 
     apt-get install bible-kjv        # the King James Bible (public domain) and its `bible` reader
     python scripts/train_tiny.py [--minutes 20 | --steps N] [--seed 0]
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT, DATA = ROOT / "models" / "tiny-glm4", ROOT / "calibration_data"
+OUT, DATA = ROOT / "models" / "tiny-glm4", ROOT / "trtglm" / "data"
 SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
             "<|assistant|>", "<|observation|>"]
 CHAT_TEMPLATE = ("[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"

@@ -107,8 +107,8 @@ def dynamo_export(model, path: Path, opset: int = 18) -> Path:
             for i in range(layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
-            return (out.logits, *[t for layer in out.past_key_values.layers[:layers] for t in (layer.keys, layer.values)])
+                         cache=cache, use_cache=True)
+            return (out.logits, *[t for layer in out.cache.layers[:layers] for t in (layer.keys, layer.values)])
 
     b, s, p = 2, 3, 4
     args = (torch.randint(0, model.config.vocab_size, (b, s)), torch.ones(b, p + s, dtype=torch.long),

@@ -16,7 +16,7 @@ from trtglm.export import export
 from models import EVERY_POSITION  # perplexity needs every position
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-glm4"
-EVAL = Path(__file__).resolve().parent.parent / "calibration_data" / "eval.jsonl"
+EVAL = Path(__file__).resolve().parent.parent / "trtglm" / "data" / "eval.jsonl"
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def hf_logits(model, steps: Steps, dtype=torch.float32):
     with torch.inference_mode():
         for ids, mask, pos in zip(steps.input_ids, steps.attention_mask, steps.position_ids):
             r = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                      position_ids=torch.from_numpy(pos), past_key_values=cache)
+                      position_ids=torch.from_numpy(pos), cache=cache)
             out.append(r.logits.float().numpy())
     model.to(torch.float32)
     return out

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL, DATA = ROOT / "models" / "tiny-glm4", ROOT / "calibration_data"
+MODEL, DATA = ROOT / "models" / "tiny-glm4", ROOT / "trtglm" / "data"
 
 
 def test_calibration_data_matches_its_readme():

@@ -21,6 +21,7 @@ from .static_cache import CACHE_POSITION, step_inputs
 
 class Backend(Protocol):
     name: str
+    int8_gemm: str | None  # ONNX Runtime on the CPU: the integer GEMM form of int8 MatMuls, and why
     max_seq_len: int
     vocab_size: int
 
@@ -61,13 +62,15 @@ class OrtBackend:
     `cuda_graphs=True` (CUDA provider, static cache): each batch size's decode step is captured once as a CUDA
     graph and replayed after (one launch instead of one per node); its inputs, logits and KV cache then live
     in device buffers kept per batch size, since a replay reads and writes the addresses it was captured with.
+    `int8_gemm` forces an integer GEMM form on the CPU (integer_gemm.FORMS; default: the one exact on this CPU);
+    `self.int8_gemm` says which runs, and why.
     """
 
     name = "ort"
 
     def __init__(self, onnx_path: str | Path, *, max_seq_len: int | None = None, threads: int = 0,
                  device: str = "auto", optimize: bool = True, low_memory: bool = False, profile: str | Path | None = None,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, int8_gemm: str | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -92,7 +95,8 @@ class OrtBackend:
             raise TrtglmError("--cuda-graphs on ONNX Runtime needs its CUDA provider (onnxruntime-gpu and a GPU); "
                               "here it runs on the CPU")
         # a replayed step keeps the shapes it was captured with: no attention window that grows with the cache
-        model = _session_graph(Path(onnx_path), opts, cpu=len(providers) == 1, window_cache=not cuda_graphs)
+        model, self.int8_gemm = _session_graph(Path(onnx_path), opts, cpu=len(providers) == 1,
+                                               window_cache=not cuda_graphs, int8_gemm=int8_gemm)
         self.session = ort.InferenceSession(model, opts, providers=providers)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         inputs = self.session.get_inputs()
@@ -219,27 +223,39 @@ class OrtBackend:
         return logits.numpy(), presents
 
 
-def _session_graph(onnx_path: Path, opts, cpu: bool, window_cache: bool = True) -> str | bytes:
+def _session_graph(onnx_path: Path, opts, cpu: bool, window_cache: bool = True,
+                   int8_gemm: str | None = None) -> tuple[str | bytes, str | None]:
     """What ONNX Runtime runs of `onnx_path`, rewritten in memory (the build's model.onnx is TensorRT's graph and
-    stays as it is). A static cache's attention reads only the filled slots (cache_window.py). On the CPU, W8A8
-    graphs (int8/fp8 Q/DQ, fp16 around) have no GEMM: it would dequantize every weight at every step (measured
-    3 tok/s on 136M). Their int8 MatMuls become integer GEMMs (integer_gemm.py: 1 byte per weight read, about
-    100 tok/s); the weight DQs of the others (fp8) are folded at load, the same values computed once into fp32
-    (about 50 tok/s)."""
+    stays as it is), and the integer GEMM form of its int8 MatMuls with why (None: it has none). A static
+    cache's attention reads only the filled slots (cache_window.py). On the CPU, W8A8 graphs (int8/fp8 Q/DQ,
+    fp16 around) have no GEMM: it would dequantize every weight at every step. Their int8 MatMuls become
+    integer GEMMs in the form exact on this CPU (integer_gemm.py: 1 byte per weight read); the weight DQs of
+    the others (fp8) are folded at load, the same values computed once into fp32."""
     import onnx_ir as ir
 
     from .cache_window import window
-    from .integer_gemm import lower
+    from .integer_gemm import NO_QDQ_FUSION, lower, select_form
 
     model = ir.load(onnx_path)  # the weights stay in the data file
     changed = window(model) if window_cache else 0
+    form = None
     if cpu and any(node.op_type == "QuantizeLinear" for node in model.graph):
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")
-        changed += lower(model)
+        opts.add_session_config_entry(*NO_QDQ_FUSION)
+        chosen, why = select_form()
+        chosen = int8_gemm or chosen
+        lowered = lower(model, chosen)
+        changed += lowered
+        if lowered or chosen == "dequantize":
+            form = f"{chosen}" + (f" ({why})" if not int8_gemm else " (forced)")
     if not changed:
-        return str(onnx_path)
+        return str(onnx_path), form
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(onnx_path.parent))
-    return ir.to_proto(model).SerializeToString()
+    return ir.to_proto(model).SerializeToString(), form
+
+
+def _ort_line(backend: OrtBackend, graphs: str) -> str:
+    gemm = f", int8 GEMMs {backend.int8_gemm}" if backend.int8_gemm else ""
+    return f"{backend.device}{graphs}{gemm}"
 
 
 def _static_cache(manifest: dict) -> bool:
@@ -276,8 +292,8 @@ def open_backend(build_dir: str | Path, kind: str = "auto", threads: int = 0,
             backend = OrtBackend.from_build(build_dir, threads=threads, cuda_graphs=cuda_graphs)
         except TrtglmError as e:
             raise TrtglmError(f"{e} (and the TensorRT engine cannot run here: {reason})") from None
-        return backend, f"ONNX Runtime ({backend.device}{graphs}) over model.onnx, because {reason}"
+        return backend, f"ONNX Runtime ({_ort_line(backend, graphs)}) over model.onnx, because {reason}"
     if kind == "ort":
         backend = OrtBackend.from_build(build_dir, threads=threads, cuda_graphs=cuda_graphs)
-        return backend, f"ONNX Runtime ({backend.device}{graphs}) over model.onnx"
+        return backend, f"ONNX Runtime ({_ort_line(backend, graphs)}) over model.onnx"
     raise TrtglmError(f"unknown backend {kind!r}: auto, trt or ort")

@@ -17,7 +17,8 @@ def run_bench(backend, *, batch: int = 1, input_len: int = 128, output_len: int 
     result = generate(backend, prompts, max_new_tokens=output_len)
     steps = np.array(result.step_seconds)
     return {
-        "backend": backend.name, "batch": batch, "input_len": input_len, "output_len": output_len,
+        "backend": backend.name, "int8_gemm": backend.int8_gemm,
+        "batch": batch, "input_len": input_len, "output_len": output_len,
         "ttft_ms": 1000 * result.prefill_seconds,
         "decode_tokens_per_s": result.decode_tokens_per_second,
         "decode_tokens_per_s_all_rows": result.decode_tokens_per_second * batch,

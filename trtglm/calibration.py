@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import TrtglmError
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent / "calibration_data" / "calibration.jsonl"
+DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "calibration.jsonl"  # package data
 EVAL_DATA = DEFAULT_DATA.with_name("eval.jsonl")
 NUMPY = {"int64": np.int64, "float32": np.float32, "float": np.float32, "float16": np.float16}  # export / ONNX names
 

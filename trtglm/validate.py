@@ -62,7 +62,7 @@ def reference_logits(ckpt: Checkpoint, dtype: str, steps: Steps) -> list[np.ndar
     with torch.inference_mode():
         for ids, mask, pos in zip(steps.input_ids, steps.attention_mask, steps.position_ids):
             r = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                      position_ids=torch.from_numpy(pos), past_key_values=cache, use_cache=True)
+                      position_ids=torch.from_numpy(pos), cache=cache, use_cache=True)
             out.append(r.logits.float().numpy())
     del model, cache
     gc.collect()
