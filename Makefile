@@ -2,23 +2,46 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 DEMO   ?= out/demo
 
-.PHONY: demo test bench engines venv clean
+.PHONY: demo test bench engines venv lock qemu clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The versions constraints.txt names (tested together); pyproject.toml keeps the ranges for library users.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "installing into $(VENV) (torch 2.13.0 CPU first, so no CUDA torch is pulled)"
+	@echo "installing into $(VENV) (torch 2.13.0 CPU first, so no CUDA torch is pulled; versions from constraints.txt)"
 	@$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "is ignored" || true
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,rtx]' 2>&1 | grep -v "is ignored" || true
+	@$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,rtx]' 2>&1 | grep -v "is ignored" || true
 	@$(PY) -c "import torch, transformers, onnxruntime, onnx_ir, trtglm" || (echo "install failed" && exit 1)
 	@rm -f $(VENV)/.installed-* && touch $@
 
-test: $(STAMP)
+# The integer-GEMM tests run again on an emulated x86 CPU with AVX2 and no VNNI, whatever CPU this is.
+test: $(STAMP) qemu
 	$(PY) -m pytest -q
+	@if command -v qemu-x86_64 >/dev/null && [ "$$(uname -m)" = x86_64 ]; then \
+	  echo "tests/test_integer_gemm.py on an emulated AVX2 CPU without VNNI (qemu-x86_64 -cpu Haswell)"; \
+	  TRTGLM_EMULATED_CPU=haswell qemu-x86_64 -cpu Haswell $(PY) -m pytest -q -p no:cacheprovider tests/test_integer_gemm.py; \
+	else echo "qemu-x86_64 not found: the emulated AVX2 run is skipped (apt-get install qemu-user)"; fi
+
+# qemu-user where apt is there and we may use it; its absence only skips the emulated run.
+qemu:
+	@command -v qemu-x86_64 >/dev/null || [ "$$(uname -m)" != x86_64 ] || ! command -v apt-get >/dev/null || \
+	  [ "$$(id -u)" != 0 ] || { echo "installing qemu-user (apt)"; apt-get install -y -q qemu-user >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q qemu-user >/dev/null 2>&1; } || \
+	  echo "apt could not install qemu-user"; }
+
+# constraints.txt anew: the newest versions pyproject.toml's ranges admit today, in a fresh venv. Then `make test`.
+lock:
+	@rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	@.lock-venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "is ignored" || true
+	@.lock-venv/bin/pip install -q --disable-pip-version-check '.[dev,rtx]' 2>&1 | grep -v "is ignored" || true
+	@{ echo "# Tested versions: make installs these. Regenerate with 'make lock' (then make test)."; \
+	  .lock-venv/bin/pip freeze --exclude trtglm --exclude torch | sort -f; } > constraints.txt
+	@rm -rf .lock-venv
+	@echo "constraints.txt: $$(grep -vc '^#' constraints.txt) packages"
 
 demo: $(STAMP)
 	@rm -rf $(DEMO)
@@ -50,4 +73,4 @@ engines: $(STAMP)
 	done
 
 clean:
-	rm -rf $(VENV) out .bench
+	rm -rf $(VENV) out .bench .lock-venv
