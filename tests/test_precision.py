@@ -352,6 +352,23 @@ def test_ort_runs_int8_as_integer_gemms(graphs, e32):
     assert np.linalg.norm(integer - dequantized) / np.linalg.norm(dequantized) < 0.05  # 0.018
 
 
+def test_int8_greedy_tokens_match_the_qdq_graph(graphs):
+    """The shipped model's int8 build, generated greedily with this CPU's integer GEMM form, gives the tokens of
+    the Q/DQ graph as written (its weights dequantized: the `dequantize` form)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from trtglm.backends import OrtBackend
+    from trtglm.generate import generate
+    from trtglm.integer_gemm import select_form
+
+    tok = PreTrainedTokenizerFast.from_pretrained(MODEL)
+    prompts = [tok.encode(p) for p in ("In the beginning", "And the LORD said unto Moses,")]
+    lowered = OrtBackend(graphs["int8"] / "model.onnx", device="cpu")
+    assert lowered.int8_gemm.startswith(select_form()[0])
+    qdq = OrtBackend(graphs["int8"] / "model.onnx", device="cpu", int8_gemm="dequantize")
+    assert generate(lowered, prompts, max_new_tokens=24).tokens == generate(qdq, prompts, max_new_tokens=24).tokens
+
+
 def test_logits_dtype_is_configurable(e32, cache, tmp_path):
     m = build(e32, tmp_path / "b", onnx_only=True, cache_dir=cache,
               overrides={"precision": {"dtype": "fp16", "logits_dtype": "fp16"}, **CALIB, **EVERY_POSITION})

@@ -49,3 +49,12 @@ def _cgroup_headroom(root: str = "/sys/fs/cgroup", cgroups: str = "/proc/self/cg
                 return None
             return max(0, int(limit) - used)
     return None
+
+
+def require(need: float, what: str, hint: str, error: type[TrtglmError] = TrtglmError) -> None:
+    """`what` needs about `need` bytes besides the libraries themselves; fail now if that is not available."""
+    need += BASE_BYTES
+    available = available_memory()
+    if available is not None and need > available:
+        raise error(f"{what} needs about {need / 2**30:.1f} GiB of memory but {available / 2**30:.1f} GiB is "
+                    "available", hint=hint)
