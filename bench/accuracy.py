@@ -16,9 +16,9 @@ import shutil
 import time
 from pathlib import Path
 
-from trtglm.build import build
-from trtglm.evaluate import evaluate
-from trtglm.export import export
+from trtglm.engine.build import build
+from trtglm.export.exporter import export
+from trtglm.runtime.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 

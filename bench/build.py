@@ -15,7 +15,8 @@ import shutil
 import sys
 
 from common import checkpoint, config_of, measure, parameters, parse_args
-from trtglm.engine import NOT_KERNELS
+
+from trtglm.engine.builder import NOT_KERNELS
 
 
 def main() -> None:

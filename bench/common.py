@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trtglm.config import normalize
-from trtglm.synthetic import glm4_config, write_random_checkpoint
-from trtglm.weights import weight_specs
+from trtglm.model.config import normalize
+from trtglm.model.synthetic import glm4_config, write_random_checkpoint
+from trtglm.model.weights import weight_specs
 
 SHAPES = {  # GLM-4 proportions: 2 KV heads, MLP about 3x hidden
     "50M": dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1536, vocab=32000),

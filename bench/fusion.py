@@ -33,14 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
-from trtglm.build import build
-from trtglm.engine import build_engine, make_profiles
-from trtglm.engine_graph import write_engine_graph
-from trtglm.export import export
+from trtglm.core.recipe import ShapesSection
+from trtglm.engine.build import build
+from trtglm.engine.builder import build_engine, make_profiles
+from trtglm.engine.engine_graph import write_engine_graph
+from trtglm.export.exporter import export
 from trtglm.fusion import DEFAULT_FUSIONS
-from trtglm.recipe import ShapesSection
-from trtglm.synthetic import glm4_config, write_random_checkpoint
-from trtglm.backends import OrtBackend
+from trtglm.model.synthetic import glm4_config, write_random_checkpoint
+from trtglm.runtime.backends import OrtBackend
 
 STATIC = {"kv_cache": "static"}
 DEFAULT = "fused (default)"

@@ -23,14 +23,13 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-
 from runtime import read_bandwidth_gbs
-from trtglm.backends import OrtBackend
-from trtglm.build import build
-from trtglm.export import export
-from trtglm.generate import generate
-from trtglm.synthetic import glm4_config, write_random_checkpoint
 
+from trtglm.engine.build import build
+from trtglm.export.exporter import export
+from trtglm.model.synthetic import glm4_config, write_random_checkpoint
+from trtglm.runtime.backends import OrtBackend
+from trtglm.runtime.generate import generate
 
 GEMMS = ("MatMul", "MatMulIntegerToFloat", "MatMulNBits")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from common import checkpoint, config_of, measure, parameters, parse_args
 
-from trtglm.export import DATA_FILE, export
+from trtglm.export.exporter import DATA_FILE, export
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "tiny-glm4"
 

@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trtglm.backends import OrtBackend
-from trtglm.build import build
-from trtglm.export import export
-from trtglm.generate import generate
-from trtglm.integer_gemm import FORMS, select_form
-from trtglm.synthetic import glm4_config, write_random_checkpoint
+from trtglm.engine.build import build
+from trtglm.export.exporter import export
+from trtglm.model.synthetic import glm4_config, write_random_checkpoint
+from trtglm.runtime.backends import OrtBackend
+from trtglm.runtime.generate import generate
+from trtglm.runtime.integer_gemm import FORMS, select_form
 
 
 def read_bandwidth_gbs(threads: int = 2, mb: int = 512) -> float:

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from runtime import arguments, interleaved, model_136m, ort_runner
-from trtglm.backends import OrtBackend
-from trtglm.build import build
-from trtglm.export import export
-from trtglm.generate import generate
+
+from trtglm.engine.build import build
+from trtglm.export.exporter import export
+from trtglm.runtime.backends import OrtBackend
+from trtglm.runtime.generate import generate
 
 BUILDS = {"default build": {}, "static KV cache": {"kv_cache": "static"}, "every position's logits": {"logits": "all"}}
 

@@ -30,7 +30,7 @@ def checkpoints(tmp_path_factory, models):
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory, checkpoints):
     """family -> export dir (fp32, opset 23), exported once per session."""
-    from trtglm.export import export
+    from trtglm.export.exporter import export
 
     root = tmp_path_factory.mktemp("export")
     return {fam: root / fam for fam in checkpoints if export(str(checkpoints[fam]), root / fam) is not None}

@@ -9,7 +9,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as passes
 
 from trtglm import graph as G
-from trtglm.config import GlmConfig
+from trtglm.model.config import GlmConfig
 
 CFG = GlmConfig(family="glm", vocab_size=16, hidden_size=64, intermediate_size=32, num_layers=1, num_heads=4,
                 num_kv_heads=2, head_dim=16, rotary_dim=8, rope_theta=10000.0, rms_norm_eps=1e-5,
@@ -22,7 +22,7 @@ def config(**changes) -> GlmConfig:
 
 
 def micro(build, inputs: dict[str, tuple[ir.DataType, tuple]], dtype=F32) -> ir.Model:
-    """A model from `build(g, *inputs)` written with trtglm.graph's builder."""
+    """A model from `build(g, *inputs)` written with trtglm.model.decoder's builder."""
     g = G._Builder(dtype, 23)
     values = [ir.Value(name=n, type=ir.TensorType(t), shape=ir.Shape(s)) for n, (t, s) in inputs.items()]
     outs = build(g, *values)

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from trtglm.build import build
-from trtglm.errors import TrtglmError
-from trtglm.export import export, sha256
+from trtglm.core.errors import TrtglmError
+from trtglm.engine.build import build
+from trtglm.export.exporter import export, sha256
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_cache_hit_is_fast_and_identical(fp16_export, tmp_path):
 
 
 def test_changed_trtglm_code_is_a_cache_miss(fp16_export, tmp_path, monkeypatch):
-    import trtglm.build as build_module
+    import trtglm.engine.build as build_module
 
     first = build(fp16_export, tmp_path / "a", overrides=SMALL, cache_dir=tmp_path / "cache")
     digest = build_module.source_digest()
@@ -114,7 +114,7 @@ def test_refused_before_building(fp16_export, tmp_path, overrides, message):
 
 
 def test_bf16_and_fp32_target_rules():
-    from trtglm.engine import check_targets
+    from trtglm.engine.tensorrt import check_targets
 
     with pytest.raises(TrtglmError, match="bf16 needs SM80"):
         check_targets(("sm75", "sm89"), "bf16", "tensorrt_rtx")
@@ -140,7 +140,7 @@ def test_ctrl_c_during_the_tensorrt_build_cancels_cleanly(fp16_export, tmp_path)
         def remove_task(self, *a):
             pass
 
-    from trtglm.engine import BuildCancelled
+    from trtglm.engine.builder import BuildCancelled
 
     with pytest.raises(BuildCancelled):
         build(fp16_export, tmp_path / "b", overrides=SMALL, use_cache=False, progress=InterruptOnFirstStep())
@@ -213,7 +213,7 @@ def test_every_parser_error_is_reported(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from trtglm.engine import BuildError, build_engine
+    from trtglm.engine.builder import BuildError, build_engine
 
     nodes = [helper.make_node("Attention", ["q", "k", "v"], [f"o{i}"], softmax_precision=1) for i in range(3)]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT16, [1, 2, 4, 8])

@@ -146,19 +146,21 @@ def test_impossible_options(args, pattern, capsys, checkpoints, tmp_path):
 
 
 def test_failed_validation_leaves_nothing(capsys, checkpoints, tmp_path, monkeypatch):
-    monkeypatch.setitem(__import__("trtglm.validate").validate.TOLERANCE, "fp32", 0.0)
+    import trtglm.export.validate
+
+    monkeypatch.setitem(trtglm.export.validate.TOLERANCE, "fp32", 0.0)
     code, _, err = run(capsys, "export", str(checkpoints["glm"]), "-o", str(tmp_path / "e"))
     assert_clean_failure(code, err, tmp_path, "differs from the transformers reference")
     assert not (tmp_path / "e").exists()
 
 
 def test_interrupt_mid_export_leaves_nothing(capsys, checkpoints, tmp_path, monkeypatch):
-    import trtglm.validate
+    import trtglm.export.exporter
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trtglm.validate, "validate", interrupted)
+    monkeypatch.setattr(trtglm.export.exporter, "run_validation", interrupted)
     code, _, err = run(capsys, "export", str(checkpoints["glm"]), "-o", str(tmp_path / "e"))
     assert code == 130 and "interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
@@ -171,9 +173,9 @@ def test_debug_shows_the_traceback(checkpoints, tmp_path):
 
 
 def test_validation_that_cannot_fit_in_memory_fails_before_writing(capsys, checkpoints, tmp_path, monkeypatch):
-    import trtglm.memory
+    import trtglm.core.memory
 
-    monkeypatch.setattr(trtglm.memory, "available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(trtglm.core.memory, "available_memory", lambda: 1 << 20)
     code, _, err = run(capsys, "export", str(checkpoints["glm"]), "-o", str(tmp_path / "e"))
     assert_clean_failure(code, err, tmp_path, "validation needs about")
     assert "--no-validate" in err and not (tmp_path / "e").exists()

@@ -1,7 +1,7 @@
 import pytest
 
-from trtglm.config import detect_family, normalize
-from trtglm.errors import CheckpointError, UnsupportedCheckpoint
+from trtglm.core.errors import CheckpointError, UnsupportedCheckpoint
+from trtglm.model.config import detect_family, normalize
 
 
 def test_families_come_from_config_fields(checkpoints):

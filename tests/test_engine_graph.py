@@ -6,15 +6,15 @@ import json
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from trtglm.backends import OrtBackend
-from trtglm.build import build
-from trtglm.engine_graph import attention_form, write_engine_graph
-from trtglm.export import export
-from trtglm.validate import Steps, run_steps
+from trtglm.engine.build import build
+from trtglm.engine.engine_graph import attention_form, write_engine_graph
+from trtglm.export.exporter import export
+from trtglm.export.validate import Steps, run_steps
+from trtglm.runtime.backends import OrtBackend
+
 
 def max_diff(a_path, b_path):
     """Largest logits difference over the real positions of a left-padded prefill and 3 decode steps."""

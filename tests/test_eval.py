@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from trtglm.build import build
-from trtglm.errors import TrtglmError
-from trtglm.evaluate import GateFailed, evaluate
-from trtglm.export import export
-
 from models import EVERY_POSITION  # perplexity needs every position
+from trtglm.core.errors import TrtglmError
+from trtglm.engine.build import build
+from trtglm.export.exporter import export
+from trtglm.runtime.evaluate import GateFailed, evaluate
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-glm4"
 EVAL = Path(__file__).resolve().parent.parent / "trtglm" / "data" / "eval.jsonl"
@@ -56,8 +55,8 @@ def test_a_broken_model_fails_the_gate(shipped, tmp_path):
 
 
 def test_eval_input_errors(shipped, tmp_path):
-    from trtglm.build import build
-    from trtglm.errors import UsageError
+    from trtglm.core.errors import UsageError
+    from trtglm.engine.build import build
 
     with pytest.raises(UsageError, match="e16: accuracy is measured against an fp32 export, and this is not one"):
         evaluate(shipped / "b16", shipped / "e16", EVAL)

@@ -8,10 +8,11 @@ import onnx
 import pytest
 import torch
 
-from trtglm.checkpoint import read_header
-from trtglm.export import export
-from trtglm.backends import OrtBackend
-from trtglm.validate import Steps, run_steps
+from trtglm.core.files import sha256
+from trtglm.export.exporter import export
+from trtglm.export.validate import Steps, run_steps
+from trtglm.model.checkpoint import read_header
+from trtglm.runtime.backends import OrtBackend
 
 FAMILIES = ["glm", "glm4", "chatglm"]
 
@@ -131,7 +132,7 @@ def test_io_contract_and_export_json(checkpoints, exports):
     meta = json.loads((exports["glm4"] / "export.json").read_text())
     assert meta["family"] == "glm4" and meta["dtype"] == "fp32" and meta["opset"] == 23
     assert meta["validation"]["status"] == "passed" and meta["validation"]["max_abs_diff"] < 1e-4
-    assert meta["source"]["sha256"]["model.safetensors"] == __import__("trtglm.export").export.sha256(
+    assert meta["source"]["sha256"]["model.safetensors"] == sha256(
         checkpoints["glm4"] / "model.safetensors")
     assert {"torch", "transformers", "onnx", "onnx-ir"} <= set(meta["tools"])
     model = onnx.load(exports["glm4"] / "model.onnx", load_external_data=False)

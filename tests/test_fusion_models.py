@@ -8,14 +8,13 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from trtglm.build import build
-from trtglm.errors import TrtglmError
-from trtglm.export import export
-from trtglm.fusion import DEFAULT_FUSIONS, FusionError, expected_counts, fuse
-from trtglm.backends import OrtBackend
-from trtglm.validate import Steps, run_steps
-
 from models import EVERY_POSITION
+from trtglm.core.errors import TrtglmError
+from trtglm.engine.build import build
+from trtglm.export.exporter import export
+from trtglm.export.validate import Steps, run_steps
+from trtglm.fusion import DEFAULT_FUSIONS, FusionError, expected_counts, fuse
+from trtglm.runtime.backends import OrtBackend
 
 FAMILIES = ["glm", "glm4", "chatglm"]
 ALL = frozenset({"rms_norm", "qkv", "rotary", "rotary_keys", "attention"})
@@ -67,7 +66,7 @@ def test_strict_names_the_rule_and_the_reason(exports):
 
 
 def test_fp16_fused_graph_matches_and_builds_with_tensorrt_rtx(checkpoints, tmp_path):
-    from trtglm.engine import build_engine
+    from trtglm.engine.builder import build_engine
 
     export(str(checkpoints["glm4"]), tmp_path / "e", dtype="fp16", validate=False)
     build(tmp_path / "e", tmp_path / "b", onnx_only=True, overrides=EVERY_POSITION)
@@ -86,7 +85,7 @@ def test_fp16_fused_graph_matches_and_builds_with_tensorrt_rtx(checkpoints, tmp_
 def test_tensorrt_rtx_still_fails_on_fused_key_rotation_with_fused_attention(checkpoints, tmp_path):
     """Why a dynamic cache folds its keys' rotation (rotary_keys_folded). When this starts passing the build,
     rotate them with RotaryEmbedding (rotary_keys), as the static cache does."""
-    from trtglm.engine import BuildError, build_engine
+    from trtglm.engine.builder import BuildError, build_engine
 
     export(str(checkpoints["glm4"]), tmp_path / "e", dtype="fp16", validate=False)
     build(tmp_path / "e", tmp_path / "b", onnx_only=True, fusions=ALL, overrides={"shapes": {"kv_cache": "dynamic"}})

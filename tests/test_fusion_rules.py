@@ -4,8 +4,8 @@ equality before/after (fp32 atol 1e-5), and idempotence."""
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from fusion_graphs import BOOL, F16, F32, I64, config, micro, ops, run, weight
+
 from trtglm import graph as G
 from trtglm.fusion import fuse
 
@@ -282,7 +282,7 @@ def test_key_rotation_fold_refuses_keys_read_before_rotation():
 
 
 def test_key_rotation_options_are_alternatives():
-    from trtglm.errors import TrtglmError
+    from trtglm.core.errors import TrtglmError
 
     with pytest.raises(TrtglmError, match="alternatives"):
         fuse(projected_keys("rotate_half"), max_positions=64, fusions=frozenset({"rotary", "rotary_keys",

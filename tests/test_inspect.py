@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-from trtglm.build import build
 from trtglm.cli import main
-from trtglm.errors import TrtglmError
-from trtglm.export import export
-from trtglm.inspect import VerifyFailed, inspect_path, verify
+from trtglm.core.errors import TrtglmError
+from trtglm.engine.build import build
+from trtglm.engine.inspect import VerifyFailed, inspect_path, verify
+from trtglm.export.exporter import export
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,13 @@ from onnx import TensorProto
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from trtglm.integer_gemm import FORMS, NO_QDQ_FUSION, cpu_features, lower, select_form
+from trtglm.runtime.integer_gemm import (
+    FORMS,
+    NO_QDQ_FUSION,
+    cpu_features,
+    lower,
+    select_form,
+)
 
 K, N = 64, 48
 HASWELL = frozenset({"SSE", "SSE2", "SSE3", "SSSE3", "SSE41", "SSE42", "AVX", "F16C", "FMA3", "AVX2"})

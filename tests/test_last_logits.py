@@ -11,15 +11,14 @@ import numpy as np
 import onnx
 import pytest
 
-from trtglm.backends import OrtBackend
-from trtglm.build import build
-from trtglm.errors import TrtglmError, UsageError
-from trtglm.evaluate import evaluate
-from trtglm.export import export, sha256
-from trtglm.generate import generate
-from trtglm.last_logits import keep_last_position
-
 from models import EVERY_POSITION, left_padded
+from trtglm.core.errors import TrtglmError, UsageError
+from trtglm.engine.build import build
+from trtglm.engine.last_logits import keep_last_position
+from trtglm.export.exporter import export, sha256
+from trtglm.runtime.backends import OrtBackend
+from trtglm.runtime.evaluate import evaluate
+from trtglm.runtime.generate import generate
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-glm4"
 LAST = {"shapes": {"logits": "last"}}  # the default, said where a test compares it with every position
@@ -107,7 +106,7 @@ def test_quantized_lm_head_keeps_its_pair_and_the_gate_sees_every_position(tmp_p
     integer GEMM see Q-DQ-MatMul); the gate inside the build measured every position first; eval refuses."""
     import onnx_ir as ir
 
-    from trtglm.integer_gemm import lower
+    from trtglm.runtime.integer_gemm import lower
 
     export(str(MODEL), tmp_path / "e", validate=False, max_seq_len=256)
     m = build(tmp_path / "e", tmp_path / "b", onnx_only=True, cache_dir=tmp_path / "cache",
@@ -128,7 +127,7 @@ def test_quantized_lm_head_keeps_its_pair_and_the_gate_sees_every_position(tmp_p
 
 
 def test_engine_builds_with_a_one_row_logits_buffer(pairs, checkpoints, tmp_path):
-    from trtglm.trt_backend import plan_buffers
+    from trtglm.runtime.trt import plan_buffers
 
     export(str(checkpoints["glm4"]), tmp_path / "e", dtype="fp16", validate=False, max_seq_len=64)
     shapes = {"max_batch": 2, "max_input_len": 16, "max_seq_len": 64}

@@ -1,6 +1,6 @@
 """The memory a build may use: the machine's, or a cgroup's limit where a container sets one."""
 
-from trtglm.memory import _cgroup_headroom
+from trtglm.core.memory import _cgroup_headroom
 
 
 def _files(tmp_path, cgroup_line: str, files: dict[str, str]) -> tuple[str, str]:

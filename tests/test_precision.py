@@ -12,13 +12,14 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from trtglm.build import build
-from trtglm.calibration import CalibrationError, CalibrationSet, token_windows
-from trtglm.errors import TrtglmError, UsageError
-from trtglm.evaluate import GateFailed, evaluate
-from trtglm.export import export, sha256
-
-from models import EVERY_POSITION  # perplexity and logits comparisons need every position
+from models import (
+    EVERY_POSITION,  # perplexity and logits comparisons need every position
+)
+from trtglm.core.errors import TrtglmError, UsageError
+from trtglm.engine.build import build
+from trtglm.export.exporter import export, sha256
+from trtglm.precision.calibration import CalibrationError, CalibrationSet, token_windows
+from trtglm.runtime.evaluate import GateFailed, evaluate
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-glm4"
 CALIB = {"calibration": {"samples": 16, "seq_len": 128}}
@@ -148,7 +149,7 @@ def test_tensorrt_rtx_builds_each_precision(e32, cache, tmp_path, dtype, target)
     reads, holds = ENGINE_DTYPES[dtype]
     gemms = [x for x in layers if holds in x["holds"] and reads in x["reads"] and x["type"] in ("gemm", "runtime_fusion")]
     assert len(gemms) >= 4 * 3, [(x["type"], x["reads"], x["holds"]) for x in layers]
-    from trtglm.inspect import inspect_path
+    from trtglm.engine.inspect import inspect_path
 
     assert inspect_path(tmp_path / "b")["gemm_datatypes"][f"{reads} x {holds}"] == len(gemms)
 
@@ -203,9 +204,9 @@ def test_fp32_islands_keep_overflowing_tensors_in_fp32(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from trtglm.backends import OrtBackend
-    from trtglm.calibration import EVAL_DATA
+    from trtglm.precision.calibration import EVAL_DATA
     from trtglm.precision.half import to_half
+    from trtglm.runtime.backends import OrtBackend
 
     ckpt = tmp_path / "loud"
     shutil.copytree(MODEL, ckpt)
@@ -306,7 +307,7 @@ def test_cli_quantized_build_and_errors(e32, cache, tmp_path):
 
 def test_manifest_io_follows_the_converted_graph(graphs):
     """The engine runner sizes its buffers from the manifest: an fp16 KV cache must be recorded as fp16."""
-    from trtglm.trt_backend import plan_buffers
+    from trtglm.runtime.trt import plan_buffers
 
     for dtype, kv in (("fp16", "float16"), ("bf16", "bfloat16"), ("int8", "float16")):
         io = json.loads((graphs[dtype] / "manifest.json").read_text())["io"]
@@ -328,8 +329,8 @@ def test_ort_runs_int8_as_integer_gemms(graphs, e32):
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from trtglm.backends import OrtBackend
-    from trtglm.integer_gemm import lower
+    from trtglm.runtime.backends import OrtBackend
+    from trtglm.runtime.integer_gemm import lower
 
     manifest = json.loads((graphs["int8"] / "manifest.json").read_text())
     assert lower(ir.load(graphs["int8"] / "model.onnx")) == manifest["precision"]["quantized_nodes"] == 16
@@ -352,21 +353,35 @@ def test_ort_runs_int8_as_integer_gemms(graphs, e32):
     assert np.linalg.norm(integer - dequantized) / np.linalg.norm(dequantized) < 0.05  # 0.018
 
 
-def test_int8_greedy_tokens_match_the_qdq_graph(graphs):
-    """The shipped model's int8 build, generated greedily with this CPU's integer GEMM form, gives the tokens of
-    the Q/DQ graph as written (its weights dequantized: the `dequantize` form)."""
+def test_int8_integer_gemms_choose_the_qdq_graphs_tokens(graphs):
+    """The shipped model's int8 build with this CPU's integer GEMM form picks the tokens the Q/DQ graph as written
+    picks (its weights dequantized: the `dequantize` form), along the Q/DQ graph's own greedy continuation: the
+    integer product is exact where the Q/DQ graph rounds each product to fp16, so they may differ only where
+    the Q/DQ graph's top two logits are that close."""
     from transformers import PreTrainedTokenizerFast
 
-    from trtglm.backends import OrtBackend
-    from trtglm.generate import generate
-    from trtglm.integer_gemm import select_form
+    from trtglm.runtime.backends import OrtBackend
+    from trtglm.runtime.generate import generate
+    from trtglm.runtime.integer_gemm import select_form
 
     tok = PreTrainedTokenizerFast.from_pretrained(MODEL)
-    prompts = [tok.encode(p) for p in ("In the beginning", "And the LORD said unto Moses,")]
     lowered = OrtBackend(graphs["int8"] / "model.onnx", device="cpu")
     assert lowered.int8_gemm.startswith(select_form()[0])
     qdq = OrtBackend(graphs["int8"] / "model.onnx", device="cpu", int8_gemm="dequantize")
-    assert generate(lowered, prompts, max_new_tokens=24).tokens == generate(qdq, prompts, max_new_tokens=24).tokens
+    assert qdq.int8_gemm.startswith("dequantize")
+    positions, differ = 0, 0
+    for text in ("In the beginning", "And the LORD said unto Moses,", "Blessed are the"):
+        prompt = tok.encode(text)
+        ids = np.array([prompt + generate(qdq, [prompt], max_new_tokens=32).tokens[0]])
+        args = (ids, np.ones_like(ids), np.arange(ids.shape[1])[None])
+        a = lowered.forward(*args, lowered.new_cache(1))[0][0, len(prompt) - 1:]
+        b = qdq.forward(*args, qdq.new_cache(1))[0][0, len(prompt) - 1:]
+        for row_a, row_b in zip(a, b):
+            positions += 1
+            if row_a.argmax() != row_b.argmax():  # the two forms' logits differ by about 2% (fp16 rounding)
+                differ += 1
+                assert row_b.max() - row_b[row_a.argmax()] < 0.02 * np.abs(row_b).max(), "not a near tie"
+    assert differ <= positions // 20, (differ, positions)
 
 
 def test_logits_dtype_is_configurable(e32, cache, tmp_path):
@@ -385,8 +400,7 @@ def test_every_family_quantizes(checkpoints, family, tmp_path):
     import shutil
 
     from models import add_tokenizer
-
-    from trtglm.backends import OrtBackend
+    from trtglm.runtime.backends import OrtBackend
 
     shutil.copytree(checkpoints[family], tmp_path / "ckpt")
     add_tokenizer(tmp_path / "ckpt")
@@ -438,9 +452,9 @@ def test_unfused_norm_reductions_and_softmax_stay_fp32(e32, cache, tmp_path):
 
 
 def test_conversion_that_cannot_fit_in_memory_fails_before_any_work(e32, tmp_path, monkeypatch):
-    import trtglm.memory
+    import trtglm.core.memory
 
-    monkeypatch.setattr(trtglm.memory, "available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(trtglm.core.memory, "available_memory", lambda: 1 << 20)
     with pytest.raises(UsageError, match=r"converting this fp32 graph to int8 needs about .* GiB of memory"):
         build(e32, tmp_path / "b", onnx_only=True, overrides={"precision": {"dtype": "int8"}})
     assert not (tmp_path / "b").exists()

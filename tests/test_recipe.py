@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from trtglm.recipe import Recipe, RecipeError, load_recipe
+from trtglm.core.recipe import Recipe, RecipeError, load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
@@ -61,8 +61,8 @@ def test_every_shipped_recipe_plans_within_tensorrts_limits(path):
     import dataclasses
     import json
 
-    from trtglm.config import normalize
-    from trtglm.engine import plan_shapes
+    from trtglm.engine.builder import plan_shapes
+    from trtglm.model.config import normalize
 
     r = load_recipe(path)
     if r.model.name == "tiny-glm4":

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from trtglm.backends import OrtBackend, open_backend
-from trtglm.build import build
-from trtglm.errors import TrtglmError, UsageError
-from trtglm.generate import generate, make_prefix
-from trtglm.sampling import Sampling, choose
+from trtglm.core.errors import TrtglmError, UsageError
+from trtglm.engine.build import build
+from trtglm.runtime.backends import OrtBackend, open_backend
+from trtglm.runtime.generate import generate, make_prefix
+from trtglm.runtime.sampling import Sampling, choose
 
 FAMILIES = ["glm", "glm4", "chatglm"]
 
@@ -127,7 +127,7 @@ def test_auto_backend_says_why_it_fell_back(builds):
 def cuda_provider_usable() -> bool:
     import onnxruntime as ort
 
-    from trtglm.backends import _cuda_usable
+    from trtglm.runtime.backends import _cuda_usable
 
     return _cuda_usable(ort)
 
@@ -180,7 +180,7 @@ def test_cuda_graph_replays_generate_what_plain_steps_do(exports, tmp_path):
 
 @pytest.fixture(scope="module", params=["static", "dynamic"])
 def engine_build(request, checkpoints, tmp_path_factory):
-    from trtglm.export import export
+    from trtglm.export.exporter import export
 
     root = tmp_path_factory.mktemp("trt")
     export(str(checkpoints["glm4"]), root / "e", dtype="fp16", validate=False, max_seq_len=64)
@@ -190,10 +190,10 @@ def engine_build(request, checkpoints, tmp_path_factory):
 
 
 def test_buffer_plan_covers_the_largest_shapes(engine_build):
-    from trtglm.backends import read_manifest
-    from trtglm.trt_backend import plan_buffers
+    from trtglm.engine.directory import BuildDir
+    from trtglm.runtime.trt import plan_buffers
 
-    manifest = read_manifest(engine_build)
+    manifest = BuildDir(engine_build).manifest
     plan = plan_buffers(manifest)
     assert plan["input_ids"].max_shape == (2, 16) and plan["logits"].max_shape == (2, 1, 160)  # the last position
     assert plan["logits"].dtype == "float32"
@@ -208,7 +208,7 @@ def test_buffer_plan_covers_the_largest_shapes(engine_build):
 
 
 def test_engine_availability_reasons(engine_build):
-    from trtglm.trt_backend import unavailable_reason
+    from trtglm.runtime.trt import unavailable_reason
 
     assert unavailable_reason(engine_build, cc=None) == "there is no GPU"
     assert unavailable_reason(engine_build, cc="sm86") == "this GPU is sm86 and the engine was built for sm89"
@@ -219,7 +219,7 @@ def test_engine_availability_reasons(engine_build):
 def test_corrupt_engine_is_refused_before_tensorrt_sees_it(engine_build, tmp_path):
     import shutil
 
-    from trtglm.inspect import VerifyFailed, verify
+    from trtglm.engine.inspect import VerifyFailed, verify
 
     copy = tmp_path / "b"
     shutil.copytree(engine_build, copy)
@@ -233,15 +233,15 @@ def test_cuda_graphs_are_tensorrt_rtxs_and_its_runtime_cache_is_per_engine(engin
 
     import tensorrt_rtx
 
-    from trtglm.backends import read_manifest
-    from trtglm.trt_backend import cuda_graph_refusal, runtime_cache_file
+    from trtglm.engine.directory import BuildDir
+    from trtglm.runtime.trt import cuda_graph_refusal, runtime_cache_file
 
     assert cuda_graph_refusal(tensorrt_rtx) is None  # IRuntimeConfig.cuda_graph_strategy = WHOLE_GRAPH_CAPTURE
     full = types.SimpleNamespace(__name__="tensorrt", __version__="10.13.0")  # no CudaGraphStrategy
     assert cuda_graph_refusal(full) == ("tensorrt 10.13.0 has no built-in CUDA graph capture (IRuntimeConfig's "
                                         "cuda_graph_strategy is TensorRT-RTX's)")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    manifest = read_manifest(engine_build)
+    manifest = BuildDir(engine_build).manifest
     f = runtime_cache_file(manifest)
     assert f.parent == tmp_path / "trtglm" / "runtime" and manifest["files"]["sha256"]["model.engine"].startswith(f.stem)
     if manifest["recipe"]["resolved"]["shapes"]["kv_cache"] == "static":  # what a captured decode step needs
@@ -256,13 +256,13 @@ def test_cuda_graphs_are_tensorrt_rtxs_and_its_runtime_cache_is_per_engine(engin
 @pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_engine_generates_like_onnx_runtime(engine_build, cuda_graphs, monkeypatch, tmp_path):
-    from trtglm.backends import read_manifest
-    from trtglm.trt_backend import TrtBackend, unavailable_reason
+    from trtglm.engine.directory import BuildDir
+    from trtglm.runtime.trt import TrtBackend, unavailable_reason
 
     reason = unavailable_reason(engine_build)
     if reason:
         pytest.skip(f"TensorRT engine cannot run here: {reason}")
-    if cuda_graphs and read_manifest(engine_build)["recipe"]["resolved"]["shapes"]["kv_cache"] == "dynamic":
+    if cuda_graphs and BuildDir(engine_build).manifest["recipe"]["resolved"]["shapes"]["kv_cache"] == "dynamic":
         with pytest.raises(UsageError, match="needs a build with a static KV cache"):  # before the engine loads
             open_backend(engine_build, "trt", cuda_graphs=True)
         return
@@ -282,7 +282,7 @@ def text_build(checkpoints, tmp_path_factory):
     import shutil
 
     from models import add_tokenizer
-    from trtglm.export import export
+    from trtglm.export.exporter import export
 
     root = tmp_path_factory.mktemp("text")
     shutil.copytree(checkpoints["glm4"], root / "ckpt")
@@ -305,7 +305,7 @@ def cli(*args, stdin=None):
 def test_run_prompts_json_and_stream(text_build):
     import json
 
-    from trtglm.text import load_text
+    from trtglm.model.tokenizer import load_text
 
     r = cli("run", str(text_build), "--prompt", "the quick", "--prompt", "hello", "--max-new-tokens", "6", "--json")
     assert r.returncode == 0, r.stderr
@@ -322,7 +322,7 @@ def test_run_prompts_json_and_stream(text_build):
 
 
 def test_run_chat_uses_the_template(text_build):
-    from trtglm.text import load_text
+    from trtglm.model.tokenizer import load_text
 
     text = load_text(text_build)
     ids = text.chat([{"role": "user", "content": "hello"}])
@@ -337,7 +337,7 @@ def test_run_prefix_equals_full_prompts(text_build):
     """--prefix: its tokens, computed once, then each prompt's tokens; the same as feeding them all each time."""
     import json
 
-    from trtglm.text import load_text
+    from trtglm.model.tokenizer import load_text
 
     a = cli("run", str(text_build), "--prefix", "the lazy dog ", "--prompt", "jumps", "--prompt", "hello world",
             "--max-new-tokens", "5", "--json")
@@ -382,6 +382,6 @@ def test_bench_json_is_the_same_for_every_backend(text_build):
             "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert set(out) == {"backend", "batch", "input_len", "output_len", "ttft_ms", "decode_tokens_per_s",
+    assert set(out) == {"backend", "int8_gemm", "batch", "input_len", "output_len", "ttft_ms", "decode_tokens_per_s",
                         "decode_tokens_per_s_all_rows", "p50_ms", "p99_ms", "peak_rss_mb", "device_memory_mb"}
     assert out["decode_tokens_per_s"] > 0 and out["p99_ms"] >= out["p50_ms"] > 0

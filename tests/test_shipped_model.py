@@ -28,10 +28,10 @@ def test_calibration_data_matches_its_readme():
 def test_loads_with_transformers_and_generates_like_trtglm(tmp_path):
     from transformers import Glm4ForCausalLM, PreTrainedTokenizerFast
 
-    from trtglm.backends import OrtBackend
-    from trtglm.build import build
-    from trtglm.export import export
-    from trtglm.generate import generate
+    from trtglm.engine.build import build
+    from trtglm.export.exporter import export
+    from trtglm.runtime.backends import OrtBackend
+    from trtglm.runtime.generate import generate
 
     model = Glm4ForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
     tok = PreTrainedTokenizerFast.from_pretrained(MODEL)

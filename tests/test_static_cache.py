@@ -9,14 +9,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from trtglm.backends import OrtBackend
-from trtglm.build import build
-from trtglm.errors import TrtglmError
-from trtglm.export import export, sha256
-from trtglm.generate import generate, make_prefix
-from trtglm.static_cache import make_static
-
 from models import left_padded
+from trtglm.core.errors import TrtglmError
+from trtglm.engine.build import build
+from trtglm.engine.static_cache import make_static
+from trtglm.export.exporter import export, sha256
+from trtglm.runtime.backends import OrtBackend
+from trtglm.runtime.generate import generate, make_prefix
 
 STATIC = {"shapes": {"kv_cache": "static", "max_seq_len": 48}}
 DYNAMIC = {"shapes": {"kv_cache": "dynamic", "max_seq_len": 48}}
@@ -97,7 +96,7 @@ def test_onnx_runtime_attends_over_the_filled_slots_only(pairs, tmp_path):
     not all 48, and computes what the full-width graph computes (the left-padded batch, prefill and decode)."""
     import onnx_ir as ir
 
-    from trtglm.cache_window import window
+    from trtglm.runtime.cache_window import window
 
     static = pairs["glm4"][1]
     # On the CPU provider both: `full` swaps in a CPU session, and the caches live where the session computes.
@@ -127,8 +126,8 @@ def test_static_cache_needs_fused_attention(exports, tmp_path):
 
 
 def test_engine_uses_tensorrts_kv_cache_update_layer(checkpoints, tmp_path):
-    from trtglm.inspect import inspect_path
-    from trtglm.trt_backend import plan_buffers
+    from trtglm.engine.inspect import inspect_path
+    from trtglm.runtime.trt import plan_buffers
 
     export(str(checkpoints["glm4"]), tmp_path / "e", dtype="fp16", validate=False, max_seq_len=64)
     shapes = {"max_batch": 2, "max_input_len": 16, "max_seq_len": 64, "kv_cache": "static"}
@@ -150,7 +149,7 @@ def test_engine_uses_tensorrts_kv_cache_update_layer(checkpoints, tmp_path):
 
 def test_step_inputs_both_runtimes_feed():
     """The TensorRT runner and the ONNX Runtime backend feed a static graph through this one function."""
-    from trtglm.static_cache import step_inputs
+    from trtglm.engine.static_cache import step_inputs
 
     feeds = step_inputs(np.array([[0, 1, 1, 1], [1, 1, 1, 1]]), cached=3, slots=6)
     np.testing.assert_array_equal(feeds["attention_mask"], [[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]])

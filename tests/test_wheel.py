@@ -48,4 +48,4 @@ def test_the_wheel_works_outside_the_checkout(tmp_path):
     assert built["calibration"]["data"].startswith(str(own)), built["calibration"]  # the text the wheel ships
     ran = json.loads(trtglm("run", "b8", "--prompt", "In the beginning", "--max-new-tokens", "4", "--json"))
     assert len(ran["rows"][0]["tokens"]) == 4
-    assert json.loads(trtglm("eval", "b8", "--samples", "2", "--seq-len", "64", "--json"))["perplexity"] > 1
+    assert json.loads(trtglm("eval", "b8", "--samples", "2", "--seq-len", "64", "--json"))["candidate_perplexity"] > 1

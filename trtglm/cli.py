@@ -13,7 +13,7 @@ from contextlib import closing
 import click
 
 from . import __version__
-from .errors import TrtglmError
+from .core.errors import TrtglmError
 
 
 def _console():
@@ -23,7 +23,14 @@ def _console():
 
 
 def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     console = _console()
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -60,7 +67,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @json_option
 def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as_json):
     """Export MODEL (a local HF checkpoint directory or a hub id) to ONNX with a KV cache."""
-    from .export import export
+    from .export.exporter import export
 
     with _progress() as progress:
         meta = export(model, out_dir, dtype=dtype, opset=opset, max_seq_len=max_seq_len,
@@ -136,8 +143,8 @@ def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, m
     """Fuse the graph of a `trtglm export` directory and build a TensorRT engine from it."""
     from pathlib import Path
 
-    from .build import build
-    from .inspect import graph_of
+    from .engine.build import build
+    from .engine.inspect import graph_of
 
     fusion_list = None
     if fusions is not None:
@@ -209,7 +216,7 @@ def _precision_lines(m: dict) -> list[str]:
 @json_option
 def inspect_cmd(path, as_json):
     """Describe an ONNX file, an engine, an export or a build directory."""
-    from .inspect import inspect_path
+    from .engine.inspect import inspect_path
 
     info = inspect_path(path)
     if as_json:
@@ -264,7 +271,7 @@ def _summary(info: dict) -> list[str]:
 @json_option
 def verify_cmd(build_dir, as_json):
     """Check a build directory: file hashes against the manifest, and (with a GPU) that the engine loads here."""
-    from .inspect import verify
+    from .engine.inspect import verify
 
     result = verify(build_dir)
     if as_json:
@@ -311,11 +318,11 @@ def run_cmd(build_dir, prompts, input_file, chat, prefix, backend, max_new_token
     """Generate text with a build: the TensorRT engine on a GPU, else ONNX Runtime over the same graph."""
     from pathlib import Path
 
-    from .backends import open_backend
-    from .errors import UsageError
-    from .generate import generate, make_prefix
-    from .sampling import Sampling
-    from .text import load_text
+    from .core.errors import UsageError
+    from .model.tokenizer import load_text
+    from .runtime.backends import open_backend
+    from .runtime.generate import generate, make_prefix
+    from .runtime.sampling import Sampling
 
     prompts = list(prompts)
     if input_file:
@@ -357,7 +364,7 @@ def run_cmd(build_dir, prompts, input_file, chat, prefix, backend, max_new_token
 
 
 def _chat(model, text, sampling, max_new_tokens):
-    from .generate import generate
+    from .runtime.generate import generate
 
     messages = []
     click.echo("chat: an empty line or end of input ends it", err=True)
@@ -391,8 +398,8 @@ def _chat(model, text, sampling, max_new_tokens):
 @json_option
 def bench_cmd(build_dir, backend, batch, input_len, output_len, cuda_graphs, as_json):
     """Time to first token, decode tokens/s, p50/p99 per-token latency and peak memory (same JSON for every backend)."""
-    from .backends import open_backend
-    from .benchmark import run_bench
+    from .runtime.backends import open_backend
+    from .runtime.bench import run_bench
 
     model, why = open_backend(build_dir, backend, cuda_graphs=cuda_graphs)
     click.echo(f"backend: {why}", err=True)
@@ -418,7 +425,7 @@ def bench_cmd(build_dir, backend, batch, input_len, output_len, cuda_graphs, as_
 @json_option
 def eval_cmd(build_dir, reference, data, samples, seq_len, backend, as_json):
     """Accuracy of a build against its fp32 reference; exit 3 when outside the recipe's accuracy limits."""
-    from .evaluate import GateFailed, evaluate
+    from .runtime.evaluate import GateFailed, evaluate
 
     r = evaluate(build_dir, reference, data, samples=samples, seq_len=seq_len, backend=backend)
     if as_json:

@@ -15,7 +15,7 @@ import onnx_ir.passes.common as passes
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchingTracer
 
-from ..errors import TrtglmError
+from ..core.errors import TrtglmError
 from . import attention, key_fold, qkv, rms_norm, rotary
 
 FUSION_OPSET = 23

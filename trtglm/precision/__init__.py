@@ -20,8 +20,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..calibration import CalibrationSet
-from ..errors import UsageError
+from ..core.errors import UsageError
+from ..core.graphs import describe_onnx
+from ..core.memory import require
+from .calibration import CalibrationSet
+from .half import name_nodes, overflowing_nodes, position_only_nodes, to_half
+from .quantize import linear_nodes, quantize_activations, quantize_weights_int4, quiet
 
 QUANTIZED = ("int8", "int4", "fp8")
 CALIBRATED = ("int8", "fp8")
@@ -33,8 +37,6 @@ PER_FP32_BYTE = {"fp16": 3.5, "bf16": 3.5, "int8": 4.3, "fp8": 4.3, "int4": 1.6}
 
 
 def check_memory(dtype: str, fp32_weight_bytes: int) -> None:
-    from ..memory import require
-
     require(FIXED_BYTES + PER_FP32_BYTE[dtype] * fp32_weight_bytes, f"converting this fp32 graph to {dtype}",
             "convert on a larger machine, or export in fp16/bf16 and build in that dtype", UsageError)
 
@@ -43,8 +45,6 @@ def convert(onnx_path: Path, data_file: str, dtype: str, precision, calibration:
             cache_dir: Path, graph_sha256: str, on_calibration=None) -> dict:
     """Rewrite `onnx_path` (fp32, weights in `data_file` beside it) in place; returns the manifest's record."""
     import onnxruntime
-
-    from ..inspect import describe_onnx
 
     started = time.perf_counter()
     record = {"dtype": dtype, "from": "fp32", "tool": f"onnxruntime.quantization {onnxruntime.__version__}",
@@ -78,8 +78,6 @@ def convert(onnx_path: Path, data_file: str, dtype: str, precision, calibration:
 
 def _quantize(model: onnx.ModelProto, onnx_path: Path, inputs: list[dict], work: Path, dtype: str, precision,
               calibration, ranges, cache: Path | None, on_calibration, record: dict) -> onnx.ModelProto:
-    from .quantize import linear_nodes, quantize_activations, quantize_weights_int4
-
     nodes, skipped = linear_nodes(model, precision.quantization.lm_head)
     if not nodes:
         raise UsageError("no MatMul with a constant weight to quantize in this graph")
@@ -99,8 +97,6 @@ def _quantize(model: onnx.ModelProto, onnx_path: Path, inputs: list[dict], work:
 
 
 def _half(model: onnx.ModelProto, dtype: str, precision, ranges, record: dict) -> onnx.ModelProto:
-    from .half import name_nodes, overflowing_nodes, position_only_nodes, to_half
-
     name_nodes(model)
     islands = overflowing_nodes(model, ranges) if ranges else []
     positions = position_only_nodes(model)
@@ -131,9 +127,12 @@ def _key(graph_sha256: str, calibration: CalibrationSet, purpose: str) -> str:
 def _ranges(onnx_path: Path, calibration: CalibrationSet, inputs: list[dict], cache_dir: Path, graph_sha256: str,
             on_calibration):
     """The largest magnitude of every tensor of the fp32 graph over the calibration windows (cached)."""
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, load_tensors_data, save_tensors_data
-
-    from .quantize import quiet
+    from onnxruntime.quantization.calibrate import (
+        CalibrationMethod,
+        create_calibrator,
+        load_tensors_data,
+        save_tensors_data,
+    )
 
     key = _key(graph_sha256, calibration, "ranges")
     cache = cache_dir / f"{key}.json"

@@ -46,7 +46,10 @@ def position_only_nodes(model: onnx.ModelProto) -> list[str]:
 
 
 def to_half(model: onnx.ModelProto, dtype: str, *, fp32_ops=(), fp32_nodes=(), keep_fp32_io=("logits",)) -> onnx.ModelProto:
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.float16 import (
+        DEFAULT_OP_BLOCK_LIST,
+        convert_float_to_float16,
+    )
 
     name_nodes(model)
     originals = {t.name: t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT} if dtype == "bf16" else {}

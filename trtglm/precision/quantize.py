@@ -46,13 +46,22 @@ def quantize_activations(src: Path, dst: Path, dtype: str, nodes: list[str], rea
     fp8 needs `amax`, the calibrated magnitude of each activation."""
     import ml_dtypes
     import numpy as np
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     qtype = {"int8": QuantType.QInt8, "fp8": QuantType.QFLOAT8E4M3FN}[dtype]
     calibrate = CalibrationMethod.Distribution if dtype == "fp8" else getattr(CalibrationMethod, METHODS[method])
     overrides = {}
     if dtype == "fp8":
-        from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+        from onnxruntime.quantization.calibrate import (
+            TensorData,
+            TensorsData,
+            save_tensors_data,
+        )
 
         model = onnx.load(src, load_external_data=False)
         for node in model.graph.node:

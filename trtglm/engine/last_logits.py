@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from .atomic import save_graph
-from .errors import TrtglmError
-from .fusion.tables import add_initializer
+from ..core.errors import TrtglmError
+from ..core.graphs import save_graph
+from ..fusion.tables import add_initializer
 
 PASS_THROUGH = ("Cast", "Identity")
 

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .backends import read_manifest
-from .errors import TrtglmError
-from .static_cache import CACHE_POSITION, step_inputs
+from ..core.errors import TrtglmError
+from ..engine.directory import BuildDir
+from ..engine.inspect import verify
+from ..engine.static_cache import CACHE_POSITION, step_inputs
+from ..engine.tensorrt import RTX_TARGETS, gpu_compute_capability, import_backend
 
 DTYPE_BYTES = {"int64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -65,22 +65,11 @@ def plan_buffers(manifest: dict) -> dict[str, Buffer]:
     return out
 
 
-def gpu_compute_capability() -> str | None:
-    """'sm89' for the first GPU, or None without one (nvidia-smi, no CUDA import needed)."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return "sm" + out[0].replace(".", "") if out else None
-
-
-def unavailable_reason(build_dir: Path, cc: str | None | bool = False) -> str | None:
+def unavailable_reason(build: BuildDir | str | Path, cc: str | None | bool = False) -> str | None:
     """Why the engine cannot run here (None: it can). `cc` overrides GPU detection (tests)."""
-    manifest = read_manifest(build_dir)
-    if not (build_dir / "model.engine").is_file():
+    build = build if isinstance(build, BuildDir) else BuildDir(build)
+    manifest = build.manifest
+    if not build.engine.is_file():
         return "the build has no engine (it was built with --onnx-only)"
     cc = gpu_compute_capability() if cc is False else cc
     if cc is None:
@@ -88,15 +77,11 @@ def unavailable_reason(build_dir: Path, cc: str | None | bool = False) -> str | 
     targets = manifest.get("targets") or []
     backend = (manifest.get("backend") or {}).get("name")
     if backend == "tensorrt_rtx" and cc not in targets:
-        from .engine import RTX_TARGETS
-
         if cc not in RTX_TARGETS:  # seen on an H100: its runtime refuses every engine, even one built there
             return (f"this GPU is {cc}, which TensorRT-RTX cannot run (it targets {', '.join(RTX_TARGETS)}): "
                     "build the engine with the full TensorRT (builder.backend: tensorrt) on this GPU")
         return f"this GPU is {cc} and the engine was built for {', '.join(targets)}"
     try:
-        from .engine import import_backend
-
         trt = import_backend(backend or "auto")
     except TrtglmError:
         return f"the {backend} Python module is not installed"
@@ -133,23 +118,22 @@ class TrtCache:
 
 class TrtBackend:
     name = "trt"
+    int8_gemm = None  # TensorRT's own int8 kernels
 
     def __init__(self, build_dir: str | Path, cuda_graphs: bool = False):
         import pycuda.autoinit  # noqa: F401 - creates the context
         import pycuda.driver as cuda
 
-        from .engine import import_backend
-        from .inspect import verify
-
-        build_dir = Path(build_dir)
+        build = build_dir if isinstance(build_dir, BuildDir) else BuildDir(build_dir)
+        build_dir = build.path
         verify(build_dir)  # hashes and TensorRT version, with clear messages
-        manifest = read_manifest(build_dir)
+        manifest = build.manifest
         trt = import_backend(manifest["backend"]["name"])
         self._cuda, self._trt = cuda, trt
         self._logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(self._logger).deserialize_cuda_engine((build_dir / "model.engine").read_bytes())
+        self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(build.engine.read_bytes())
         if self.engine is None:
-            raise TrtglmError(f"{build_dir / 'model.engine'}: TensorRT could not load it on this GPU")
+            raise TrtglmError(f"{build.engine}: TensorRT could not load it on this GPU")
         self._runtime_cache, self._runtime_cache_file = None, runtime_cache_file(manifest)
         self.context = self._execution_context(cuda_graphs)
         self.stream = cuda.Stream()

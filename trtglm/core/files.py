@@ -1,4 +1,5 @@
-"""Atomic output directories: build in a hidden sibling, rename into place at the end.
+"""Files trtglm writes: atomic output directories (built in a hidden sibling, renamed into place at the end),
+content hashes, and the cache directory.
 
 An interrupted run leaves no OUT_DIR (at most a hidden `.OUT_DIR.tmp-*` sibling, removed on any
 Python-level exit); an existing OUT_DIR is replaced only with force=True.
@@ -7,22 +8,13 @@ Python-level exit); an existing OUT_DIR is replaced only with force=True.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from .errors import OutputExists, TrtglmError
-
-
-def save_graph(model, onnx_path: Path) -> None:
-    """Write `model` (onnx-ir) over `onnx_path` through a sibling file; its untouched weights stay references
-    into the same external data file, which is not rewritten."""
-    import onnx_ir as ir
-
-    tmp = onnx_path.with_name(onnx_path.name + ".partial")
-    ir.save(model, tmp)
-    tmp.replace(onnx_path)
 
 
 @contextlib.contextmanager
@@ -48,3 +40,16 @@ def atomic_dir(out: str | os.PathLike, force: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sha256(path: Path, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """trtglm's cache (engines, calibration ranges, timing caches): $XDG_CACHE_HOME/trtglm."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trtglm"

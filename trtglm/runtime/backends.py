@@ -8,15 +8,19 @@ between steps.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from .errors import TrtglmError, UsageError
-from .static_cache import CACHE_POSITION, step_inputs
+from ..core.errors import TrtglmError, UsageError
+from ..engine.directory import BuildDir
+from ..engine.static_cache import CACHE_POSITION, step_inputs
+from ..engine.tensorrt import gpu_compute_capability
+from .cache_window import window
+from .integer_gemm import NO_QDQ_FUSION, lower, select_form
+from .trt import TrtBackend, unavailable_reason
 
 
 class Backend(Protocol):
@@ -40,16 +44,6 @@ class Backend(Protocol):
 class StaticCache:
     values: list  # OrtValues [B, KV, slots, D], written in place
     length: int  # slots filled
-
-
-def read_manifest(build_dir: Path) -> dict:
-    f = build_dir / "manifest.json"
-    if not f.is_file():
-        raise TrtglmError(f"{build_dir}: no manifest.json (not a `trtglm build` directory)")
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise TrtglmError(f"{f}: corrupt ({e})") from None
 
 
 class OrtBackend:
@@ -122,10 +116,9 @@ class OrtBackend:
             self._uncaptured = self._run_options("-1")
 
     @classmethod
-    def from_build(cls, build_dir: str | Path, threads: int = 0, **options) -> "OrtBackend":
-        build_dir = Path(build_dir)
-        manifest = read_manifest(build_dir)
-        return cls(build_dir / "model.onnx", max_seq_len=int(manifest["max_seq_len"]), threads=threads, **options)
+    def from_build(cls, build: "BuildDir | str | Path", threads: int = 0, **options) -> "OrtBackend":
+        build = build if isinstance(build, BuildDir) else BuildDir(build)
+        return cls(build.onnx, max_seq_len=build.max_seq_len, threads=threads, **options)
 
     def _on_device(self, array: np.ndarray):
         """An OrtValue where the session computes (the CUDA provider's memory, or the CPU): a cache bound there
@@ -233,9 +226,6 @@ def _session_graph(onnx_path: Path, opts, cpu: bool, window_cache: bool = True,
     the others (fp8) are folded at load, the same values computed once into fp32."""
     import onnx_ir as ir
 
-    from .cache_window import window
-    from .integer_gemm import NO_QDQ_FUSION, lower, select_form
-
     model = ir.load(onnx_path)  # the weights stay in the data file
     changed = window(model) if window_cache else 0
     form = None
@@ -265,7 +255,6 @@ def _static_cache(manifest: dict) -> bool:
 def _cuda_usable(ort) -> bool:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
-    from .trt_backend import gpu_compute_capability
 
     return gpu_compute_capability() is not None
 
@@ -275,25 +264,23 @@ def open_backend(build_dir: str | Path, kind: str = "auto", threads: int = 0,
     """The backend and a sentence saying which and why (auto: the engine when a GPU and TensorRT are there).
     `cuda_graphs`: decode steps captured as CUDA graphs, by TensorRT-RTX on the engine or by ONNX Runtime's CUDA
     provider; both need a static KV cache."""
-    build_dir = Path(build_dir)
-    if cuda_graphs and not _static_cache(read_manifest(build_dir)):
+    build = BuildDir(build_dir)  # its manifest is read once, here, for every backend
+    if cuda_graphs and not _static_cache(build.manifest):
         raise UsageError("--cuda-graphs needs a build with a static KV cache (trtglm build --kv-cache static): a "
                          "dynamic cache changes shape at every step, so no captured step would recur")
     graphs = ", CUDA graphs" if cuda_graphs else ""
     if kind in ("auto", "trt"):
-        from .trt_backend import TrtBackend, unavailable_reason
-
-        reason = unavailable_reason(build_dir)
+        reason = unavailable_reason(build)
         if reason is None:
-            return TrtBackend(build_dir, cuda_graphs=cuda_graphs), f"TensorRT engine{graphs}"
+            return TrtBackend(build, cuda_graphs=cuda_graphs), f"TensorRT engine{graphs}"
         if kind == "trt":
             raise TrtglmError(f"--backend trt: {reason}")
         try:
-            backend = OrtBackend.from_build(build_dir, threads=threads, cuda_graphs=cuda_graphs)
+            backend = OrtBackend.from_build(build, threads=threads, cuda_graphs=cuda_graphs)
         except TrtglmError as e:
             raise TrtglmError(f"{e} (and the TensorRT engine cannot run here: {reason})") from None
         return backend, f"ONNX Runtime ({_ort_line(backend, graphs)}) over model.onnx, because {reason}"
     if kind == "ort":
-        backend = OrtBackend.from_build(build_dir, threads=threads, cuda_graphs=cuda_graphs)
+        backend = OrtBackend.from_build(build, threads=threads, cuda_graphs=cuda_graphs)
         return backend, f"ONNX Runtime ({_ort_line(backend, graphs)}) over model.onnx"
     raise TrtglmError(f"unknown backend {kind!r}: auto, trt or ort")

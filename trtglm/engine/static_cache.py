@@ -24,8 +24,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as passes
 
-from .atomic import save_graph
-from .errors import TrtglmError
+from ..core.errors import TrtglmError
+from ..core.graphs import save_graph
 
 CACHE_POSITION = "cache_position"
 OPSET = 24  # TensorScatter
@@ -93,7 +93,9 @@ def make_static(onnx_path: Path, max_seq_len: int) -> int:
 def _mask(graph: ir.Graph, input_ids: ir.Value, attention_mask: ir.Value, position: ir.Value, slots: int,
           before: ir.Node) -> ir.Value:
     """allowed [B,1,S,M] = slot <= query's slot and (slot is a real token or the query itself)."""
-    from .fusion.tables import add_initializer  # not at the top: backends import this module, not the rewriter
+    from ..fusion.tables import (
+        add_initializer,  # not at the top: the runtime imports this module, not onnxscript
+    )
 
     nodes: list[ir.Node] = []
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import TrtglmError
+from ..core.errors import TrtglmError
+from ..model.tokenizer import load_text
 
-DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "calibration.jsonl"  # package data
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "calibration.jsonl"  # package data
 EVAL_DATA = DEFAULT_DATA.with_name("eval.jsonl")
 NUMPY = {"int64": np.int64, "float32": np.float32, "float": np.float32, "float16": np.float16}  # export / ONNX names
 
@@ -49,7 +50,6 @@ def read_texts(path: str | Path) -> list[str]:
 def token_windows(path: str | Path, tokenizer_dir: str | Path, seq_len: int, samples: int, vocab_size: int,
                   what: str = "calibration") -> np.ndarray:
     """[samples, seq_len] int64: consecutive windows of the concatenated, tokenized text."""
-    from .text import load_text
 
     texts, text = read_texts(path), load_text(tokenizer_dir)
     stream = [t for document in texts for t in text.encode(document)]

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import TrtglmError
+from ..core.errors import TrtglmError
 
 
 @dataclass

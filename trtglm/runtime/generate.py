@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import TrtglmError
+from ..core.errors import TrtglmError
 from .sampling import Sampling, choose
 
 

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import Checkpoint
-from .errors import ValidationFailed
+from ..core.errors import ValidationFailed
+from ..core.memory import require
+from ..model.checkpoint import Checkpoint
+from ..model.reference import load_reference
+from ..runtime.backends import OrtBackend
 
 # max |ORT - reference| over all real (non-padding) positions, relative to max(1, max |reference logits|):
 # the reference runs in the export dtype (an fp32 copy of an fp16 model would hold the weights twice),
@@ -55,8 +58,6 @@ def reference_logits(ckpt: Checkpoint, dtype: str, steps: Steps) -> list[np.ndar
     import torch
     from transformers import DynamicCache
 
-    from .reference import load_reference
-
     model = load_reference(ckpt, dtype)
     cache, out = DynamicCache(config=model.config), []
     with torch.inference_mode():
@@ -85,7 +86,6 @@ ORT_BYTES_PER_PARAM = 4.2
 
 def check_memory(num_parameters: int) -> None:
     """Fail before anything is written if validation cannot fit in the memory available now."""
-    from .memory import require
 
     require(ORT_BYTES_PER_PARAM * num_parameters, "validation",
             "ONNX Runtime on the CPU holds the weights in fp32: pass --no-validate to export without the check, "
@@ -98,7 +98,6 @@ def validate(ckpt: Checkpoint, onnx_path: Path, dtype: str) -> dict:
         return {"status": "skipped", "reason": f"ONNX Runtime on the CPU cannot run {dtype} compute"}
     steps = Steps.random(ckpt.config.vocab_size)
     ref = reference_logits(ckpt, dtype, steps)
-    from .backends import OrtBackend
 
     got = run_steps(OrtBackend(onnx_path, device="cpu", low_memory=True), steps)
     scale = max(1.0, max(float(np.abs(r).max()) for r in ref)) if dtype == "fp16" else 1.0

@@ -18,20 +18,39 @@ import shutil
 import time
 from pathlib import Path
 
-from . import __version__
-from .atomic import atomic_dir
-from .errors import TrtglmError, UsageError
-from .export import DATA_FILE, META_FILE, ONNX_FILE, sha256, tool_versions
-from .recipe import Recipe, load_recipe
+from .. import __version__
+from ..core.errors import TrtglmError, UsageError
+from ..core.files import atomic_dir, sha256
+from ..core.files import cache_dir as trtglm_cache
+from ..core.graphs import describe_onnx, graph_dtype, release_weights
+from ..core.recipe import Recipe, load_recipe
+from ..core.versions import source_digest, tool_versions
+from ..export.directory import DATA_FILE, ONNX_FILE, ExportDir
+from ..fusion import expected_counts, fuse
+from ..model.tokenizer import load_text
+from ..precision import CALIBRATED, check_memory, convert
+from ..precision.calibration import CalibrationSet
+from ..runtime.backends import OrtBackend
+from ..runtime.evaluate import GateFailed, compare, judge
+from .builder import build_engine, plan_shapes
+from .directory import (
+    ENGINE_FILE,
+    ENGINE_ONNX_FILE,
+    LAYERS_FILE,
+    LOG_FILE,
+    MANIFEST_FILE,
+    MANIFEST_VERSION,
+)
+from .engine_graph import attention_form, write_engine_graph
+from .last_logits import keep_last_position
+from .static_cache import make_static
+from .tensorrt import check_targets, import_backend
 
-MANIFEST_FILE, ENGINE_FILE, LAYERS_FILE, LOG_FILE = "manifest.json", "model.engine", "layers.json", "build.log"
-ENGINE_ONNX_FILE = "engine.onnx"  # the graph the engine is built from, where it is not model.onnx (engine_graph.py)
-MANIFEST_VERSION = 1
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 2, "int4": 2, "fp8": 2}  # KV cache element (quantized: fp16)
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trtglm" / "engines"
+    return trtglm_cache() / "engines"
 
 
 def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | None = None,
@@ -41,24 +60,18 @@ def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | N
     """Returns the manifest. `shortcuts` (fusions, strict, max_seq_len) are overrides for library callers.
 
     `reference` is the fp32 export the accuracy gate compares with (default: EXPORT_DIR when it is fp32)."""
-    export_dir = Path(export_dir)
-    onnx_path = export_dir / ONNX_FILE
-    if not onnx_path.is_file():
-        raise TrtglmError(f"{export_dir}: no {ONNX_FILE} (not a `trtglm export` directory)")
-    meta = _export_meta(export_dir)
+    source = ExportDir(export_dir).require_graph()
+    export_dir = source.path
+    meta = source.meta
     overrides = _merge_shortcuts(overrides or {}, shortcuts)
     r = load_recipe(recipe, overrides)
-    exported = (meta or {}).get("dtype") or _graph_dtype(export_dir / ONNX_FILE)
+    exported = (meta or {}).get("dtype") or graph_dtype(export_dir / ONNX_FILE)
     r, dtype = _resolve(r, meta, exported, export_dir)
     if dtype != exported:
-        from .precision import check_memory
-
         check_memory(dtype, (export_dir / DATA_FILE).stat().st_size if (export_dir / DATA_FILE).is_file() else 0)
     calibration = _calibration(r, dtype, exported, meta, export_dir)
     gate = _gate_reference(r, dtype, export_dir, reference) if r.accuracy.gate else None
     if not onnx_only:
-        from .engine import check_targets, import_backend
-
         trt = import_backend(r.builder.backend)
         check_targets(r.builder.targets, dtype, trt.__name__)
         backend = {"name": trt.__name__, "version": trt.__version__}
@@ -137,24 +150,9 @@ def _resolve(r: Recipe, meta: dict | None, exported: str, export_dir: Path) -> t
 
 
 
-def _graph_dtype(onnx_path: Path) -> str:
-    import onnx
-
-    try:
-        model = onnx.load(onnx_path, load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line
-        raise TrtglmError(f"{onnx_path}: cannot be read as ONNX ({str(e).splitlines()[0]})") from None
-    names = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
-    for i in model.graph.input:
-        if i.name.startswith("past_key_values."):
-            return names.get(i.type.tensor_type.elem_type, "fp32")
-    return "fp32"
-
-
 def _calibration(r: Recipe, dtype: str, exported: str, meta: dict | None, export_dir: Path):
     """The token windows a precision conversion calibrates on: required for int8/fp8, used by fp16 for its
     range check when the export has a tokenizer; None otherwise."""
-    from .precision import CALIBRATED
 
     wanted = dtype != exported and (dtype in CALIBRATED or dtype == "fp16")
     if not wanted:
@@ -163,7 +161,6 @@ def _calibration(r: Recipe, dtype: str, exported: str, meta: dict | None, export
         return None  # the manifest records that no range check ran
     if meta is None:
         raise UsageError(f"{dtype} calibration needs the export's export.json (vocabulary, IO)")
-    from .calibration import CalibrationSet
 
     c = r.calibration
     method = {"fp8": "minmax", "fp16": "minmax"}.get(dtype, c.method)  # amax for fp8 scales and fp16 ranges
@@ -171,42 +168,26 @@ def _calibration(r: Recipe, dtype: str, exported: str, meta: dict | None, export
 
 
 def _gate_reference(r: Recipe, dtype: str, export_dir: Path, reference) -> Path:
-    from .evaluate import check_reference
-
     if dtype == "bf16":
         raise UsageError("the accuracy gate runs on ONNX Runtime's CPU provider, which cannot compute bf16",
                          hint="build without the gate and check the engine with `trtglm eval --backend trt` on a GPU")
-    return check_reference(Path(reference) if reference else export_dir)
+    return ExportDir(Path(reference) if reference else export_dir).require_fp32_reference().path
 
 
 def _cache_key(export_dir: Path, meta: dict | None, r: Recipe, backend: dict | None, onnx_only: bool,
                calibration) -> str:
     h = hashlib.sha256()
-    hashes = (meta or {}).get("files", {}).get("sha256") or {
-        n: sha256(export_dir / n) for n in (ONNX_FILE, DATA_FILE) if (export_dir / n).is_file()}
+    hashes = ExportDir(export_dir).hashes()
     h.update(json.dumps({"export": hashes, "recipe": r.resolved(), "backend": backend, "trtglm": __version__,
                          "source": source_digest(), "onnx_only": onnx_only,
                          "calibration": calibration and calibration.fingerprint}, sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 
-def source_digest() -> str:
-    """sha256 of trtglm's own code: a build from changed code (between releases, in CI off main) is not a hit for
-    an engine the old code made."""
-    h = hashlib.sha256()
-    root = Path(__file__).parent
-    for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
-
-
 def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype: str, exported: str, recipe_file,
                 key: str, progress, calibration, gate: Path | None, cache_dir: Path | None,
                 onnx_only: bool = False) -> dict:
     import onnx_ir as ir
-
-    from .fusion import expected_counts, fuse
-    from .inspect import describe_onnx
 
     started = time.perf_counter()
     try:
@@ -225,7 +206,7 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
     ir.save(model, tmp / ONNX_FILE, external_data=DATA_FILE, max_in_flight_bytes=256 << 20)
     release_weights(model)  # the export's weights are memory-mapped: mapped pages count as resident during the build
     del model
-    for f in _sidecars(export_dir, meta):
+    for f in ExportDir(export_dir).sidecars():
         shutil.copy2(f, tmp / f.name)
     precision = {"dtype": dtype}
     if dtype != exported:
@@ -233,11 +214,8 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
                                     progress)
     accuracy = _gate_step(tmp, r, gate, progress) if gate else None
     if r.shapes.kv_cache == "static":
-        from .static_cache import make_static
-
         make_static(tmp / ONNX_FILE, r.shapes.max_seq_len)
     if r.shapes.logits == "last":  # after the gate, which needs every position, and the cache's one shared mask
-        from .last_logits import keep_last_position
 
         keep_last_position(tmp / ONNX_FILE)
     graph = describe_onnx(tmp / ONNX_FILE)
@@ -270,8 +248,6 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
 
 
 def _precision_step(tmp: Path, r: Recipe, dtype: str, calibration, cache: Path, progress) -> dict:
-    from .precision import convert
-
     task = progress.add_task(f"{dtype}: calibrating" if calibration else f"{dtype}: converting",
                              total=None) if progress else None
 
@@ -287,10 +263,6 @@ def _precision_step(tmp: Path, r: Recipe, dtype: str, calibration, cache: Path, 
 
 
 def _gate_step(tmp: Path, r: Recipe, reference: Path, progress) -> dict:
-    from .backends import OrtBackend
-    from .evaluate import GateFailed, compare, judge
-    from .text import load_text
-
     task = progress.add_task("accuracy gate", total=None) if progress else None
     a = r.accuracy
     result = compare(OrtBackend(tmp / ONNX_FILE), reference, load_text(tmp), a.data, a.samples, a.seq_len)
@@ -311,22 +283,7 @@ def _io(meta: dict | None, graph: dict) -> dict | None:
                    for v in graph[side]] for side in ("inputs", "outputs")}
 
 
-def release_weights(model) -> None:
-    """Unmap `model`'s external weights (onnx-ir keeps them memory-mapped; mapped pages count as resident)."""
-    import gc
-
-    import onnx_ir as ir
-
-    for value in model.graph.initializers.values():
-        if isinstance(value.const_value, ir.ExternalTensor):
-            value.const_value.release()
-    gc.collect()
-
-
 def _engine_step(tmp: Path, meta: dict | None, io: dict | None, r: Recipe, dtype: str, progress) -> dict:
-    from .engine import build_engine, plan_shapes
-    from .engine_graph import attention_form, write_engine_graph
-
     if meta is None:
         raise UsageError("an engine build needs the export's export.json (IO spec and config)",
                          hint="pass --onnx-only for graphs from other exporters")
@@ -395,18 +352,3 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-def _export_meta(export_dir: Path) -> dict | None:
-    f = export_dir / META_FILE
-    if not f.is_file():
-        return None
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise TrtglmError(f"{f}: not valid JSON ({e})") from None
-
-
-def _sidecars(export_dir: Path, meta: dict | None) -> list[Path]:
-    names = [META_FILE, *(meta or {}).get("files", {}).get("sidecars", [])] if meta else []
-    return [export_dir / n for n in names if (export_dir / n).is_file()]

@@ -35,6 +35,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common as passes
 from onnxscript.rewriter import pattern
 
+from ..core.graphs import release_weights
+from ..fusion import why_refused
+
 _HALF = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
@@ -137,8 +140,6 @@ def write_engine_graph(onnx_path: Path, out_path: Path, form: str = "decomposed"
     """Write `out_path` beside `onnx_path`: the same graph with every Attention written out in `form` (decomposed
     or grouped), the weights still read from onnx_path's data file; nothing when no Attention could be. Returns
     how many were written out and how many stayed ops (with why)."""
-    from .build import release_weights
-    from .fusion import why_refused
 
     model = ir.load(onnx_path)  # the weights stay memory-mapped, never read: only the graph changes
     passes.ShapeInferencePass()(model)  # the precision stage's rewrites leave shapes undeclared (initializers aside)

@@ -6,17 +6,18 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 
-from .backends import OrtBackend, open_backend, read_manifest
-from .calibration import EVAL_DATA, read_texts
-from .errors import TrtglmError, UsageError
-from .recipe import AccuracySection
-from .text import load_text
+from ..core.errors import TrtglmError, UsageError
+from ..core.recipe import AccuracySection
+from ..engine.directory import BuildDir
+from ..export.directory import ONNX_FILE, ExportDir
+from ..model.tokenizer import load_text
+from ..precision.calibration import EVAL_DATA, read_texts
+from .backends import OrtBackend, open_backend
 
 
 class GateFailed(TrtglmError):
@@ -26,7 +27,7 @@ class GateFailed(TrtglmError):
 def evaluate(build_dir: str | Path, reference: str | Path | None = None, data: str | Path | None = None,
              samples: int = 16, seq_len: int = 256, backend: str = "auto") -> dict:
     build_dir = Path(build_dir)
-    manifest = read_manifest(build_dir)
+    manifest = BuildDir(build_dir).manifest
     if manifest["recipe"]["resolved"]["shapes"].get("logits") == "last":
         raise UsageError(f"{build_dir} computes the logits of the last position only (shapes.logits: last); "
                          "perplexity needs every position",
@@ -34,7 +35,7 @@ def evaluate(build_dir: str | Path, reference: str | Path | None = None, data: s
     reference = Path(reference or manifest["source"]["export_dir"])
     if manifest["precision"]["dtype"] == "bf16" and backend != "trt":
         raise TrtglmError("bf16 cannot run on ONNX Runtime's CPU provider: evaluate it on the engine with a GPU")
-    check_reference(reference)
+    ExportDir(reference).require_fp32_reference()
     candidate, why = open_backend(build_dir, backend)
     with closing(candidate):
         result = {"backend": why, **compare(candidate, reference, load_text(build_dir), data, samples, seq_len)}
@@ -49,7 +50,7 @@ def compare(candidate, reference: Path, text, data: str | Path | None, samples: 
     """Perplexity of `candidate` (a backend) and of the fp32 export `reference` on windows of held-out text.
     Callers check that `reference` is an fp32 export (evaluate here, the gate's in build)."""
     windows = _windows([text.encode(t) for t in read_texts(data or EVAL_DATA)], seq_len, samples)
-    ref = OrtBackend(reference / "model.onnx")
+    ref = OrtBackend(reference / ONNX_FILE)
     nll_c, nll_r, agree, cosines, count = 0.0, 0.0, 0, [], 0
     for ids in windows:
         x, y = np.array([ids[:-1]]), np.array(ids[1:])
@@ -66,18 +67,6 @@ def compare(candidate, reference: Path, text, data: str | Path | None, samples: 
     return {"tokens": count, "windows": len(windows), "candidate_perplexity": ppl_c,
             "reference_perplexity": ppl_r, "perplexity_delta": (ppl_c - ppl_r) / ppl_r,
             "next_token_agreement": agree / count, "logits_cosine": float(np.concatenate(cosines).mean())}
-
-
-def check_reference(reference: Path) -> Path:
-    """The fp32 export accuracy is measured against (`eval`, and the gate inside `build`)."""
-    meta = reference / "export.json"
-    hint = "pass --reference FP32_EXPORT_DIR (from `trtglm export ... --dtype fp32`)"
-    if not meta.is_file():
-        raise UsageError(f"{reference}: not a `trtglm export` directory (the fp32 reference)", hint=hint)
-    if json.loads(meta.read_text()).get("dtype") != "fp32":
-        raise UsageError(f"{reference}: accuracy is measured against an fp32 export, and this is not one", hint=hint)
-    return reference
-
 
 def _windows(token_lists: list[list[int]], seq_len: int, samples: int) -> list[list[int]]:
     stream = [t for ids in token_lists for t in ids]
@@ -102,3 +91,4 @@ def judge(r: dict, limits: AccuracySection) -> dict:
         failures.append(f"logits cosine {r['logits_cosine']:.4f} < {limits.min_logits_cosine}")
     keys = ("max_ppl_delta", "min_next_token_agreement", "min_logits_cosine")
     return {"passed": not failures, "failures": failures, "limits": {k: getattr(limits, k) for k in keys}}
+

@@ -14,7 +14,8 @@ TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 def hf_config(c: GlmConfig):
     """A transformers config for the same network (chatglm -> glm)."""
-    from transformers import Glm4Config, GlmConfig as HfGlmConfig
+    from transformers import Glm4Config
+    from transformers import GlmConfig as HfGlmConfig
 
     cls = Glm4Config if c.family == "glm4" else HfGlmConfig
     return cls(

@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .errors import TrtglmError
-from .recipe import BuilderSection, ShapesSection
+from ..core.errors import TrtglmError
+from ..core.recipe import BuilderSection, ShapesSection
 from .static_cache import CACHE_POSITION
+from .tensorrt import check_targets, import_backend
 
-BACKENDS = ("tensorrt_rtx", "tensorrt")
-RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
 # Engine layers that launch no GPU kernel of their own.
 NOT_KERNELS = {"shape_call", "ShapeHostToDevice", "NoOp", "Reformat", "signal", "wait"}  # signal/wait: stream events
 INT32_MAX = 2**31 - 1
@@ -39,36 +38,6 @@ class BuildError(TrtglmError):
 
 class BuildCancelled(TrtglmError):
     exit_code = 130
-
-
-def import_backend(name: str = "auto"):
-    """The TensorRT module: tensorrt_rtx or tensorrt, whichever is installed (or the one asked for)."""
-    import importlib
-
-    for module in (BACKENDS if name == "auto" else (name,)):
-        try:
-            return importlib.import_module(module)
-        except ImportError:
-            continue
-    raise TrtglmError(f"no TensorRT module ({'/'.join(BACKENDS) if name == 'auto' else name}) is installed",
-                      hint="pip install 'trtglm[rtx]' (TensorRT for RTX, builds on a CPU) or 'trtglm[trt]', "
-                           "or pass --onnx-only")
-
-
-def check_targets(targets: tuple[str, ...], dtype: str, backend: str) -> None:
-    """Refuse, before any work, a precision or target the backend cannot build."""
-    numbers = {t: int(t[2:]) for t in targets}
-    if backend == "tensorrt_rtx":
-        bad = [t for t in targets if t not in RTX_TARGETS]
-        if bad:
-            raise TrtglmError(f"TensorRT-RTX cannot build for {', '.join(bad)} (it targets {', '.join(RTX_TARGETS)}; "
-                              "no SM90/SM100 data-center GPUs)", hint="use the full TensorRT (trtglm[trt]) on that GPU")
-    need = {"bf16": 80, "int4": 80, "fp8": 89}.get(dtype)
-    too_old = [t for t, n in numbers.items() if need and n < need]
-    if too_old:
-        raise TrtglmError(f"{dtype} needs SM{need} or newer; {', '.join(too_old)} cannot run it")
-    if dtype == "fp32" and "sm75" in targets:
-        raise TrtglmError("sm75 has no fp32 GEMM in TensorRT: build fp16 for it")
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -10,20 +9,21 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from . import __version__
-from .atomic import atomic_dir
-from .checkpoint import Checkpoint, open_checkpoint
-from .errors import UsageError
-from .weights import WeightSpec
-
-FORMAT_VERSION = 1
-ONNX_FILE, DATA_FILE, META_FILE = "model.onnx", "model.onnx.data", "export.json"
+from ..core.errors import UsageError
+from ..core.files import atomic_dir, sha256
+from ..core.versions import tool_versions
+from ..model.checkpoint import Checkpoint, open_checkpoint
+from ..model.decoder import DTYPES, IR_VERSION, build_decoder, io_spec
+from ..model.reference import TORCH_DTYPES
+from ..model.weights import WeightSpec
+from .directory import DATA_FILE, FORMAT_VERSION, META_FILE, ONNX_FILE
+from .validate import check_memory
+from .validate import validate as run_validation
 
 
 def export(model: str, out_dir: str | Path, dtype: str = "fp32", opset: int = 23, max_seq_len: int | None = None,
            validate: bool = True, force: bool = False, progress=None) -> dict:
     """Export a GLM checkpoint; returns the contents of export.json. `progress` is a rich Progress or None."""
-    from .graph import DTYPES, IR_VERSION, build_decoder
 
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
@@ -37,8 +37,6 @@ def export(model: str, out_dir: str | Path, dtype: str = "fp32", opset: int = 23
         raise UsageError(f"--max-seq-len {max_seq_len}: must be between 1 and the model's "
                          f"max_position_embeddings ({c.max_position_embeddings})")
     if validate and dtype != "bf16":
-        from .validate import check_memory
-
         check_memory(ckpt.num_parameters)
     with atomic_dir(out_dir, force=force) as tmp:
         graph = build_decoder(c, ckpt.specs, _loader(ckpt, dtype), dtype=dtype, opset=opset)
@@ -49,8 +47,6 @@ def export(model: str, out_dir: str | Path, dtype: str = "fp32", opset: int = 23
         validation = {"status": "skipped", "reason": "--no-validate"}
         if validate:
             with _task(progress, "validating against transformers"):
-                from .validate import validate as run_validation
-
                 validation = run_validation(ckpt, tmp / ONNX_FILE, dtype)
         meta = _metadata(ckpt, tmp, dtype, opset, max_seq_len, validation, progress)
         meta["export_seconds"] = round(time.perf_counter() - started, 2)
@@ -62,8 +58,6 @@ def _loader(ckpt: Checkpoint, dtype: str):
     """A weight in the export dtype; linear layers transposed to [in, out] for MatMul."""
     import torch
     from onnx_ir.tensor_adapters import TorchTensor
-
-    from .reference import TORCH_DTYPES
 
     to = getattr(torch, TORCH_DTYPES[dtype])
 
@@ -103,18 +97,8 @@ def _task(progress, description: str):
     return _Spinner()
 
 
-def sha256(path: Path, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _metadata(ckpt: Checkpoint, tmp: Path, dtype: str, opset: int, max_seq_len: int, validation: dict,
               progress) -> dict:
-    from .graph import IR_VERSION, io_spec
-
     inputs, outputs = io_spec(ckpt.config, dtype)
     with _task(progress, "hashing source and outputs"):
         source_files = {str(f.relative_to(ckpt.path)): sha256(f) for f in
@@ -140,14 +124,3 @@ def _metadata(ckpt: Checkpoint, tmp: Path, dtype: str, opset: int, max_seq_len: 
     }
 
 
-def tool_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"trtglm": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime-gpu", "onnxruntime",
-                "safetensors"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import CheckpointError
 from .config import GlmConfig, normalize
-from .errors import CheckpointError
 from .weights import IGNORED_SUFFIXES, WeightSpec, weight_specs
 
 # Files later stages need besides the weights: copied into every export.

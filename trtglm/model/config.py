@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CheckpointError, UnsupportedCheckpoint
+from ..core.errors import CheckpointError, UnsupportedCheckpoint
 
 FAMILIES = ["glm (GlmForCausalLM)", "glm4 (Glm4ForCausalLM)", "chatglm (ChatGLM2/ChatGLM3/glm-4-9b-chat)"]
 

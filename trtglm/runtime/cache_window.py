@@ -21,7 +21,7 @@ import itertools
 import numpy as np
 import onnx_ir as ir
 
-from .static_cache import CACHE_POSITION
+from ..engine.static_cache import CACHE_POSITION
 
 
 def window(model: ir.Model) -> int:

@@ -6,9 +6,12 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from .build import ENGINE_FILE, LAYERS_FILE, MANIFEST_FILE
-from .errors import TrtglmError
-from .export import ONNX_FILE, sha256
+from ..core.errors import TrtglmError
+from ..core.files import sha256
+from ..core.graphs import describe_onnx
+from ..export.directory import ONNX_FILE
+from .directory import MANIFEST_FILE, BuildDir
+from .tensorrt import gpu_compute_capability, import_backend
 
 
 class VerifyFailed(TrtglmError):
@@ -18,8 +21,8 @@ class VerifyFailed(TrtglmError):
 def inspect_path(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
-        if (path / MANIFEST_FILE).is_file():
-            return _build_dir(path)
+        if BuildDir.is_build(path):
+            return _build_dir(BuildDir(path))
         if (path / ONNX_FILE).is_file():
             return {"kind": "export", "onnx": describe_onnx(path / ONNX_FILE)}
         raise TrtglmError(f"{path}: neither a build directory (manifest.json) nor an export (model.onnx)")
@@ -30,25 +33,6 @@ def inspect_path(path: str | Path) -> dict:
     if path.suffix in (".engine", ".plan"):
         return {"kind": "engine", "engine": _engine(path)}
     raise TrtglmError(f"{path}: not an .onnx or .engine file")
-
-
-def describe_onnx(path: Path) -> dict:
-    import onnx
-
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception as e:  # noqa: BLE001
-        raise TrtglmError(f"{path}: cannot be read as ONNX ({str(e).splitlines()[0]})") from None
-    names = {v: onnx.TensorProto.DataType.Name(v).lower() for v in onnx.TensorProto.DataType.values()}
-
-    def io(values):
-        return [{"name": v.name, "dtype": names[v.type.tensor_type.elem_type],
-                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
-
-    return {"opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
-            "inputs": io(model.graph.input), "outputs": io(model.graph.output),
-            "nodes": len(model.graph.node), "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
-            "initializer_dtypes": dict(Counter(names[i.data_type] for i in model.graph.initializer))}
 
 
 def _engine(path: Path) -> dict:
@@ -68,8 +52,8 @@ def graph_of(manifest: dict) -> dict:
             "max_seq_len": manifest.get("max_seq_len")}
 
 
-def _build_dir(path: Path) -> dict:
-    m = json.loads((path / MANIFEST_FILE).read_text())
+def _build_dir(build: BuildDir) -> dict:
+    m = build.manifest
     out = {"kind": "build", "stage": m.get("stage"), "backend": m.get("backend"), "targets": m.get("targets"),
            "precision": m.get("precision"), "fusion": {k: m["fusion"][k] for k in ("fused", "nodes_before", "nodes_after")},
            "profiles": dict(zip(m.get("profile_names") or [], m.get("profiles") or [])),
@@ -77,8 +61,8 @@ def _build_dir(path: Path) -> dict:
            "estimate": m.get("estimate"), "cache": m.get("cache"), "calibration": m.get("calibration"),
            "accuracy": m.get("accuracy")}
     out["graph"] = graph_of(m)
-    if (path / LAYERS_FILE).is_file():
-        layers = json.loads((path / LAYERS_FILE).read_text())["engine_layers"]
+    layers = build.layers()
+    if layers is not None:
         out["engine_layer_types"] = dict(Counter(layer["type"] for layer in layers).most_common())
         out["gemm_datatypes"] = gemm_datatypes(layers)
     return out
@@ -100,12 +84,9 @@ def gemm_datatypes(layers: list[dict]) -> dict[str, int]:
 def _deserialize(engine: Path) -> dict:
     """Deserialize when a GPU and TensorRT are present; otherwise say why not."""
     try:
-        from .engine import import_backend
-
         trt = import_backend()
     except TrtglmError as e:
         return {"checked": False, "reason": str(e)}
-    from .trt_backend import gpu_compute_capability
 
     if gpu_compute_capability() is None:
         return {"checked": False, "reason": "no GPU: TensorRT cannot deserialize an engine without one"}
@@ -120,33 +101,23 @@ def _deserialize(engine: Path) -> dict:
 
 
 def verify(build_dir: str | Path) -> dict:
-    build_dir = Path(build_dir)
-    manifest_file = build_dir / MANIFEST_FILE
-    if not manifest_file.is_file():
-        raise VerifyFailed(f"{build_dir}: no {MANIFEST_FILE} (not a `trtglm build` directory)")
+    build = BuildDir(build_dir)
+    build_dir = build.path
     try:
-        m = json.loads(manifest_file.read_text())
-    except json.JSONDecodeError as e:
-        raise VerifyFailed(f"{manifest_file}: corrupt ({e})") from None
-    problems = []
-    for name, digest in m.get("files", {}).get("sha256", {}).items():
-        f = build_dir / name
-        if not f.is_file():
-            problems.append(f"{name} is missing")
-        elif sha256(f) != digest:
-            problems.append(f"{name} does not match its sha256 in the manifest")
+        m = build.manifest
+    except TrtglmError as e:
+        raise VerifyFailed(str(e)) from None
+    problems = build.check_hashes()
     if problems:
         raise VerifyFailed(f"{build_dir}: " + "; ".join(problems))
     result = {"hashes": "ok", "files": sorted(m.get("files", {}).get("sha256", {}))}
-    if (build_dir / ENGINE_FILE).is_file():
-        runtime = _deserialize(build_dir / ENGINE_FILE)
+    if build.engine.is_file():
+        runtime = _deserialize(build.engine)
         if runtime.get("checked") and not runtime.get("ok"):
-            raise VerifyFailed(f"{build_dir / ENGINE_FILE}: {runtime['reason']}")
+            raise VerifyFailed(f"{build.engine}: {runtime['reason']}")
         result["engine"] = runtime
         backend = m.get("backend") or {}
         try:
-            from .engine import import_backend
-
             trt = import_backend(backend.get("name", "auto"))
             if backend.get("version") and trt.__version__ != backend["version"]:
                 raise VerifyFailed(f"engine built with {backend['name']} {backend['version']}, "

@@ -1,0 +1,64 @@
+"""ONNX files as trtglm reads and writes them: a description of a graph's IO and ops, its KV-cache dtype,
+writing a changed graph in place, and releasing memory-mapped weights."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from .errors import TrtglmError
+
+
+def describe_onnx(path: Path) -> dict:
+    import onnx
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as e:  # noqa: BLE001
+        raise TrtglmError(f"{path}: cannot be read as ONNX ({str(e).splitlines()[0]})") from None
+    names = {v: onnx.TensorProto.DataType.Name(v).lower() for v in onnx.TensorProto.DataType.values()}
+
+    def io(values):
+        return [{"name": v.name, "dtype": names[v.type.tensor_type.elem_type],
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+
+    return {"opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+            "inputs": io(model.graph.input), "outputs": io(model.graph.output),
+            "nodes": len(model.graph.node), "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
+            "initializer_dtypes": dict(Counter(names[i.data_type] for i in model.graph.initializer))}
+
+
+def graph_dtype(onnx_path: Path) -> str:
+    import onnx
+
+    try:
+        model = onnx.load(onnx_path, load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line
+        raise TrtglmError(f"{onnx_path}: cannot be read as ONNX ({str(e).splitlines()[0]})") from None
+    names = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
+    for i in model.graph.input:
+        if i.name.startswith("past_key_values."):
+            return names.get(i.type.tensor_type.elem_type, "fp32")
+    return "fp32"
+
+
+def save_graph(model, onnx_path: Path) -> None:
+    """Write `model` (onnx-ir) over `onnx_path` through a sibling file; its untouched weights stay references
+    into the same external data file, which is not rewritten."""
+    import onnx_ir as ir
+
+    tmp = onnx_path.with_name(onnx_path.name + ".partial")
+    ir.save(model, tmp)
+    tmp.replace(onnx_path)
+
+
+def release_weights(model) -> None:
+    """Unmap `model`'s external weights (onnx-ir keeps them memory-mapped; mapped pages count as resident)."""
+    import gc
+
+    import onnx_ir as ir
+
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value.release()
+    gc.collect()

@@ -1,0 +1,70 @@
+"""The build directory, `trtglm build`'s output: its file names, manifest.json (read once) and its hashes.
+
+    BUILD_DIR/  model.engine  model.onnx(+.data)  [engine.onnx]  manifest.json  layers.json  build.log
+                export.json  tokenizer files
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+from ..core.errors import TrtglmError
+from ..core.files import sha256
+
+MANIFEST_VERSION = 1
+MANIFEST_FILE, ENGINE_FILE, LAYERS_FILE, LOG_FILE = "manifest.json", "model.engine", "layers.json", "build.log"
+ENGINE_ONNX_FILE = "engine.onnx"  # the graph the engine is built from, where it is not model.onnx (engine_graph.py)
+ONNX_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+
+
+class BuildDir:
+    """A `trtglm build` directory; `manifest` is read once and checked to be a JSON object."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.onnx, self.data = self.path / ONNX_FILE, self.path / DATA_FILE
+        self.engine, self.engine_onnx = self.path / ENGINE_FILE, self.path / ENGINE_ONNX_FILE
+        self.manifest_file, self.layers_file = self.path / MANIFEST_FILE, self.path / LAYERS_FILE
+
+    @staticmethod
+    def is_build(path: str | Path) -> bool:
+        return (Path(path) / MANIFEST_FILE).is_file()
+
+    @cached_property
+    def manifest(self) -> dict:
+        if not self.manifest_file.is_file():
+            raise TrtglmError(f"{self.path}: no {MANIFEST_FILE} (not a `trtglm build` directory)")
+        try:
+            manifest = json.loads(self.manifest_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TrtglmError(f"{self.manifest_file}: corrupt ({e})") from None
+        if not isinstance(manifest, dict):
+            raise TrtglmError(f"{self.manifest_file}: corrupt (not a JSON object)")
+        return manifest
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.manifest["max_seq_len"])
+
+    @property
+    def shapes(self) -> dict:
+        """The resolved recipe's shapes section (logits, kv_cache, ...)."""
+        return self.manifest.get("recipe", {}).get("resolved", {}).get("shapes", {})
+
+    def layers(self) -> list[dict] | None:
+        if not self.layers_file.is_file():
+            return None
+        return json.loads(self.layers_file.read_text())["engine_layers"]
+
+    def check_hashes(self) -> list[str]:
+        """Every file the manifest lists, against its sha256 (empty: intact)."""
+        problems = []
+        for name, digest in self.manifest.get("files", {}).get("sha256", {}).items():
+            f = self.path / name
+            if not f.is_file():
+                problems.append(f"{name} is missing")
+            elif sha256(f) != digest:
+                problems.append(f"{name} does not match its sha256 in the manifest")
+        return problems

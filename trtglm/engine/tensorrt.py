@@ -1,0 +1,53 @@
+"""The TensorRT module (`tensorrt_rtx` or `tensorrt`, one code path), the targets each can build, and the GPU here."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+from ..core.errors import TrtglmError
+
+BACKENDS = ("tensorrt_rtx", "tensorrt")
+RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
+
+
+def import_backend(name: str = "auto"):
+    """The TensorRT module: tensorrt_rtx or tensorrt, whichever is installed (or the one asked for)."""
+    import importlib
+
+    for module in (BACKENDS if name == "auto" else (name,)):
+        try:
+            return importlib.import_module(module)
+        except ImportError:
+            continue
+    raise TrtglmError(f"no TensorRT module ({'/'.join(BACKENDS) if name == 'auto' else name}) is installed",
+                      hint="pip install 'trtglm[rtx]' (TensorRT for RTX, builds on a CPU) or 'trtglm[trt]', "
+                           "or pass --onnx-only")
+
+
+def check_targets(targets: tuple[str, ...], dtype: str, backend: str) -> None:
+    """Refuse, before any work, a precision or target the backend cannot build."""
+    numbers = {t: int(t[2:]) for t in targets}
+    if backend == "tensorrt_rtx":
+        bad = [t for t in targets if t not in RTX_TARGETS]
+        if bad:
+            raise TrtglmError(f"TensorRT-RTX cannot build for {', '.join(bad)} (it targets {', '.join(RTX_TARGETS)}; "
+                              "no SM90/SM100 data-center GPUs)", hint="use the full TensorRT (trtglm[trt]) on that GPU")
+    need = {"bf16": 80, "int4": 80, "fp8": 89}.get(dtype)
+    too_old = [t for t, n in numbers.items() if need and n < need]
+    if too_old:
+        raise TrtglmError(f"{dtype} needs SM{need} or newer; {', '.join(too_old)} cannot run it")
+    if dtype == "fp32" and "sm75" in targets:
+        raise TrtglmError("sm75 has no fp32 GEMM in TensorRT: build fp16 for it")
+
+
+def gpu_compute_capability() -> str | None:
+    """'sm89' for the first GPU, or None without one (nvidia-smi, no CUDA import needed)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return "sm" + out[0].replace(".", "") if out else None
