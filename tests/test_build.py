@@ -126,19 +126,15 @@ def test_bf16_and_fp32_target_rules():
 
 
 def test_ctrl_c_during_the_tensorrt_build_cancels_cleanly(fp16_export, tmp_path):
-    class InterruptOnFirstStep:
-        sent = False
+    from trtglm.core.progress import Progress
 
-        def add_task(self, *a, **k):
-            return 0
+    class InterruptOnFirstStep(Progress):
+        sent = False
 
         def update(self, *a, **k):
             if not self.sent:
                 self.sent = True
                 os.kill(os.getpid(), signal.SIGINT)
-
-        def remove_task(self, *a):
-            pass
 
     from trtglm.engine.builder import BuildCancelled
 

@@ -179,3 +179,28 @@ def test_validation_that_cannot_fit_in_memory_fails_before_writing(capsys, check
     code, _, err = run(capsys, "export", str(checkpoints["glm"]), "-o", str(tmp_path / "e"))
     assert_clean_failure(code, err, tmp_path, "validation needs about")
     assert "--no-validate" in err and not (tmp_path / "e").exists()
+
+
+def test_every_recipe_field_has_a_build_flag_or_is_recipe_only():
+    from trtglm.cli import BUILD_FLAGS, RECIPE_ONLY
+    from trtglm.core.recipe import field_paths
+
+    flagged = set(BUILD_FLAGS.values()) | {"precision.dtype"}  # --fp32, --fp16, ... --fp8
+    assert not flagged & RECIPE_ONLY
+    assert flagged | RECIPE_ONLY == set(field_paths()), "a recipe field is in neither list"
+
+
+def test_build_flags_take_the_schemas_choices(capsys):
+    import typing
+
+    from trtglm.cli import BUILD_FLAGS, build_cmd
+    from trtglm.core.recipe import recipe_field
+
+    options = {o.name: o for o in build_cmd.params}
+    for flag, path in BUILD_FLAGS.items():
+        option = options["recipe__" + path.replace(".", "__")]
+        kind = recipe_field(path).annotation
+        literals = [a for a in (kind, *typing.get_args(kind)) if typing.get_origin(a) is typing.Literal]
+        if literals and typing.get_origin(kind) is not tuple:
+            assert list(option.type.choices) == [str(a) for a in typing.get_args(literals[0])], flag
+        assert path in option.help, flag

@@ -6,7 +6,9 @@ is a bug and also prints one line, unless --debug asks for the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
 from contextlib import closing
 
@@ -14,6 +16,7 @@ import click
 
 from . import __version__
 from .core.errors import TrtglmError
+from .core.progress import Progress
 
 
 def _console():
@@ -22,19 +25,42 @@ def _console():
     return Console(stderr=True)
 
 
+class _RichProgress(Progress):
+    """The library's progress steps as rich progress bars on stderr (nothing when stderr is not a terminal)."""
+
+    def __init__(self, bars):
+        self._bars = bars
+
+    def start(self, description: str, total: int | None = None) -> int:
+        return self._bars.add_task(description, total=total)
+
+    def update(self, step: int, *, completed: int | None = None, total: int | None = None,
+               description: str | None = None) -> None:
+        changes = {"completed": completed, "total": total, "description": description}
+        self._bars.update(step, **{k: v for k, v in changes.items() if v is not None})
+
+    def finish(self, step: int) -> None:
+        self._bars.remove_task(step)
+
+    def note(self, text: str) -> None:
+        self._bars.console.print(text)
+
+
+@contextlib.contextmanager
 def _progress():
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
-        Progress,
         SpinnerColumn,
         TextColumn,
         TimeElapsedColumn,
     )
+    from rich.progress import Progress as Bars
 
     console = _console()
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
+    with Bars(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+              TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as bars:
+        yield _RichProgress(bars)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON for machines.")
@@ -85,6 +111,70 @@ def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as
     click.echo(f"validation: {check}")
 
 
+# `trtglm build` flags that set a recipe field: type, choices and help come from the schema (core/recipe.py).
+BUILD_FLAGS = {
+    "--target": "builder.targets", "--backend": "builder.backend", "--attention": "builder.attention",
+    "--max-batch": "shapes.max_batch", "--max-input-len": "shapes.max_input_len",
+    "--max-seq-len": "shapes.max_seq_len", "--logits": "shapes.logits", "--kv-cache": "shapes.kv_cache",
+    "--fusions": "fusion.fusions", "--strict/--no-strict": "fusion.strict",
+    "--calib-data": "calibration.data", "--calib-samples": "calibration.samples",
+    "--calib-seq-len": "calibration.seq_len", "--calib-method": "calibration.method",
+    "--gate/--no-gate": "accuracy.gate",
+}
+# Set in a recipe only: everything a recipe can say that has no flag (tests/test_cli.py checks the two lists
+# cover the schema, so a new field cannot be forgotten).
+RECIPE_ONLY = {
+    "model.name", "model.source", "precision.fp32_ops", "precision.logits_dtype", "precision.quantization.block_size",
+    "precision.quantization.lm_head", "shapes.opt_batch", "shapes.opt_input_len", "shapes.profiles",
+    "builder.optimization_level", "builder.workspace_mb", "builder.tactic_shared_memory_kb", "builder.timing_cache",
+    "builder.tiling_level", "builder.max_aux_streams", "builder.weight_streaming", "builder.profiling_verbosity",
+    "accuracy.max_ppl_delta", "accuracy.min_next_token_agreement", "accuracy.min_logits_cosine", "accuracy.data",
+    "accuracy.samples", "accuracy.seq_len",
+}
+
+
+def _recipe_options(command):
+    """Decorate `command` with one option per BUILD_FLAGS entry, each storing into `recipe__<section>__<field>`."""
+    import typing
+
+    from .core.recipe import recipe_field
+
+    for flag, path in reversed(BUILD_FLAGS.items()):
+        field = recipe_field(path)
+        kind = field.annotation
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        literal = args[0] if args and typing.get_origin(args[0]) is typing.Literal else kind
+        options: dict = {}
+        if typing.get_origin(kind) is tuple:
+            options["type"] = str  # comma-separated
+        elif typing.get_origin(literal) is typing.Literal:
+            options["type"] = click.Choice([str(a) for a in typing.get_args(literal)])
+        elif kind is int or int in args:
+            options["type"] = int
+        elif kind is not bool:
+            options["type"] = str
+        default = list(field.default) if isinstance(field.default, tuple) else field.default
+        shown = ",".join(default) if isinstance(default, list) else default
+        items = typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else None
+        if typing.get_origin(items) is typing.Literal:
+            shown = f"{shown}; comma-separated from {', '.join(typing.get_args(items))}, or none"
+        help_text = f"{field.description[0].upper()}{field.description[1:]}. [recipe: {path}; default: {shown}]"
+        command = click.option(flag, "recipe__" + path.replace(".", "__"), default=None, help=help_text,
+                               **options)(command)
+    return command
+
+
+def _recipe_overrides(options: dict) -> dict:
+    """{section: {field: value}} from the recipe__ options the user gave (None: not given)."""
+    overrides: dict = {}
+    for key, value in options.items():
+        section, name = key.removeprefix("recipe__").split("__", 1)
+        if name == "fusions" and value is not None:
+            value = () if value == "none" else tuple(f for f in value.split(",") if f)
+        overrides.setdefault(section, {})[name] = value
+    return overrides
+
+
 @cli.command("build")
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
@@ -96,69 +186,25 @@ def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as
 @click.option("--int8", "dtype", flag_value="int8")
 @click.option("--int4", "dtype", flag_value="int4")
 @click.option("--fp8", "dtype", flag_value="fp8")
-@click.option("--target", "targets", help="Compute capabilities, comma-separated (e.g. sm89,sm120).")
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "tensorrt_rtx"]), default=None)
-@click.option("--max-batch", type=int, default=None)
-@click.option("--max-input-len", type=int, default=None, help="Longest prompt (prefill) in tokens.")
-@click.option("--max-seq-len", type=int, default=None, help="Longest sequence, past + new tokens.")
-@click.option("--logits", type=click.Choice(["all", "last"]), default=None,
-              help="Logits of every position (eval needs them) or of the last one only (generation: the prefill "
-                   "computes one row of the lm_head). [default: last]")
-@click.option("--kv-cache", type=click.Choice(["dynamic", "static"]), default=None,
-              help="dynamic: the cache grows by a copy each step; static: fixed max_seq_len slots updated in place "
-                   "(TensorScatter, TensorRT's KV-cache-update layer; same shapes at every decode step: with "
-                   "shapes.profiles split, the fewest decode kernels). [default: dynamic]")
-@click.option("--attention", type=click.Choice(["auto", "layer", "decomposed", "grouped"]), default=None,
-              help="How the engine gets the fused attention: TensorRT's attention layer, or written out for Myelin "
-                   "(engine.onnx: fewer kernels in one profile), K/V repeated to the query heads (decomposed) or "
-                   "query heads grouped per KV head (grouped: no repeated K/V, one kernel more); auto: decomposed "
-                   "for one profile, the layer for split profiles. [default: auto]")
 @click.option("--onnx-only", is_flag=True, help="Stop after the graph work: write BUILD_DIR/model.onnx.")
-@click.option("--fusions", default=None,
-              help="Comma-separated fusions: rms_norm, qkv, rotary, rotary_keys_folded (keys' rotation folded into "
-                   "their projection) or rotary_keys (RotaryEmbedding on keys: TensorRT-RTX cannot build it with fused "
-                   "attention), attention; 'none' for no fusion. "
-                   "[default: rms_norm,qkv,rotary,rotary_keys_folded,attention]")
-@click.option("--strict/--no-strict", default=None,
-              help="Fail unless every rule fused as often as the model needs. [default: strict]")
-@click.option("--calib-data", type=click.Path(dir_okay=False), default=None,
-              help="Calibration text, JSONL with a \"text\" field or plain text. [default: the shipped split]")
-@click.option("--calib-samples", type=int, default=None, help="Calibration windows. [default: 64]")
-@click.option("--calib-seq-len", type=int, default=None, help="Tokens per calibration window. [default: 256]")
-@click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
-              help="int8 activation ranges (fp8 scales always come from min/max). [default: minmax]")
-@click.option("--gate/--no-gate", default=None,
-              help="Evaluate the graph against the fp32 reference before the engine build; publish nothing "
-                   "(exit 3) when outside the recipe's accuracy limits. [default: the recipe's accuracy.gate]")
 @click.option("--reference", type=click.Path(exists=True, file_okay=False), default=None,
               help="fp32 export the gate compares with. [default: EXPORT_DIR when it is fp32]")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Engine cache. [default: ~/.cache/trtglm/engines]")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the engine cache.")
 @click.option("--force", is_flag=True, help="Replace BUILD_DIR if it exists.")
+@_recipe_options
 @json_option
-def build_cmd(export_dir, out_dir, recipe, dtype, targets, backend, max_batch, max_input_len, max_seq_len,
-              logits, kv_cache, attention, onnx_only, fusions, strict, calib_data, calib_samples, calib_seq_len,
-              calib_method, gate, reference, cache_dir, no_cache, force, as_json):
+def build_cmd(export_dir, out_dir, recipe, dtype, onnx_only, reference, cache_dir, no_cache, force, as_json,
+              **recipe_flags):
     """Fuse the graph of a `trtglm export` directory and build a TensorRT engine from it."""
     from pathlib import Path
 
     from .engine.build import build
     from .engine.inspect import graph_of
 
-    fusion_list = None
-    if fusions is not None:
-        fusion_list = () if fusions == "none" else tuple(f for f in fusions.split(",") if f)
-    overrides = {
-        "precision": {"dtype": dtype},
-        "builder": {"targets": targets, "backend": backend, "attention": attention},
-        "shapes": {"max_batch": max_batch, "max_input_len": max_input_len, "max_seq_len": max_seq_len,
-                   "logits": logits, "kv_cache": kv_cache},
-        "fusion": {"fusions": fusion_list, "strict": strict},
-        "calibration": {"data": calib_data, "samples": calib_samples, "seq_len": calib_seq_len,
-                        "method": calib_method},
-        "accuracy": {"gate": gate},
-    }
+    overrides = _recipe_overrides(recipe_flags)
+    overrides.setdefault("precision", {})["dtype"] = dtype
     with _progress() as progress:
         manifest = build(export_dir, out_dir, recipe=recipe, overrides=overrides, onnx_only=onnx_only,
                          cache_dir=Path(cache_dir) if cache_dir else None, use_cache=not no_cache, force=force,
@@ -441,6 +487,7 @@ def eval_cmd(build_dir, reference, data, samples, seq_len, backend, as_json):
 
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    logging.basicConfig(format="trtglm: %(message)s", level=logging.WARNING)  # the library's warnings, one line each
     try:
         cli.main(args=argv, prog_name="trtglm", standalone_mode=False)
     except click.exceptions.Abort:

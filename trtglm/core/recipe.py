@@ -231,6 +231,26 @@ def _known_fields(path: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
+def recipe_field(path: str):
+    """The pydantic field at `section.name` (or `section.sub.name`)."""
+    model: type[BaseModel] = Recipe
+    *parents, name = path.split(".")
+    for part in parents:
+        model = model.model_fields[part].annotation
+    return model.model_fields[name]
+
+
+def field_paths(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every leaf field of the recipe schema as `section.name`."""
+    out = []
+    for name, field in (model or Recipe).model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out += field_paths(field.annotation, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
 def reference() -> str:
     """Every recipe field as Markdown tables, one per section: name, type, default, what it does."""
     out = []

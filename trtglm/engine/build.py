@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
@@ -23,6 +24,7 @@ from ..core.errors import TrtglmError, UsageError
 from ..core.files import atomic_dir, sha256
 from ..core.files import cache_dir as trtglm_cache
 from ..core.graphs import describe_onnx, graph_dtype, release_weights
+from ..core.progress import SILENT, Progress
 from ..core.recipe import Recipe, load_recipe
 from ..core.versions import source_digest, tool_versions
 from ..export.directory import DATA_FILE, ONNX_FILE, ExportDir
@@ -53,32 +55,66 @@ def default_cache_dir() -> Path:
     return trtglm_cache() / "engines"
 
 
-def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | None = None,
-          overrides: dict | None = None, onnx_only: bool = False, cache_dir: Path | None = None,
-          use_cache: bool = True, force: bool = False, reference: str | Path | None = None, progress=None,
-          **shortcuts) -> dict:
-    """Returns the manifest. `shortcuts` (fusions, strict, max_seq_len) are overrides for library callers.
+@dataclass(frozen=True)
+class BuildPlan:
+    """What a build does, resolved and checked before any work: the build's steps read this, nothing else."""
 
-    `reference` is the fp32 export the accuracy gate compares with (default: EXPORT_DIR when it is fp32)."""
+    source: ExportDir
+    recipe: Recipe  # resolved: the export's dtype and sequence length filled in, the precision's accuracy goals
+    recipe_file: Path | None
+    dtype: str  # the build's precision
+    exported: str  # the export's
+    calibration: CalibrationSet | None
+    gate: Path | None  # the fp32 reference export the accuracy gate compares with
+    backend: dict | None  # TensorRT module and version (None: --onnx-only)
+    cache_dir: Path
+    key: str  # the build cache's key: a digest of everything above that decides the result
+
+    @property
+    def onnx_only(self) -> bool:
+        return self.backend is None
+
+
+def plan_build(export_dir: str | Path, *, recipe: str | Path | None = None, overrides: dict | None = None,
+               onnx_only: bool = False, cache_dir: Path | None = None, reference: str | Path | None = None,
+               **shortcuts) -> BuildPlan:
+    """Everything checked that can be checked before work starts: the export, the recipe, memory, calibration
+    data, the reference, the TensorRT module and targets."""
     source = ExportDir(export_dir).require_graph()
-    export_dir = source.path
     meta = source.meta
-    overrides = _merge_shortcuts(overrides or {}, shortcuts)
-    r = load_recipe(recipe, overrides)
-    exported = (meta or {}).get("dtype") or graph_dtype(export_dir / ONNX_FILE)
-    r, dtype = _resolve(r, meta, exported, export_dir)
+    r = load_recipe(recipe, _merge_shortcuts(overrides or {}, shortcuts))
+    exported = source.dtype or graph_dtype(source.onnx)
+    r, dtype = _resolve(r, meta, exported, source.path)
     if dtype != exported:
-        check_memory(dtype, (export_dir / DATA_FILE).stat().st_size if (export_dir / DATA_FILE).is_file() else 0)
-    calibration = _calibration(r, dtype, exported, meta, export_dir)
-    gate = _gate_reference(r, dtype, export_dir, reference) if r.accuracy.gate else None
+        check_memory(dtype, source.data_bytes)
+    calibration = _calibration(r, dtype, exported, meta, source.path)
+    gate = _gate_reference(r, dtype, source.path, reference) if r.accuracy.gate else None
+    backend = None
     if not onnx_only:
         trt = import_backend(r.builder.backend)
         check_targets(r.builder.targets, dtype, trt.__name__)
         backend = {"name": trt.__name__, "version": trt.__version__}
-    else:
-        backend = None
-    key = _cache_key(export_dir, meta, r, backend, onnx_only, calibration)
-    cache = (cache_dir or default_cache_dir()) / key if use_cache and not onnx_only else None
+    key = _cache_key(source, r, backend, onnx_only, calibration)
+    return BuildPlan(source, r, Path(recipe) if recipe else None, dtype, exported, calibration, gate, backend,
+                     cache_dir or default_cache_dir(), key)
+
+
+def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | None = None,
+          overrides: dict | None = None, onnx_only: bool = False, cache_dir: Path | None = None,
+          use_cache: bool = True, force: bool = False, reference: str | Path | None = None,
+          progress: Progress = SILENT, **shortcuts) -> dict:
+    """Returns the manifest. `shortcuts` (fusions, strict, max_seq_len) are overrides for library callers.
+
+    `reference` is the fp32 export the accuracy gate compares with (default: EXPORT_DIR when it is fp32)."""
+    plan = plan_build(export_dir, recipe=recipe, overrides=overrides, onnx_only=onnx_only, cache_dir=cache_dir,
+                      reference=reference, **shortcuts)
+    return run_build(plan, out_dir, use_cache=use_cache, force=force, progress=progress)
+
+
+def run_build(plan: BuildPlan, out_dir: str | Path, *, use_cache: bool = True, force: bool = False,
+              progress: Progress = SILENT) -> dict:
+    """BUILD_DIR from `plan`, through the build cache unless `use_cache` is False; returns the manifest."""
+    cache = plan.cache_dir / plan.key if use_cache and not plan.onnx_only else None
     started = time.perf_counter()
     with atomic_dir(out_dir, force=force) as tmp:
         if cache is not None:
@@ -87,25 +123,28 @@ def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | N
             cache.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(cache) + ".lock"):
                 if not (cache / MANIFEST_FILE).is_file():
-                    _build_into(tmp, export_dir, meta, r, dtype, exported, recipe, key, progress, calibration,
-                                gate, cache_dir)
+                    _build_into(tmp, plan, progress)
                     _store(tmp, cache)
                     manifest = json.loads((tmp / MANIFEST_FILE).read_text())
-                    manifest["cache"] = {"key": key, "hit": False}
+                    manifest["cache"] = {"key": plan.key, "hit": False}
                 else:
                     _restore(cache, tmp)
                     manifest = json.loads((tmp / MANIFEST_FILE).read_text())
-                    manifest["cache"] = {"key": key, "hit": True, "seconds": round(time.perf_counter() - started, 2)}
+                    manifest["cache"] = {"key": plan.key, "hit": True,
+                                         "seconds": round(time.perf_counter() - started, 2)}
                     # the same export and recipe by content (the key); where they are is this build's
-                    manifest["source"]["export_dir"] = str(export_dir.resolve())
-                    manifest["recipe"] |= {"file": str(recipe) if recipe else None,
-                                           "file_sha256": sha256(Path(recipe)) if recipe else None}
+                    manifest["source"]["export_dir"] = str(plan.source.path.resolve())
+                    manifest["recipe"] |= _recipe_file(plan)
         else:
-            manifest = _build_into(tmp, export_dir, meta, r, dtype, exported, recipe, key, progress, calibration,
-                                   gate, cache_dir, onnx_only=onnx_only)
-            manifest["cache"] = {"key": key, "hit": False, "disabled": True}
+            manifest = _build_into(tmp, plan, progress)
+            manifest["cache"] = {"key": plan.key, "hit": False, "disabled": True}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _recipe_file(plan: BuildPlan) -> dict:
+    f = plan.recipe_file
+    return {"file": str(f) if f else None, "file_sha256": sha256(f) if f else None}
 
 
 def _merge_shortcuts(overrides: dict, shortcuts: dict) -> dict:
@@ -174,26 +213,24 @@ def _gate_reference(r: Recipe, dtype: str, export_dir: Path, reference) -> Path:
     return ExportDir(Path(reference) if reference else export_dir).require_fp32_reference().path
 
 
-def _cache_key(export_dir: Path, meta: dict | None, r: Recipe, backend: dict | None, onnx_only: bool,
-               calibration) -> str:
+def _cache_key(source: ExportDir, r: Recipe, backend: dict | None, onnx_only: bool, calibration) -> str:
     h = hashlib.sha256()
-    hashes = ExportDir(export_dir).hashes()
-    h.update(json.dumps({"export": hashes, "recipe": r.resolved(), "backend": backend, "trtglm": __version__,
+    h.update(json.dumps({"export": source.hashes(), "recipe": r.resolved(), "backend": backend, "trtglm": __version__,
                          "source": source_digest(), "onnx_only": onnx_only,
                          "calibration": calibration and calibration.fingerprint}, sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 
-def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype: str, exported: str, recipe_file,
-                key: str, progress, calibration, gate: Path | None, cache_dir: Path | None,
-                onnx_only: bool = False) -> dict:
+def _build_into(tmp: Path, plan: BuildPlan, progress: Progress) -> dict:
     import onnx_ir as ir
+
+    source, meta, r, dtype = plan.source, plan.source.meta, plan.recipe, plan.dtype
 
     started = time.perf_counter()
     try:
-        model = ir.load(export_dir / ONNX_FILE)
+        model = ir.load(source.onnx)
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line
-        raise TrtglmError(f"{export_dir / ONNX_FILE}: cannot be read as ONNX ({str(e).splitlines()[0]})") from None
+        raise TrtglmError(f"{source.onnx}: cannot be read as ONNX ({str(e).splitlines()[0]})") from None
     fusions = frozenset(r.fusion.fusions)
     layers = sum(1 for v in model.graph.inputs if v.name.startswith("past_key_values.") and v.name.endswith(".key"))
     if meta:
@@ -206,13 +243,12 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
     ir.save(model, tmp / ONNX_FILE, external_data=DATA_FILE, max_in_flight_bytes=256 << 20)
     release_weights(model)  # the export's weights are memory-mapped: mapped pages count as resident during the build
     del model
-    for f in ExportDir(export_dir).sidecars():
+    for f in source.sidecars():
         shutil.copy2(f, tmp / f.name)
     precision = {"dtype": dtype}
-    if dtype != exported:
-        precision = _precision_step(tmp, r, dtype, calibration, (cache_dir or default_cache_dir()) / "calibration",
-                                    progress)
-    accuracy = _gate_step(tmp, r, gate, progress) if gate else None
+    if dtype != plan.exported:
+        precision = _precision_step(tmp, plan, progress)
+    accuracy = _gate_step(tmp, plan, progress) if plan.gate else None
     if r.shapes.kv_cache == "static":
         make_static(tmp / ONNX_FILE, r.shapes.max_seq_len)
     if r.shapes.logits == "last":  # after the gate, which needs every position, and the cache's one shared mask
@@ -221,14 +257,12 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
     graph = describe_onnx(tmp / ONNX_FILE)
     manifest = {
         "format_version": MANIFEST_VERSION,
-        "stage": "onnx" if onnx_only else "engine",
-        "recipe": {"file": str(recipe_file) if recipe_file else None,
-                   "file_sha256": sha256(Path(recipe_file)) if recipe_file else None,
-                   "resolved": r.resolved(),
+        "stage": "onnx" if plan.onnx_only else "engine",
+        "recipe": {**_recipe_file(plan), "resolved": r.resolved(),
                    "resolved_sha256": hashlib.sha256(json.dumps(r.resolved(), sort_keys=True).encode()).hexdigest()},
-        "source": {"export_dir": str(export_dir.resolve()), "export_sha256": (meta or {}).get("files", {}).get("sha256"),
+        "source": {"export_dir": str(source.path.resolve()), "export_sha256": (meta or {}).get("files", {}).get("sha256"),
                    "checkpoint": (meta or {}).get("source")},
-        "calibration": calibration.describe() if calibration else None,
+        "calibration": plan.calibration.describe() if plan.calibration else None,
         "precision": precision | {"ops": graph["initializer_dtypes"]},
         "accuracy": accuracy,
         "max_seq_len": r.shapes.max_seq_len,
@@ -236,10 +270,10 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
         "fusion": report.to_dict() | {"strict": r.fusion.strict, "fusions": sorted(fusions)},
         "tools": tool_versions(),
         "host": platform.node(),
-        "cache_key": key,
+        "cache_key": plan.key,
     }
-    if not onnx_only:
-        manifest.update(_engine_step(tmp, meta, manifest["io"], r, dtype, progress))
+    if not plan.onnx_only:
+        manifest.update(_engine_step(tmp, plan, manifest["io"], progress))
     manifest["files"] = {"sha256": {p.name: sha256(p) for p in sorted(tmp.iterdir())
                                     if p.name in (ONNX_FILE, DATA_FILE, ENGINE_FILE, ENGINE_ONNX_FILE)}}
     manifest["build_seconds"] = round(time.perf_counter() - started, 2)
@@ -247,28 +281,23 @@ def _build_into(tmp: Path, export_dir: Path, meta: dict | None, r: Recipe, dtype
     return manifest
 
 
-def _precision_step(tmp: Path, r: Recipe, dtype: str, calibration, cache: Path, progress) -> dict:
-    task = progress.add_task(f"{dtype}: calibrating" if calibration else f"{dtype}: converting",
-                             total=None) if progress else None
+def _precision_step(tmp: Path, plan: BuildPlan, progress: Progress) -> dict:
+    calibrating = plan.calibration is not None
+    with progress.step(f"{plan.dtype}: {'calibrating' if calibrating else 'converting'}") as step:
 
-    def on_sample(i: int, n: int) -> None:
-        if progress:
-            progress.update(task, completed=i, total=n)
+        def on_sample(i: int, n: int) -> None:
+            progress.update(step, completed=i, total=n)
 
-    graph = hashlib.sha256((sha256(tmp / ONNX_FILE) + sha256(tmp / DATA_FILE)).encode()).hexdigest()
-    record = convert(tmp / ONNX_FILE, DATA_FILE, dtype, r.precision, calibration, cache, graph, on_sample)
-    if progress:
-        progress.remove_task(task)
-    return record
+        graph = hashlib.sha256((sha256(tmp / ONNX_FILE) + sha256(tmp / DATA_FILE)).encode()).hexdigest()
+        return convert(tmp / ONNX_FILE, DATA_FILE, plan.dtype, plan.recipe.precision, plan.calibration,
+                       plan.cache_dir / "calibration", graph, on_sample)
 
 
-def _gate_step(tmp: Path, r: Recipe, reference: Path, progress) -> dict:
-    task = progress.add_task("accuracy gate", total=None) if progress else None
-    a = r.accuracy
-    result = compare(OrtBackend(tmp / ONNX_FILE), reference, load_text(tmp), a.data, a.samples, a.seq_len)
+def _gate_step(tmp: Path, plan: BuildPlan, progress: Progress) -> dict:
+    a = plan.recipe.accuracy
+    with progress.step("accuracy gate"):
+        result = compare(OrtBackend(tmp / ONNX_FILE), plan.gate, load_text(tmp), a.data, a.samples, a.seq_len)
     result["gate"] = judge(result, a)
-    if progress:
-        progress.remove_task(task)
     if not result["gate"]["passed"]:
         raise GateFailed("accuracy gate failed: " + "; ".join(result["gate"]["failures"]) + " (nothing published)")
     return result
@@ -283,24 +312,18 @@ def _io(meta: dict | None, graph: dict) -> dict | None:
                    for v in graph[side]] for side in ("inputs", "outputs")}
 
 
-def _engine_step(tmp: Path, meta: dict | None, io: dict | None, r: Recipe, dtype: str, progress) -> dict:
+def _engine_step(tmp: Path, plan: BuildPlan, io: dict | None, progress: Progress) -> dict:
+    meta, r = plan.source.meta, plan.recipe
     if meta is None:
         raise UsageError("an engine build needs the export's export.json (IO spec and config)",
                          hint="pass --onnx-only for graphs from other exporters")
-    plan = plan_shapes(io, meta["config"], r.shapes, BYTES[dtype])
+    shapes = plan_shapes(io, meta["config"], r.shapes, BYTES[plan.dtype])
     weights = (tmp / DATA_FILE).stat().st_size if (tmp / DATA_FILE).exists() else 0
-    if progress is not None and hasattr(progress, "console"):
-        progress.console.print(f"estimate: engine about {weights / 1e6:.0f} MB of weights, KV cache "
-                               f"{plan.kv_cache_bytes / 1e6:.0f} MB and activations {plan.activation_bytes / 1e6:.0f} MB "
-                               f"at the maximum shapes; building for {', '.join(r.builder.targets)}")
-    task = progress.add_task("TensorRT build", total=None) if progress else None
-
-    def on_step(phase: str, step: int, total: int) -> None:
-        if progress:
-            progress.update(task, description=f"TensorRT: {phase}", completed=step, total=total or None)
-
+    progress.note(f"estimate: engine about {weights / 1e6:.0f} MB of weights, KV cache "
+                  f"{shapes.kv_cache_bytes / 1e6:.0f} MB and activations {shapes.activation_bytes / 1e6:.0f} MB at "
+                  f"the maximum shapes; building for {', '.join(r.builder.targets)}")
     graph = {"file": ONNX_FILE, "attention": "layer"}
-    form = attention_form(r.builder.attention, len(plan.profiles))
+    form = attention_form(r.builder.attention, len(shapes.profiles))
     if form != "layer":
         lowered = write_engine_graph(tmp / ONNX_FILE, tmp / ENGINE_ONNX_FILE, form)
         if lowered["kept"] and r.builder.attention == form:
@@ -311,10 +334,13 @@ def _engine_step(tmp: Path, meta: dict | None, io: dict | None, r: Recipe, dtype
             graph = lowered
         else:  # nothing written out (auto): the layer, and why
             graph |= {k: lowered[k] for k in ("attention_ops", "why_kept") if k in lowered}
-    engine = build_engine(tmp / graph["file"], profiles=plan.profiles, builder=r.builder, dtype=dtype,
-                          on_step=on_step, timing_cache=default_cache_dir().parent / f"timing-{r.builder.backend}.cache")
-    if progress:
-        progress.remove_task(task)
+    with progress.step("TensorRT build") as step:
+
+        def on_step(phase: str, done: int, total: int) -> None:
+            progress.update(step, description=f"TensorRT: {phase}", completed=done, total=total or None)
+
+        engine = build_engine(tmp / graph["file"], profiles=shapes.profiles, builder=r.builder, dtype=plan.dtype,
+                              on_step=on_step, timing_cache=trtglm_cache() / f"timing-{r.builder.backend}.cache")
     (tmp / ENGINE_FILE).write_bytes(engine.plan)
     (tmp / LOG_FILE).write_text("\n".join(engine.log) + "\n")
     (tmp / LAYERS_FILE).write_text(json.dumps({"network_layer_types": engine.network_layer_types,
@@ -322,11 +348,11 @@ def _engine_step(tmp: Path, meta: dict | None, io: dict | None, r: Recipe, dtype
     return {
         "backend": {"name": engine.backend, "version": engine.version},
         "targets": list(r.builder.targets),
-        "profiles": [{name: [list(s) for s in shapes] for name, shapes in p.items()} for p in plan.profiles],
-        "profile_names": ["prefill", "decode"] if len(plan.profiles) == 2 else ["prefill+decode"],
+        "profiles": [{name: [list(s) for s in dims] for name, dims in p.items()} for p in shapes.profiles],
+        "profile_names": ["prefill", "decode"] if len(shapes.profiles) == 2 else ["prefill+decode"],
         "engine_graph": graph,
-        "estimate": {"weights_bytes": weights, "kv_cache_bytes": plan.kv_cache_bytes,
-                     "activation_bytes": plan.activation_bytes},
+        "estimate": {"weights_bytes": weights, "kv_cache_bytes": shapes.kv_cache_bytes,
+                     "activation_bytes": shapes.activation_bytes},
         "engine": {"bytes": len(engine.plan), "network_layers": engine.network_layers,
                    "engine_layers": len(engine.layers), "kernels": len(engine.kernels),
                    "tensorrt_build_seconds": round(engine.seconds, 2)},

@@ -6,11 +6,11 @@ import json
 import platform
 import shutil
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 from ..core.errors import UsageError
 from ..core.files import atomic_dir, sha256
+from ..core.progress import SILENT, Progress
 from ..core.versions import tool_versions
 from ..model.checkpoint import Checkpoint, open_checkpoint
 from ..model.decoder import DTYPES, IR_VERSION, build_decoder, io_spec
@@ -22,8 +22,8 @@ from .validate import validate as run_validation
 
 
 def export(model: str, out_dir: str | Path, dtype: str = "fp32", opset: int = 23, max_seq_len: int | None = None,
-           validate: bool = True, force: bool = False, progress=None) -> dict:
-    """Export a GLM checkpoint; returns the contents of export.json. `progress` is a rich Progress or None."""
+           validate: bool = True, force: bool = False, progress: Progress = SILENT) -> dict:
+    """Export a GLM checkpoint; returns the contents of export.json."""
 
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
@@ -46,7 +46,7 @@ def export(model: str, out_dir: str | Path, dtype: str = "fp32", opset: int = 23
             shutil.copy2(f, tmp / f.name)
         validation = {"status": "skipped", "reason": "--no-validate"}
         if validate:
-            with _task(progress, "validating against transformers"):
+            with progress.step("validating against transformers"):
                 validation = run_validation(ckpt, tmp / ONNX_FILE, dtype)
         meta = _metadata(ckpt, tmp, dtype, opset, max_seq_len, validation, progress)
         meta["export_seconds"] = round(time.perf_counter() - started, 2)
@@ -68,39 +68,24 @@ def _loader(ckpt: Checkpoint, dtype: str):
     return load
 
 
-def _save(graph, tmp: Path, progress) -> None:
+def _save(graph, tmp: Path, progress: Progress) -> None:
     import onnx_ir as ir
 
-    n = len([v for v in graph.graph.initializers.values()])
-    task = progress.add_task("writing weights", total=n) if progress else None
+    with progress.step("writing weights", total=len(graph.graph.initializers)) as step:
+        written = 0
 
-    def advance(tensor, info):
-        if progress:
-            progress.advance(task)
+        def advance(tensor, info):
+            nonlocal written
+            written += 1
+            progress.update(step, completed=written)
 
-    ir.save(graph, tmp / ONNX_FILE, external_data=DATA_FILE, callback=advance, max_in_flight_bytes=256 << 20)
-    if progress:
-        progress.remove_task(task)
-
-
-def _task(progress, description: str):
-    if progress is None:
-        return nullcontext()
-
-    class _Spinner:
-        def __enter__(self):
-            self.task = progress.add_task(description, total=None)
-
-        def __exit__(self, *exc):
-            progress.remove_task(self.task)
-
-    return _Spinner()
+        ir.save(graph, tmp / ONNX_FILE, external_data=DATA_FILE, callback=advance, max_in_flight_bytes=256 << 20)
 
 
 def _metadata(ckpt: Checkpoint, tmp: Path, dtype: str, opset: int, max_seq_len: int, validation: dict,
-              progress) -> dict:
+              progress: Progress) -> dict:
     inputs, outputs = io_spec(ckpt.config, dtype)
-    with _task(progress, "hashing source and outputs"):
+    with progress.step("hashing source and outputs"):
         source_files = {str(f.relative_to(ckpt.path)): sha256(f) for f in
                         [ckpt.path / "config.json", *ckpt.files]}
         outputs_hash = {name: sha256(tmp / name) for name in (ONNX_FILE, DATA_FILE)}

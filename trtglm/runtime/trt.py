@@ -14,9 +14,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from ..engine.inspect import verify
 from ..engine.static_cache import CACHE_POSITION, step_inputs
 from ..engine.tensorrt import RTX_TARGETS, gpu_compute_capability, import_backend
 
+LOG = logging.getLogger(__name__)  # the library never prints; the command line shows warnings
 DTYPE_BYTES = {"int64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -169,8 +170,7 @@ class TrtBackend:
             self._runtime_cache = config.create_runtime_cache()
             f = self._runtime_cache_file
             if f.is_file() and not self._runtime_cache.deserialize(f.read_bytes()):
-                print(f"trtglm: {f} was written for another GPU, driver or TensorRT-RTX: compiling anew",
-                      file=sys.stderr)
+                LOG.warning("%s was written for another GPU, driver or TensorRT-RTX: compiling anew", f)
             config.set_runtime_cache(self._runtime_cache)
         context = engine.create_execution_context(config)
         if context is None:
