@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as passes
 
-from trtglm import graph as G
+from trtglm.model import decoder as G
 from trtglm.model.config import GlmConfig
 
 CFG = GlmConfig(family="glm", vocab_size=16, hidden_size=64, intermediate_size=32, num_layers=1, num_heads=4,

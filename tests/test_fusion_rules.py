@@ -6,7 +6,7 @@ import onnx_ir as ir
 import pytest
 from fusion_graphs import BOOL, F16, F32, I64, config, micro, ops, run, weight
 
-from trtglm import graph as G
+from trtglm.model import decoder as G
 from trtglm.fusion import fuse
 
 RNG = np.random.default_rng(0)

@@ -42,6 +42,19 @@ def atomic_dir(out: str | os.PathLike, force: bool = False):
         raise
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """A temporary sibling of `path` to write; renamed over `path` when the block succeeds, removed otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def sha256(path: Path, chunk: int = 16 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

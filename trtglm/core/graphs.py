@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from .dtypes import BY_ONNX, FLOATS
 from .errors import TrtglmError
+from .files import atomic_file
 
 
 def describe_onnx(path: Path) -> dict:
@@ -35,7 +37,7 @@ def graph_dtype(onnx_path: Path) -> str:
         model = onnx.load(onnx_path, load_external_data=False)
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line
         raise TrtglmError(f"{onnx_path}: cannot be read as ONNX ({str(e).splitlines()[0]})") from None
-    names = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
+    names = {code: d.name for code, d in BY_ONNX.items() if d.name in FLOATS}
     for i in model.graph.input:
         if i.name.startswith("past_key_values."):
             return names.get(i.type.tensor_type.elem_type, "fp32")
@@ -47,9 +49,8 @@ def save_graph(model, onnx_path: Path) -> None:
     into the same external data file, which is not rewritten."""
     import onnx_ir as ir
 
-    tmp = onnx_path.with_name(onnx_path.name + ".partial")
-    ir.save(model, tmp)
-    tmp.replace(onnx_path)
+    with atomic_file(onnx_path) as tmp:
+        ir.save(model, tmp)
 
 
 def release_weights(model) -> None:

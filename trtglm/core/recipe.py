@@ -7,6 +7,7 @@ errors naming the file, the field and, for a misspelt key, the closest known one
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +22,12 @@ from pydantic import (
 
 from .errors import TrtglmError
 
-TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm90", "sm100", "sm120", "sm121")
+TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm90", "sm100", "sm120", "sm121")  # every compute capability known
+FusionName = Literal["rms_norm", "qkv", "rotary", "rotary_keys", "rotary_keys_folded", "attention"]
+FUSIONS: tuple[str, ...] = typing.get_args(FusionName)
+# Keys: rotary_keys rotates them with RotaryEmbedding, which TensorRT-RTX cannot build feeding the KV cache into a
+# fused Attention (fusion/rotary.py); rotary_keys_folded folds their rotation into the projection (fusion/key_fold.py)
+DEFAULT_FUSIONS = ("rms_norm", "qkv", "rotary", "rotary_keys_folded", "attention")
 DTYPES = ("fp32", "fp16", "bf16", "int8", "int4", "fp8")
 
 
@@ -39,8 +45,7 @@ class ModelSection(_Section):
 
 
 class FusionSection(_Section):
-    fusions: tuple[Literal["rms_norm", "qkv", "rotary", "rotary_keys", "rotary_keys_folded", "attention"], ...] = Field(
-        ("rms_norm", "qkv", "rotary", "rotary_keys_folded", "attention"), description="the rewrite rules to run")
+    fusions: tuple[FusionName, ...] = Field(DEFAULT_FUSIONS, description="the rewrite rules to run")
     strict: bool = Field(True, description="fail unless every rule reaches the count the model must reach (per layer)")
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
+from ..core.dtypes import compute_dtype
 from ..core.errors import TrtglmError, UsageError
 from ..core.files import atomic_dir, sha256
 from ..core.files import cache_dir as trtglm_cache
@@ -47,8 +48,6 @@ from .engine_graph import attention_form, write_engine_graph
 from .last_logits import keep_last_position
 from .static_cache import make_static
 from .tensorrt import check_targets, import_backend
-
-BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 2, "int4": 2, "fp8": 2}  # KV cache element (quantized: fp16)
 
 
 def default_cache_dir() -> Path:
@@ -317,7 +316,7 @@ def _engine_step(tmp: Path, plan: BuildPlan, io: dict | None, progress: Progress
     if meta is None:
         raise UsageError("an engine build needs the export's export.json (IO spec and config)",
                          hint="pass --onnx-only for graphs from other exporters")
-    shapes = plan_shapes(io, meta["config"], r.shapes, BYTES[plan.dtype])
+    shapes = plan_shapes(io, meta["config"], r.shapes, compute_dtype(plan.dtype).bytes)
     weights = (tmp / DATA_FILE).stat().st_size if (tmp / DATA_FILE).exists() else 0
     progress.note(f"estimate: engine about {weights / 1e6:.0f} MB of weights, KV cache "
                   f"{shapes.kv_cache_bytes / 1e6:.0f} MB and activations {shapes.activation_bytes / 1e6:.0f} MB at "

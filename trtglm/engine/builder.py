@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..core.errors import TrtglmError
+from ..core.files import atomic_file
 from ..core.recipe import BuilderSection, ShapesSection
 from .static_cache import CACHE_POSITION
 from .tensorrt import check_targets, import_backend
@@ -248,10 +249,8 @@ def _save_timing_cache(config, path: Path) -> None:
     if cache is not None:
         data = bytes(cache.serialize())
         if data:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            with atomic_file(path) as tmp:
+                tmp.write_bytes(data)
 
 
 def _default_profiles(network, max_batch: int, max_input: int, max_seq: int) -> list[dict]:

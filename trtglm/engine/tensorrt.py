@@ -6,9 +6,11 @@ import shutil
 import subprocess
 
 from ..core.errors import TrtglmError
+from ..core.recipe import TARGETS
 
 BACKENDS = ("tensorrt_rtx", "tensorrt")
-RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
+# TensorRT-RTX builds for the RTX generations: every known target but the data-center sm90 and sm100
+RTX_TARGETS = tuple(t for t in TARGETS if t not in ("sm90", "sm100"))
 
 
 def import_backend(name: str = "auto"):

@@ -8,13 +8,13 @@ import shutil
 import time
 from pathlib import Path
 
+from ..core.dtypes import FLOATS
 from ..core.errors import UsageError
 from ..core.files import atomic_dir, sha256
 from ..core.progress import SILENT, Progress
 from ..core.versions import tool_versions
 from ..model.checkpoint import Checkpoint, open_checkpoint
 from ..model.decoder import DTYPES, IR_VERSION, build_decoder, io_spec
-from ..model.reference import TORCH_DTYPES
 from ..model.weights import WeightSpec
 from .directory import DATA_FILE, FORMAT_VERSION, META_FILE, ONNX_FILE
 from .validate import check_memory
@@ -59,7 +59,7 @@ def _loader(ckpt: Checkpoint, dtype: str):
     import torch
     from onnx_ir.tensor_adapters import TorchTensor
 
-    to = getattr(torch, TORCH_DTYPES[dtype])
+    to = getattr(torch, FLOATS[dtype].numpy)
 
     def load(spec: WeightSpec):
         t = ckpt.load(spec.name).to(to)

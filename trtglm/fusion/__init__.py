@@ -16,14 +16,15 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchingTracer
 
 from ..core.errors import TrtglmError
+from ..core.recipe import (
+    DEFAULT_FUSIONS as _DEFAULTS,  # the names live with the recipe schema
+)
+from ..core.recipe import FUSIONS  # noqa: F401
 from . import attention, key_fold, qkv, rms_norm, rotary
 
 FUSION_OPSET = 23
 FUSED_OP = {"rms_norm": "RMSNormalization", "rotary": "RotaryEmbedding", "attention": "Attention"}
-FUSIONS = ("rms_norm", "qkv", "rotary", "rotary_keys", "rotary_keys_folded", "attention")
-# Keys: rotary_keys rotates them with RotaryEmbedding, which TensorRT-RTX cannot build feeding the KV cache into a
-# fused Attention (rotary.py); rotary_keys_folded folds their rotation into the projection instead (key_fold.py).
-DEFAULT_FUSIONS = frozenset({"rms_norm", "qkv", "rotary", "rotary_keys_folded", "attention"})
+DEFAULT_FUSIONS = frozenset(_DEFAULTS)
 KEY_ROTATIONS = frozenset({"rotary_keys", "rotary_keys_folded"})
 
 

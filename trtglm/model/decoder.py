@@ -18,10 +18,11 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
+from ..core.dtypes import BY_NUMPY, FLOATS
 from .config import GlmConfig
 from .weights import WeightSpec
 
-DTYPES = {"fp32": ir.DataType.FLOAT, "fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16}
+DTYPES = {name: ir.DataType(d.onnx) for name, d in FLOATS.items()}
 IR_VERSION = {18: 10, 19: 10, 20: 10, 21: 10, 22: 10, 23: 11, 24: 12}
 B, S, P, T = "batch", "sequence", "past_sequence", "total_sequence"
 
@@ -37,7 +38,7 @@ class TensorSpec:
 
 
 def io_spec(c: GlmConfig, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    kv_dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
+    kv_dtype = FLOATS[dtype].numpy
     kv = (c.num_kv_heads, c.head_dim)
     inputs = [TensorSpec("input_ids", "int64", (B, S)), TensorSpec("attention_mask", "int64", (B, T)),
               TensorSpec("position_ids", "int64", (B, S))]
@@ -133,8 +134,7 @@ def build_decoder(c: GlmConfig, specs: dict[str, WeightSpec], load: Callable[[We
 
 
 def _value(spec: TensorSpec) -> ir.Value:
-    dtype = {"int64": ir.DataType.INT64, "float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16,
-             "bfloat16": ir.DataType.BFLOAT16}[spec.dtype]
+    dtype = ir.DataType(BY_NUMPY[spec.dtype].onnx)
     return ir.Value(name=spec.name, type=ir.TensorType(dtype), shape=ir.Shape(spec.shape))
 
 

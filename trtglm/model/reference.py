@@ -6,10 +6,9 @@ same network; no remote code is ever run.
 
 from __future__ import annotations
 
+from ..core.dtypes import FLOATS
 from .checkpoint import Checkpoint
 from .config import GlmConfig
-
-TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def hf_config(c: GlmConfig):
@@ -33,7 +32,7 @@ def hf_state_dict(ckpt: Checkpoint, dtype: str):
     """The checkpoint's tensors under transformers' glm/glm4 names, in `dtype`."""
     import torch
 
-    c, to = ckpt.config, getattr(torch, TORCH_DTYPES[dtype])
+    c, to = ckpt.config, getattr(torch, FLOATS[dtype].numpy)
     if c.family != "chatglm":
         return {s.name: ckpt.load(s.name).to(to) for role, s in ckpt.specs.items()
                 if not (role == "lm_head" and c.tie_word_embeddings)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..core.dtypes import FLOATS
 from .config import normalize
 from .weights import weight_specs
 
@@ -31,7 +32,7 @@ def write_random_checkpoint(path: str | Path, config: dict, dtype: str = "fp16",
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=False)
-    to = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    to = getattr(torch, FLOATS[dtype].numpy)
     gen = torch.Generator().manual_seed(seed)
     specs = list(weight_specs(normalize(config)).values())
     shards, current, size = [], {}, 0

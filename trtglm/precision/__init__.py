@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from ..core.errors import UsageError
+from ..core.files import atomic_file
 from ..core.graphs import describe_onnx
 from ..core.memory import require
 from .calibration import CalibrationSet
@@ -144,9 +145,8 @@ def _ranges(onnx_path: Path, calibration: CalibrationSet, inputs: list[dict], ca
                                            calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
             calibrator.collect_data(calibration.reader(inputs, on_calibration))
             data = calibrator.compute_data()
-        partial = cache.with_suffix(".partial")
-        save_tensors_data(data, partial)
-        partial.replace(cache)
+        with atomic_file(cache) as partial:
+            save_tensors_data(data, partial)
     data = load_tensors_data(cache)
     ranges = {name: float(np.abs(np.asarray(r.range_value, dtype=np.float64)).max()) for name, r in data.data.items()}
     return ranges, {"key": key, "hit": hit}

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.dtypes import BY_NUMPY
 from ..core.errors import TrtglmError
 from ..model.tokenizer import load_text
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "calibration.jsonl"  # package data
 EVAL_DATA = DEFAULT_DATA.with_name("eval.jsonl")
-NUMPY = {"int64": np.int64, "float32": np.float32, "float": np.float32, "float16": np.float16}  # export / ONNX names
 
 
 class CalibrationError(TrtglmError):
@@ -123,5 +123,5 @@ def _feeds(inputs: list[dict], ids: np.ndarray) -> dict[str, np.ndarray]:
     for spec in inputs:
         if spec["name"].startswith("past_key_values."):
             _, heads, _, dim = spec["shape"]
-            feeds[spec["name"]] = np.zeros((b, heads, 0, dim), NUMPY[spec["dtype"]])
+            feeds[spec["name"]] = np.zeros((b, heads, 0, dim), BY_NUMPY[spec["dtype"]].numpy)
     return {k: v for k, v in feeds.items() if k in {s["name"] for s in inputs}}

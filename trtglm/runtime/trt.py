@@ -16,20 +16,20 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..core.dtypes import BY_NUMPY
 from ..core.errors import TrtglmError
+from ..core.files import atomic_file, cache_dir
 from ..engine.directory import BuildDir
 from ..engine.inspect import verify
 from ..engine.static_cache import CACHE_POSITION, step_inputs
 from ..engine.tensorrt import RTX_TARGETS, gpu_compute_capability, import_backend
 
 LOG = logging.getLogger(__name__)  # the library never prints; the command line shows warnings
-DTYPE_BYTES = {"int64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Buffer:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.max_shape) * DTYPE_BYTES[self.dtype]
+        return math.prod(self.max_shape) * BY_NUMPY[self.dtype].bytes
 
 
 def plan_buffers(manifest: dict) -> dict[str, Buffer]:
@@ -106,8 +106,7 @@ def cuda_graph_refusal(trt) -> str | None:
 
 def runtime_cache_file(manifest: dict) -> Path:
     """Where TensorRT-RTX's runtime cache of one engine lives (its kernels compiled for this machine's GPU)."""
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trtglm" / "runtime"
-    return root / f"{manifest['files']['sha256']['model.engine'][:32]}.bin"
+    return cache_dir() / "runtime" / f"{manifest['files']['sha256']['model.engine'][:32]}.bin"
 
 
 @dataclass
@@ -153,7 +152,7 @@ class TrtBackend:
             for buffer, name in zip(self._sets[0], self.present_names):
                 cuda.memset_d8(buffer, 0, self.buffers[name].nbytes)
         self._logits = cuda.pagelocked_empty(math.prod(self.buffers["logits"].max_shape), np.float32)
-        self._elt = DTYPE_BYTES[self.buffers[self.past_names[0]].dtype]
+        self._elt = BY_NUMPY[self.buffers[self.past_names[0]].dtype].bytes
         self._kv, self._d = self.buffers[self.past_names[0]].max_shape[1], self.buffers[self.past_names[0]].max_shape[3]
 
     def _execution_context(self, cuda_graphs: bool):
@@ -181,11 +180,8 @@ class TrtBackend:
         """Keep the kernels TensorRT-RTX compiled this session for the next one (written atomically)."""
         if self._runtime_cache is None:
             return
-        f = self._runtime_cache_file
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(bytes(self._runtime_cache.serialize()))
-        os.replace(tmp, f)
+        with atomic_file(self._runtime_cache_file) as tmp:
+            tmp.write_bytes(bytes(self._runtime_cache.serialize()))
 
     def new_cache(self, batch: int) -> TrtCache:
         return TrtCache(batch, 0, self._sets[0])
