@@ -1,8 +1,8 @@
 """Single ONNX Runtime CPU kernels behind two choices, timed side by side in one run:
 
-- integer GEMM for int8 builds (trtglm/integer_gemm.py): one decode-step linear layer (M=1, K=768, N=2560, the
-  136M model's gate_up) as fp32 MatMul and as MatMulIntegerToFloat with an unsigned and a signed left operand
-  (why the rewrite shifts activations to uint8);
+- integer GEMMs for int8 builds (trtglm/runtime/integer_gemm.py): one linear layer (K=768, N=2560, the 136M
+  model's gate_up) at a decode step and a 512-token prefill, as fp32 MatMul and in every integer GEMM form, each
+  with its error against the exact product on full-range data (u8s8 is wrong on x86 CPUs without VNNI);
 - attention for a 512-token prefill of one layer (12 query / 2 KV heads of 64): the opset-23 Attention op that
   fusion emits against com.microsoft.MultiHeadAttention on repeated K/V (why ONNX Runtime's prefill is not
   lowered to it).
@@ -16,6 +16,7 @@ import argparse
 import time
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnx import TensorProto as T
 from onnx import helper as h
@@ -42,25 +43,58 @@ def best_us(s: ort.InferenceSession, feeds: dict, runs: int) -> float:
     return 1e6 * float(np.median(times))
 
 
+def _qdq_linear(k: int, n: int, rng) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """x -> QuantizeLinear -> DequantizeLinear -> MatMul <- DequantizeLinear(W int8, per column): an int8 build's
+    linear layer; and its int8 weights (full range) and their scales."""
+    w, ws = rng.integers(-127, 128, (k, n)).astype(np.int8), rng.uniform(0.001, 0.01, n).astype(np.float32)
+    inits = [nh.from_array(w, "w"), nh.from_array(ws, "ws"),
+             nh.from_array(np.zeros(n, np.int8), "wz"), nh.from_array(np.array(0.02, np.float32), "s"),
+             nh.from_array(np.array(0, np.int8), "z")]
+    nodes = [h.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), h.make_node("DequantizeLinear", ["q", "s", "z"], ["a"]),
+             h.make_node("DequantizeLinear", ["w", "ws", "wz"], ["b"], axis=1), h.make_node("MatMul", ["a", "b"], ["y"])]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["m", k])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["m", n])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 21)], ir_version=10).SerializeToString(), w, ws
+
+
 def gemm(runs: int) -> None:
+    """Every integer GEMM form of an int8 linear layer (trtglm/runtime/integer_gemm.py) against fp32 MatMul, at a
+    decode step (M=1) and a 512-token prefill, with its error on full-range data against the exact product."""
+    import onnx_ir as ir
+
+    from trtglm.runtime.integer_gemm import FORMS, NO_QDQ_FUSION, lower, select_form
+
     k, n = 768, 2560
     rng = np.random.default_rng(0)
-    x = h.make_tensor_value_info("x", T.FLOAT, [1, 1, k])
-    fp32 = session([h.make_node("MatMul", ["x", "w"], ["y"])], [x],
+    proto, w, ws = _qdq_linear(k, n, rng)
+    fp32 = session([h.make_node("MatMul", ["x", "w"], ["y"])], [h.make_tensor_value_info("x", T.FLOAT, ["m", k])],
                    [nh.from_array(rng.standard_normal((k, n)).astype(np.float32), "w")])
-    rows = {"fp32 MatMul": best_us(fp32, {"x": rng.standard_normal((1, 1, k)).astype(np.float32)}, runs)}
-    for name, dtype, proto in (("uint8", np.uint8, T.UINT8), ("int8", np.int8, T.INT8)):
-        s = session([h.make_node("MatMulIntegerToFloat", ["x", "w", "sa", "sb"], ["y"], domain="com.microsoft")],
-                    [h.make_tensor_value_info("x", proto, [1, 1, k])],
-                    [nh.from_array(rng.integers(-127, 128, (k, n)).astype(np.int8), "w"),
-                     nh.from_array(np.array(0.1, np.float32), "sa"), nh.from_array(np.full(n, 0.01, np.float32), "sb")],
-                    microsoft=True)
-        a = rng.integers(0, 128, (1, 1, k)).astype(dtype)
-        rows[f"MatMulIntegerToFloat, {name} activations x int8 weights"] = best_us(s, {"x": a}, runs)
-    print(f"\ndecode-step GEMM M=1 K={k} N={n}, median of {runs} runs, 2 threads\n")
-    print("| kernel | us |\n|---|---|")
-    for label, us in rows.items():
-        print(f"| {label} | {us:.0f} |")
+    sessions = {"fp32 MatMul (the fp32 build)": (fp32, None)}
+    for form in FORMS:
+        model = ir.from_proto(onnx.load_from_string(proto))
+        lower(model, form)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.log_severity_level = 2, 3
+        opts.add_session_config_entry(*NO_QDQ_FUSION)
+        sessions[f"int8, {form}"] = (ort.InferenceSession(ir.to_proto(model).SerializeToString(), opts,
+                                                          providers=["CPUExecutionProvider"]), form)
+    chosen, why = select_form()
+    print(f"\nint8 linear layer K={k} N={n} in each integer GEMM form, median of {runs} runs (prefill: "
+          f"{max(3, runs // 30)}), 2 threads; this CPU's form: {chosen} ({why})\n")
+    print("| kernel | decode M=1 (us) | prefill M=512 (ms) | max error / max |y| on full-range data |")
+    print("|---|---|---|---|")
+    for label, (s, form) in sessions.items():
+        x1 = (rng.uniform(-2.6, 2.6, (1, k))).astype(np.float32)
+        x512 = (rng.uniform(-2.6, 2.6, (512, k))).astype(np.float32)
+        decode = best_us(s, {"x": x1}, runs)
+        prefill = best_us(s, {"x": x512}, max(3, runs // 30)) / 1000
+        error = "-"
+        if form is not None:
+            got = s.run(None, {"x": x512})[0]
+            q = np.clip(np.round(x512 / 0.02), -128, 127)  # the activations as QuantizeLinear makes them
+            exact = (q @ w.astype(np.float64)) * 0.02 * ws  # the Q/DQ graph's arithmetic, in float64
+            error = f"{np.abs(got - exact).max() / np.abs(exact).max():.1e}"
+        print(f"| {label} | {decode:.0f} | {prefill:.1f} | {error} |")
 
 
 def attention(runs: int) -> None:

@@ -81,3 +81,19 @@ def test_every_module_is_in_a_stage():
 def test_the_deviations_still_exist():
     graph = imports()
     assert all(t in graph[m] for m, t in DEVIATIONS), "a deviation is gone: remove it from DEVIATIONS and the docs"
+
+
+def test_the_library_never_prints():
+    """Only the command line writes to the terminal: the library reports through core/progress.py and logging."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name in ("cli.py", "__main__.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} print")
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                offenders += [f"{path.relative_to(PACKAGE)}:{node.lineno} imports {n}" for n in names
+                              if n.split(".")[0] in ("rich", "click")]
+    assert not offenders, offenders

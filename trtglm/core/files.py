@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -61,6 +62,29 @@ def sha256(path: Path, chunk: int = 16 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (a manifest); one clear error otherwise."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TrtglmError(f"{path}: corrupt, not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise TrtglmError(f"{path}: corrupt, not a JSON object")
+    return value
+
+
+def check_sha256(directory: Path, hashes: dict[str, str], recorded_in: str) -> list[str]:
+    """The files of `directory` named in `hashes` that are missing or differ (empty: all intact)."""
+    problems = []
+    for name, digest in hashes.items():
+        f = Path(directory) / name
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256(f) != digest:
+            problems.append(f"{name} does not match its sha256 in {recorded_in}")
+    return problems
 
 
 def cache_dir() -> Path:

@@ -31,7 +31,7 @@ from ..core.versions import source_digest, tool_versions
 from ..export.directory import DATA_FILE, ONNX_FILE, ExportDir
 from ..fusion import expected_counts, fuse
 from ..model.tokenizer import load_text
-from ..precision import CALIBRATED, check_memory, convert
+from ..precision import CALIBRATED, Conversion, check_memory, convert
 from ..precision.calibration import CalibrationSet
 from ..runtime.backends import OrtBackend
 from ..runtime.evaluate import GateFailed, compare, judge
@@ -288,8 +288,8 @@ def _precision_step(tmp: Path, plan: BuildPlan, progress: Progress) -> dict:
             progress.update(step, completed=i, total=n)
 
         graph = hashlib.sha256((sha256(tmp / ONNX_FILE) + sha256(tmp / DATA_FILE)).encode()).hexdigest()
-        return convert(tmp / ONNX_FILE, DATA_FILE, plan.dtype, plan.recipe.precision, plan.calibration,
-                       plan.cache_dir / "calibration", graph, on_sample)
+        return convert(Conversion(tmp / ONNX_FILE, DATA_FILE, plan.dtype, plan.recipe.precision, plan.calibration,
+                                  plan.cache_dir / "calibration", graph, on_sample))
 
 
 def _gate_step(tmp: Path, plan: BuildPlan, progress: Progress) -> dict:

@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..core.errors import TrtglmError
-from ..core.files import sha256
+from ..core.files import check_sha256, read_json_object
 
 MANIFEST_VERSION = 1
 MANIFEST_FILE, ENGINE_FILE, LAYERS_FILE, LOG_FILE = "manifest.json", "model.engine", "layers.json", "build.log"
@@ -36,13 +36,7 @@ class BuildDir:
     def manifest(self) -> dict:
         if not self.manifest_file.is_file():
             raise TrtglmError(f"{self.path}: no {MANIFEST_FILE} (not a `trtglm build` directory)")
-        try:
-            manifest = json.loads(self.manifest_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TrtglmError(f"{self.manifest_file}: corrupt ({e})") from None
-        if not isinstance(manifest, dict):
-            raise TrtglmError(f"{self.manifest_file}: corrupt (not a JSON object)")
-        return manifest
+        return read_json_object(self.manifest_file)
 
     @property
     def max_seq_len(self) -> int:
@@ -60,11 +54,4 @@ class BuildDir:
 
     def check_hashes(self) -> list[str]:
         """Every file the manifest lists, against its sha256 (empty: intact)."""
-        problems = []
-        for name, digest in self.manifest.get("files", {}).get("sha256", {}).items():
-            f = self.path / name
-            if not f.is_file():
-                problems.append(f"{name} is missing")
-            elif sha256(f) != digest:
-                problems.append(f"{name} does not match its sha256 in the manifest")
-        return problems
+        return check_sha256(self.path, self.manifest.get("files", {}).get("sha256", {}), "the manifest")

@@ -5,12 +5,11 @@
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 
 from ..core.errors import TrtglmError, UsageError
-from ..core.files import sha256
+from ..core.files import check_sha256, read_json_object, sha256
 
 FORMAT_VERSION = 1
 ONNX_FILE, DATA_FILE, META_FILE = "model.onnx", "model.onnx.data", "export.json"
@@ -33,18 +32,7 @@ class ExportDir:
         """export.json, or None where there is none (a graph from another exporter)."""
         if not self.meta_file.is_file():
             return None
-        try:
-            meta = json.loads(self.meta_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TrtglmError(f"{self.meta_file}: not valid JSON ({e})") from None
-        if not isinstance(meta, dict):
-            raise TrtglmError(f"{self.meta_file}: not a JSON object")
-        return meta
-
-    def require_meta(self, what: str) -> dict:
-        if self.meta is None:
-            raise UsageError(f"{what} needs the export's {META_FILE}", hint="pass a `trtglm export` directory")
-        return self.meta
+        return read_json_object(self.meta_file)
 
     @property
     def dtype(self) -> str | None:
@@ -68,19 +56,12 @@ class ExportDir:
 
     def verify(self) -> list[str]:
         """What does not match export.json's hashes (empty: intact)."""
-        problems = []
-        for name, digest in ((self.meta or {}).get("files", {}).get("sha256") or {}).items():
-            f = self.path / name
-            if not f.is_file():
-                problems.append(f"{name} is missing")
-            elif sha256(f) != digest:
-                problems.append(f"{name} does not match its sha256 in {META_FILE}")
-        return problems
+        return check_sha256(self.path, (self.meta or {}).get("files", {}).get("sha256") or {}, META_FILE)
 
     def require_fp32_reference(self) -> "ExportDir":
         """The fp32 export accuracy is measured against (`eval`, and the gate inside `build`)."""
         hint = "pass --reference FP32_EXPORT_DIR (from `trtglm export ... --dtype fp32`)"
-        if not self.meta_file.is_file():
+        if self.meta is None:
             raise UsageError(f"{self.path}: not a `trtglm export` directory (the fp32 reference)", hint=hint)
         if self.dtype != "fp32":
             raise UsageError(f"{self.path}: accuracy is measured against an fp32 export, and this is not one",

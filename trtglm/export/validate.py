@@ -79,8 +79,8 @@ def run_steps(backend, steps: Steps) -> list[np.ndarray]:
     return out
 
 
-# ONNX Runtime's x86 CPU path holds every weight in fp32 (fp16 weights are folded into fp32 copies),
-# measured at 3.6-4.2 bytes per parameter at the peak (bench/export.py); the reference runs before it.
+# ONNX Runtime's x86 CPU path holds every weight in fp32 (fp16 weights are folded into fp32 copies): the upper
+# end of the bytes per parameter `python bench/export.py` measures at the peak; the reference runs before it.
 ORT_BYTES_PER_PARAM = 4.2
 
 

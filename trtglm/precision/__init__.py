@@ -15,6 +15,8 @@ import hashlib
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from ..core.errors import UsageError
 from ..core.files import atomic_file
 from ..core.graphs import describe_onnx
 from ..core.memory import require
+from ..core.recipe import PrecisionSection
 from .calibration import CalibrationSet
 from .half import name_nodes, overflowing_nodes, position_only_nodes, to_half
 from .quantize import linear_nodes, quantize_activations, quantize_weights_int4, quiet
@@ -31,8 +34,8 @@ from .quantize import linear_nodes, quantize_activations, quantize_weights_int4,
 QUANTIZED = ("int8", "int4", "fp8")
 CALIBRATED = ("int8", "fp8")
 # Peak memory of the stage: a fixed part (calibration sessions, libraries) plus a part per byte of fp32
-# weights (the graph is held as protobuf and ONNX Runtime's tools copy it). An upper bound, with a margin, of
-# `python bench/precision.py` (README): at 1.72 GB of fp32 weights fp16 5.9 GB, int8 5.6, int4 3.3, fp8 4.2.
+# weights (the graph is held as protobuf and ONNX Runtime's tools copy it): an upper bound, with a margin, of
+# what `python bench/precision.py` measures.
 FIXED_BYTES = 2.5e9
 PER_FP32_BYTE = {"fp16": 3.5, "bf16": 3.5, "int8": 4.3, "fp8": 4.3, "int4": 1.6}
 
@@ -42,10 +45,27 @@ def check_memory(dtype: str, fp32_weight_bytes: int) -> None:
             "convert on a larger machine, or export in fp16/bf16 and build in that dtype", UsageError)
 
 
-def convert(onnx_path: Path, data_file: str, dtype: str, precision, calibration: CalibrationSet | None,
-            cache_dir: Path, graph_sha256: str, on_calibration=None) -> dict:
-    """Rewrite `onnx_path` (fp32, weights in `data_file` beside it) in place; returns the manifest's record."""
+@dataclass(frozen=True)
+class Conversion:
+    """One precision conversion: the fp32 graph `onnx_path` (weights in `data_file` beside it), rewritten in
+    place into `dtype` as the recipe's precision section says."""
+
+    onnx_path: Path
+    data_file: str
+    dtype: str
+    precision: PrecisionSection
+    calibration: CalibrationSet | None
+    cache_dir: Path  # calibration ranges, reused across builds
+    graph_sha256: str  # of the graph and its weights: part of the ranges' cache key
+    on_calibration: Callable[[int, int], None] | None = None  # (windows done, windows)
+
+
+def convert(job: Conversion) -> dict:
+    """Rewrite the graph in place; returns the manifest's record of what was done."""
     import onnxruntime
+
+    onnx_path, data_file, dtype, precision, calibration = (job.onnx_path, job.data_file, job.dtype, job.precision,
+                                                           job.calibration)
 
     started = time.perf_counter()
     record = {"dtype": dtype, "from": "fp32", "tool": f"onnxruntime.quantization {onnxruntime.__version__}",
@@ -57,14 +77,11 @@ def convert(onnx_path: Path, data_file: str, dtype: str, precision, calibration:
         inputs = describe_onnx(onnx_path)["inputs"]
         ranges = None
         if dtype in ("fp16", "fp8") and calibration is not None:
-            ranges, record["range_cache"] = _ranges(onnx_path, calibration, inputs, cache_dir, graph_sha256,
-                                                    on_calibration)
+            ranges, record["range_cache"] = _ranges(job, inputs)
         elif dtype == "fp16":
             record["range_check"] = "skipped: the export has no tokenizer.json to calibrate with"
         if dtype in QUANTIZED:
-            model = _quantize(model, onnx_path, inputs, work, dtype, precision, calibration, ranges,
-                              cache_dir / f"{_key(graph_sha256, calibration, dtype)}.json" if calibration else None,
-                              on_calibration, record)
+            model = _quantize(model, job, inputs, work, ranges, record)
         model = _half(model, "fp16" if dtype in QUANTIZED else dtype, precision, ranges if dtype == "fp16" else None,
                       record)
         onnx.save(model, work / onnx_path.name, save_as_external_data=True, location=data_file,
@@ -77,8 +94,9 @@ def convert(onnx_path: Path, data_file: str, dtype: str, precision, calibration:
     return record
 
 
-def _quantize(model: onnx.ModelProto, onnx_path: Path, inputs: list[dict], work: Path, dtype: str, precision,
-              calibration, ranges, cache: Path | None, on_calibration, record: dict) -> onnx.ModelProto:
+def _quantize(model: onnx.ModelProto, job: Conversion, inputs: list[dict], work: Path, ranges,
+              record: dict) -> onnx.ModelProto:
+    dtype, precision, calibration = job.dtype, job.precision, job.calibration
     nodes, skipped = linear_nodes(model, precision.quantization.lm_head)
     if not nodes:
         raise UsageError("no MatMul with a constant weight to quantize in this graph")
@@ -90,9 +108,10 @@ def _quantize(model: onnx.ModelProto, onnx_path: Path, inputs: list[dict], work:
         return quantize_weights_int4(model, nodes, block)
     if calibration is None:
         raise UsageError(f"{dtype} needs calibration data")
+    cache = job.cache_dir / f"{_key(job.graph_sha256, calibration, dtype)}.json"
     cache.parent.mkdir(parents=True, exist_ok=True)
     record["calibration_cache"] = {"key": cache.stem, "hit": cache.is_file()}
-    quantize_activations(onnx_path, work / "q.onnx", dtype, nodes, calibration.reader(inputs, on_calibration),
+    quantize_activations(job.onnx_path, work / "q.onnx", dtype, nodes, calibration.reader(inputs, job.on_calibration),
                          calibration.method, cache, amax=ranges)
     return onnx.load(work / "q.onnx")
 
@@ -125,8 +144,7 @@ def _key(graph_sha256: str, calibration: CalibrationSet, purpose: str) -> str:
     return h.hexdigest()[:32]
 
 
-def _ranges(onnx_path: Path, calibration: CalibrationSet, inputs: list[dict], cache_dir: Path, graph_sha256: str,
-            on_calibration):
+def _ranges(job: Conversion, inputs: list[dict]):
     """The largest magnitude of every tensor of the fp32 graph over the calibration windows (cached)."""
     from onnxruntime.quantization.calibrate import (
         CalibrationMethod,
@@ -135,15 +153,15 @@ def _ranges(onnx_path: Path, calibration: CalibrationSet, inputs: list[dict], ca
         save_tensors_data,
     )
 
-    key = _key(graph_sha256, calibration, "ranges")
-    cache = cache_dir / f"{key}.json"
+    key = _key(job.graph_sha256, job.calibration, "ranges")
+    cache = job.cache_dir / f"{key}.json"
     hit = cache.is_file()
     if not hit:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="trtglm-ranges-") as tmp, quiet():
-            calibrator = create_calibrator(onnx_path, [], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrator = create_calibrator(job.onnx_path, [], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                            calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
-            calibrator.collect_data(calibration.reader(inputs, on_calibration))
+            calibrator.collect_data(job.calibration.reader(inputs, job.on_calibration))
             data = calibrator.compute_data()
         with atomic_file(cache) as partial:
             save_tensors_data(data, partial)

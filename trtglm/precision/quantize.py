@@ -69,7 +69,7 @@ def quantize_activations(src: Path, dst: Path, dtype: str, nodes: list[str], rea
                 overrides[node.input[0]] = [{"scale": np.array(max(amax[node.input[0]], 1e-6) / FP8_MAX, np.float32),
                                              "zero_point": np.array(0, ml_dtypes.float8_e4m3fn)}]
         # ONNX Runtime insists on a distribution calibration for fp8 even when every scale is given: hand it the
-        # calibrated magnitudes in that form instead of running a second, slower calibration (66 s -> 3 s).
+        # calibrated magnitudes in that form instead of running a second, much slower calibration
         if not cache_file.is_file():
             save_tensors_data(TensorsData(CalibrationMethod.Distribution, {
                 name: TensorData(avg=np.float32(0), std=np.float32(amax[name]), lowest=np.float32(-amax[name]),
