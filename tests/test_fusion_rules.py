@@ -6,8 +6,8 @@ import onnx_ir as ir
 import pytest
 from fusion_graphs import BOOL, F16, F32, I64, config, micro, ops, run, weight
 
-from trtglm.model import decoder as G
 from trtglm.fusion import fuse
+from trtglm.model import decoder as G
 
 RNG = np.random.default_rng(0)
 

@@ -74,3 +74,13 @@ def test_every_shipped_recipe_plans_within_tensorrts_limits(path):
     io = {"inputs": [{"name": n} for n in ("input_ids", "attention_mask", "position_ids", "past_key_values.0.key")]}
     plan = plan_shapes(io, config, r.shapes, 2)
     assert plan.kv_cache_bytes > 0
+
+
+@pytest.mark.parametrize("value", ["0", "true", "{a: 1}", "3.5"])
+def test_targets_of_the_wrong_type_name_the_field(tmp_path, value):
+    from trtglm.core.recipe import RecipeError, load_recipe
+
+    f = tmp_path / "r.yaml"
+    f.write_text(f"builder:\n  targets: {value}\n")
+    with pytest.raises(RecipeError, match=r"r.yaml: builder.targets: a list of targets"):
+        load_recipe(f)
