@@ -81,7 +81,7 @@ def gemm(runs: int) -> None:
     chosen, why = select_form()
     print(f"\nint8 linear layer K={k} N={n} in each integer GEMM form, median of {runs} runs (prefill: "
           f"{max(3, runs // 30)}), 2 threads; this CPU's form: {chosen} ({why})\n")
-    print("| kernel | decode M=1 (us) | prefill M=512 (ms) | max error / max |y| on full-range data |")
+    print("| kernel | decode M=1 (us) | prefill M=512 (ms) | max error relative to the largest output, full-range data |")
     print("|---|---|---|---|")
     for label, (s, form) in sessions.items():
         x1 = (rng.uniform(-2.6, 2.6, (1, k))).astype(np.float32)
