@@ -47,7 +47,7 @@ from .directory import (
 from .engine_graph import attention_form, write_engine_graph
 from .last_logits import keep_last_position
 from .static_cache import make_static
-from .tensorrt import check_targets, import_backend
+from .tensorrt import check_features, check_targets, import_backend
 
 
 def default_cache_dir() -> Path:
@@ -92,6 +92,7 @@ def plan_build(export_dir: str | Path, *, recipe: str | Path | None = None, over
     if not onnx_only:
         trt = import_backend(r.builder.backend)
         check_targets(r.builder.targets, dtype, trt.__name__)
+        check_features(trt, r.shapes.kv_cache)
         backend = {"name": trt.__name__, "version": trt.__version__}
     key = _cache_key(source, r, backend, onnx_only, calibration)
     return BuildPlan(source, r, Path(recipe) if recipe else None, dtype, exported, calibration, gate, backend,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -10,7 +9,7 @@ from ..core.errors import TrtglmError
 from ..core.files import sha256
 from ..core.graphs import describe_onnx
 from ..export.directory import ONNX_FILE
-from .directory import MANIFEST_FILE, BuildDir
+from .directory import BuildDir
 from .tensorrt import gpu_compute_capability, import_backend
 
 
@@ -37,11 +36,13 @@ def inspect_path(path: str | Path) -> dict:
 
 def _engine(path: Path) -> dict:
     info = {"bytes": path.stat().st_size, "sha256": sha256(path)}
-    manifest = path.parent / MANIFEST_FILE
-    if manifest.is_file():
-        m = json.loads(manifest.read_text())
+    m = BuildDir(path.parent).manifest if BuildDir.is_build(path.parent) else {}
+    if m:
         info.update(backend=m.get("backend"), targets=m.get("targets"), profiles=m.get("profile_names"))
-    info["runtime"] = _deserialize(path)
+    try:
+        info["runtime"] = _deserialize(path, m.get("backend") or {})
+    except VerifyFailed as e:
+        info["runtime"] = {"checked": False, "reason": str(e)}
     return info
 
 
@@ -81,13 +82,15 @@ def gemm_datatypes(layers: list[dict]) -> dict[str, int]:
     return dict(out.most_common())
 
 
-def _deserialize(engine: Path) -> dict:
-    """Deserialize when a GPU and TensorRT are present; otherwise say why not."""
+def _deserialize(engine: Path, backend: dict) -> dict:
+    """Deserialize with the TensorRT module the engine was built by, when it and a GPU are here; else say why not."""
     try:
-        trt = import_backend()
+        trt = import_backend(backend.get("name", "auto"))
     except TrtglmError as e:
         return {"checked": False, "reason": str(e)}
-
+    if backend.get("version") and trt.__version__ != backend["version"]:
+        raise VerifyFailed(f"engine built with {backend['name']} {backend['version']}, this machine has "
+                           f"{trt.__version__}: rebuild it here")
     if gpu_compute_capability() is None:
         return {"checked": False, "reason": "no GPU: TensorRT cannot deserialize an engine without one"}
     runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
@@ -95,12 +98,14 @@ def _deserialize(engine: Path) -> dict:
     if obj is None:
         return {"checked": True, "ok": False,
                 "reason": f"{trt.__name__} {trt.__version__} cannot load this engine on this GPU "
-                          "(built by another TensorRT version or for another compute capability)"}
+                          "(built for another compute capability)"}
     return {"checked": True, "ok": True, "io": [obj.get_tensor_name(i) for i in range(obj.num_io_tensors)],
             "profiles": obj.num_optimization_profiles}
 
 
-def verify(build_dir: str | Path) -> dict:
+def verify(build_dir: str | Path, deserialize: bool = True) -> dict:
+    """The manifest's hashes, and (with `deserialize`, a GPU and the engine's TensorRT module) that the engine
+    loads here. The engine runner checks hashes only: it deserializes the engine itself, once."""
     build = BuildDir(build_dir)
     build_dir = build.path
     try:
@@ -111,19 +116,9 @@ def verify(build_dir: str | Path) -> dict:
     if problems:
         raise VerifyFailed(f"{build_dir}: " + "; ".join(problems))
     result = {"hashes": "ok", "files": sorted(m.get("files", {}).get("sha256", {}))}
-    if build.engine.is_file():
-        runtime = _deserialize(build.engine)
+    if deserialize and build.engine.is_file():
+        runtime = _deserialize(build.engine, m.get("backend") or {})
         if runtime.get("checked") and not runtime.get("ok"):
             raise VerifyFailed(f"{build.engine}: {runtime['reason']}")
         result["engine"] = runtime
-        backend = m.get("backend") or {}
-        try:
-            trt = import_backend(backend.get("name", "auto"))
-            if backend.get("version") and trt.__version__ != backend["version"]:
-                raise VerifyFailed(f"engine built with {backend['name']} {backend['version']}, "
-                                   f"this machine has {trt.__version__}: rebuild it here")
-        except VerifyFailed:
-            raise
-        except TrtglmError:
-            pass
     return result

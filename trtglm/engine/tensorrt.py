@@ -27,6 +27,21 @@ def import_backend(name: str = "auto"):
                            "or pass --onnx-only")
 
 
+# The full TensorRT's first release with the KV-cache-update layer a static cache is built into
+KV_CACHE_UPDATE_SINCE = (10, 15)
+
+
+def check_features(trt, kv_cache: str) -> None:
+    """Refuse, before any work, a graph form the installed TensorRT cannot build."""
+    if trt.__name__ != "tensorrt" or kv_cache != "static":
+        return
+    version = tuple(int(x) for x in trt.__version__.split(".")[:2] if x.isdigit())
+    if version < KV_CACHE_UPDATE_SINCE:
+        since = ".".join(map(str, KV_CACHE_UPDATE_SINCE))
+        raise TrtglmError(f"a static KV cache needs TensorRT's KV-cache-update layer, in tensorrt {since} and newer; "
+                          f"this is {trt.__version__}", hint=f"pip install 'tensorrt>={since}', or --kv-cache dynamic")
+
+
 def check_targets(targets: tuple[str, ...], dtype: str, backend: str) -> None:
     """Refuse, before any work, a precision or target the backend cannot build."""
     numbers = {t: int(t[2:]) for t in targets}

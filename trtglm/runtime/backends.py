@@ -37,6 +37,8 @@ class Backend(Protocol):
 
     def snapshot(self, cache): ...  # the cache where later steps cannot overwrite it (prefix reuse)
 
+    def admits(self, batch: int, tokens: int, past: int) -> str | None: ...  # why a step cannot run (None: it can)
+
     def close(self) -> None: ...
 
 
@@ -131,6 +133,10 @@ class OrtBackend:
 
     def close(self) -> None:
         pass
+
+    def admits(self, batch: int, tokens: int, past: int) -> str | None:
+        """ONNX Runtime runs any shape; the sequence limit is the build's (generate checks it)."""
+        return None
 
     def expand_cache(self, cache, batch: int):
         """`cache` (batch 1, a prefix) copied into `batch` rows: later steps write the copy, never `cache`."""

@@ -56,6 +56,10 @@ def generate(backend, prompts: list[list[int]], *, max_new_tokens: int = 64, sam
         raise TrtglmError(f"prompt of {past + longest} tokens leaves no room in the engine's max_seq_len "
                           f"{backend.max_seq_len}")
     max_new = min(max_new_tokens, room)
+    for tokens, cached in ((longest, past), (1, past + longest)):  # the prefill, then every decode step
+        reason = backend.admits(batch, tokens, cached)
+        if reason:
+            raise TrtglmError(f"this request cannot run on this build: {reason}")
     ids = np.full((batch, longest), pad_id, np.int64)
     mask = np.zeros((batch, past + longest), np.int64)
     mask[:, :past] = 1

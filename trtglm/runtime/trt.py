@@ -117,6 +117,10 @@ class TrtCache:
 
 
 class TrtBackend:
+    """The engine as a `Backend`. Each step picks the optimization profile that admits its shapes (split
+    profiles: prefill, then decode); a step no profile admits, or a batch past the engine's limits, is refused
+    with one line before anything reaches the device."""
+
     name = "trt"
     int8_gemm = None  # TensorRT's own int8 kernels
 
@@ -125,20 +129,27 @@ class TrtBackend:
         import pycuda.driver as cuda
 
         build = build_dir if isinstance(build_dir, BuildDir) else BuildDir(build_dir)
-        build_dir = build.path
-        verify(build_dir)  # hashes and TensorRT version, with clear messages
+        verify(build.path, deserialize=False)  # hashes, with clear messages; the engine is deserialized once, here
         manifest = build.manifest
-        trt = import_backend(manifest["backend"]["name"])
+        backend = manifest.get("backend") or {}
+        trt = import_backend(backend.get("name", "auto"))  # the module that built it, never the automatic choice
+        if backend.get("version") and trt.__version__ != backend["version"]:
+            raise TrtglmError(f"the engine was built with {backend['name']} {backend['version']}, this machine has "
+                              f"{trt.__version__}", hint="rebuild the engine here")
         self._cuda, self._trt = cuda, trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(build.engine.read_bytes())
         if self.engine is None:
             raise TrtglmError(f"{build.engine}: TensorRT could not load it on this GPU")
+        _check_io(self.engine, manifest, trt)
+        self.profiles = _profiles(self.engine, trt)
         self._runtime_cache, self._runtime_cache_file = None, runtime_cache_file(manifest)
         self.context = self._execution_context(cuda_graphs)
         self.stream = cuda.Stream()
         self.buffers = plan_buffers(manifest)
         self.max_seq_len = int(manifest["max_seq_len"])
+        self.max_batch = max(p["input_ids"][1][0] for p in self.profiles)
+        self.max_input_len = max(p["input_ids"][1][1] for p in self.profiles)
         self.vocab_size = self.buffers["logits"].max_shape[-1]
         self.past_names = [n for n in self.buffers if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
@@ -166,7 +177,7 @@ class TrtBackend:
         if cuda_graphs:
             config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
         if hasattr(config, "create_runtime_cache"):
-            self._runtime_cache = config.create_runtime_cache()
+            self._runtime_cache = config.create_runtime_cache()  # kept until the context is gone (close)
             f = self._runtime_cache_file
             if f.is_file() and not self._runtime_cache.deserialize(f.read_bytes()):
                 LOG.warning("%s was written for another GPU, driver or TensorRT-RTX: compiling anew", f)
@@ -177,11 +188,56 @@ class TrtBackend:
         return context
 
     def close(self) -> None:
-        """Keep the kernels TensorRT-RTX compiled this session for the next one (written atomically)."""
-        if self._runtime_cache is None:
+        """Keep the kernels TensorRT-RTX compiled this session for the next one (written atomically), then release
+        in dependency order: the context before the runtime cache it uses, both before the engine."""
+        if self.context is None:
             return
-        with atomic_file(self._runtime_cache_file) as tmp:
-            tmp.write_bytes(bytes(self._runtime_cache.serialize()))
+        self.stream.synchronize()
+        if self._runtime_cache is not None:
+            with atomic_file(self._runtime_cache_file) as tmp:
+                tmp.write_bytes(bytes(self._runtime_cache.serialize()))
+        self.context = None
+        self._runtime_cache = None
+        self.engine = None
+        for allocation in [*self._dev.values(), *(a for s in self._sets for a in s)]:
+            allocation.free()
+        self._dev, self._sets = {}, []
+
+    def admits(self, batch: int, tokens: int, past: int) -> str | None:
+        """Why this engine cannot run a step of `batch` rows and `tokens` new tokens after `past` cached ones
+        (None: a profile takes it)."""
+        if batch > self.max_batch:
+            return f"{batch} rows exceed the engine's max_batch {self.max_batch} (trtglm build --max-batch)"
+        if tokens > self.max_input_len:
+            return (f"{tokens} new tokens exceed the engine's max_input_len {self.max_input_len} "
+                    "(trtglm build --max-input-len)")
+        if past + tokens > self.max_seq_len:
+            return f"{past + tokens} tokens exceed the engine's max_seq_len {self.max_seq_len}"
+        if self._profile_for(self._shapes(batch, tokens, past)) is None:
+            return (f"no optimization profile of this engine takes {tokens} new tokens after {past} cached "
+                    f"({_describe(self.profiles)})" + ("; split profiles have no prefill after a cached prefix: "
+                                                      "build with shapes.profiles: single" if past and tokens > 1
+                                                      else ""))
+        return None
+
+    def _shapes(self, batch: int, tokens: int, past: int) -> dict[str, tuple[int, ...]]:
+        shapes = {"input_ids": (batch, tokens), "position_ids": (batch, tokens)}
+        positions = self._slots if self.static else past
+        shapes["attention_mask"] = (batch, self._slots if self.static else past + tokens)
+        if self.static:
+            shapes[CACHE_POSITION] = (batch,)
+        for name in self.past_names:
+            shapes[name] = (batch, self._kv, positions, self._d)
+        return shapes
+
+    def _profile_for(self, shapes: dict[str, tuple[int, ...]]) -> int | None:
+        """The profile made for steps like this one: of those that admit its shapes, the one with the narrowest
+        range of new tokens (split profiles: a decode step runs on the decode profile, built for it)."""
+        admitting = [i for i, profile in enumerate(self.profiles)
+                     if all(all(lo <= d <= hi for d, lo, hi in zip(shape, *profile[name]))
+                            for name, shape in shapes.items())]
+        width = [p["input_ids"][1][1] - p["input_ids"][0][1] for p in self.profiles]
+        return min(admitting, key=lambda i: (width[i], i)) if admitting else None
 
     def new_cache(self, batch: int) -> TrtCache:
         return TrtCache(batch, 0, self._sets[0])
@@ -197,28 +253,37 @@ class TrtBackend:
     def forward(self, input_ids, attention_mask, position_ids, cache: TrtCache):
         cuda = self._cuda
         b, s = input_ids.shape
-        total = cache.length + s
+        reason = self.admits(b, s, cache.length)
+        if reason:
+            raise TrtglmError(f"the engine cannot run this step: {reason}")
+        shapes = self._shapes(b, s, cache.length)
+        profile = self._profile_for(shapes)
+        if profile != self.context.active_optimization_profile and \
+                not self.context.set_optimization_profile_async(profile, self.stream.handle):
+            raise TrtglmError(f"TensorRT refused optimization profile {profile}")
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if self.static:  # the mask covers every slot; the new tokens go to slot cache.length
             feeds |= step_inputs(attention_mask, cache.length, self._slots)
-        for name, array in feeds.items():
-            host = np.ascontiguousarray(array, dtype=np.int64)
-            cuda.memcpy_htod_async(self._dev[name], host, self.stream)
-            self.context.set_input_shape(name, host.shape)
-            self.context.set_tensor_address(name, int(self._dev[name]))
+        hosts = {name: np.ascontiguousarray(array, dtype=np.int64) for name, array in feeds.items()}
         out = self._other(cache.buffers)
+        addresses = {name: int(self._dev[name]) for name in hosts} | {"logits": int(self._dev["logits"])}
         for i, (past, present) in enumerate(zip(self.past_names, self.present_names)):
-            self.context.set_input_shape(past, (b, self._kv, self._positions(cache), self._d))
-            self.context.set_tensor_address(past, int(cache.buffers[i]))
-            self.context.set_tensor_address(present, int(out[i]))
-        self.context.set_tensor_address("logits", int(self._dev["logits"]))
+            addresses[past], addresses[present] = int(cache.buffers[i]), int(out[i])
+        for name, shape in shapes.items():
+            if not self.context.set_input_shape(name, shape):
+                raise TrtglmError(f"TensorRT refused {name} of shape {shape} under optimization profile {profile}")
+        for name, address in addresses.items():
+            self.context.set_tensor_address(name, address)
+        for name, host in hosts.items():
+            cuda.memcpy_htod_async(self._dev[name], host, self.stream)
         if not self.context.execute_async_v3(self.stream.handle):
-            raise TrtglmError("TensorRT failed to run the engine step")
+            raise TrtglmError(f"TensorRT failed to run the engine step (batch {b}, {s} new tokens after "
+                              f"{cache.length} cached, profile {profile})")
         shape = tuple(self.context.get_tensor_shape("logits"))  # [b, s, V], or [b, 1, V] with `logits: last`
         n = math.prod(shape)
         cuda.memcpy_dtoh_async(self._logits[:n], self._dev["logits"], self.stream)
         self.stream.synchronize()
-        return self._logits[:n].reshape(shape).copy(), TrtCache(b, total, out)
+        return self._logits[:n].reshape(shape).copy(), TrtCache(b, cache.length + s, out)
 
     def expand_cache(self, cache: TrtCache, batch: int) -> TrtCache:
         """A batch-1 cache (a prefix) tiled to `batch` rows in a working buffer set."""
@@ -242,3 +307,45 @@ class TrtBackend:
             copies.append(dst)
         self.stream.synchronize()
         return TrtCache(cache.batch, cache.length, copies)
+
+
+def _profiles(engine, trt) -> list[dict[str, tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """Each optimization profile of the engine: input -> (min shape, max shape)."""
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    out = []
+    for index in range(engine.num_optimization_profiles):
+        profile = {}
+        for name in inputs:
+            low, _, high = engine.get_tensor_profile_shape(name, index)
+            profile[name] = (tuple(low), tuple(high))
+        out.append(profile)
+    return out
+
+
+def _describe(profiles: list[dict]) -> str:
+    parts = []
+    for i, p in enumerate(profiles):
+        (_, s_lo), (_, s_hi) = p["input_ids"]
+        parts.append(f"profile {i}: {s_lo}-{s_hi} new tokens")
+    return "; ".join(parts)
+
+
+def _check_io(engine, manifest: dict, trt) -> None:
+    """The engine's IO tensors (names, directions, dtypes) against the manifest's: a build directory whose
+    engine is not the one its manifest describes is refused at load."""
+    io = manifest.get("io") or {}
+    want = {s["name"]: ("input", s["dtype"]) for s in io.get("inputs", [])}
+    want |= {s["name"]: ("output", s["dtype"]) for s in io.get("outputs", [])}
+    have = {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
+        have[name] = (mode, np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name)
+    problems = [f"{n}: the manifest says {want[n][0]} {want[n][1]}, the engine {have[n][0]} {have[n][1]}"
+                for n in sorted(set(want) & set(have)) if want[n] != have[n]]
+    problems += [f"{n} is in the manifest, not in the engine" for n in sorted(set(want) - set(have))]
+    problems += [f"{n} is in the engine, not in the manifest" for n in sorted(set(have) - set(want))]
+    if problems:
+        raise TrtglmError("the engine does not match its manifest: " + "; ".join(problems),
+                          hint="rebuild the build directory (trtglm build --force)")
