@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 DEMO   ?= out/demo
+# An AVX2 CPU without VNNI, less the features QEMU cannot emulate (it would warn about each)
+HASWELL := Haswell-noTSX,-pcid,-x2apic,-tsc-deadline,-invpcid
 
 .PHONY: demo test bench engines venv lock qemu clean
 
@@ -23,7 +25,7 @@ test: $(STAMP) qemu
 	$(PY) -m pytest -q
 	@if command -v qemu-x86_64 >/dev/null && [ "$$(uname -m)" = x86_64 ]; then \
 	  echo "tests/test_integer_gemm.py on an emulated AVX2 CPU without VNNI (qemu-x86_64 -cpu Haswell)"; \
-	  TRTGLM_EMULATED_CPU=haswell qemu-x86_64 -cpu Haswell $(PY) -m pytest -q -p no:cacheprovider tests/test_integer_gemm.py; \
+	  TRTGLM_EMULATED_CPU=haswell qemu-x86_64 -cpu $(HASWELL) $(PY) -m pytest -q -p no:cacheprovider tests/test_integer_gemm.py; \
 	else echo "qemu-x86_64 not found: the emulated AVX2 run is skipped (apt-get install qemu-user)"; fi
 
 # qemu-user where apt is there and we may use it; its absence only skips the emulated run.
