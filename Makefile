@@ -7,7 +7,7 @@ DEMO   ?= out/demo
 # An AVX2 CPU without VNNI, less the features QEMU cannot emulate (it would warn about each)
 HASWELL := Haswell-noTSX,-pcid,-x2apic,-tsc-deadline,-invpcid
 
-.PHONY: demo test bench engines venv lock qemu clean
+.PHONY: demo test fuzz bench engines venv lock qemu clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,12 @@ test: $(STAMP) qemu
 	  echo "tests/test_integer_gemm.py on an emulated AVX2 CPU without VNNI (qemu-x86_64 -cpu Haswell)"; \
 	  TRTGLM_EMULATED_CPU=haswell qemu-x86_64 -cpu $(HASWELL) $(PY) -m pytest -q -p no:cacheprovider tests/test_integer_gemm.py; \
 	else echo "qemu-x86_64 not found: the emulated AVX2 run is skipped (apt-get install qemu-user)"; fi
+
+# The input fuzzers with many more examples than `make test` runs (stop with Ctrl-C; FUZZ_EXAMPLES sets how many).
+# A failure prints its input: add it to tests/test_fuzz.py as an @example, then fix it.
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
 
 # qemu-user where apt is there and we may use it; its absence only skips the emulated run.
 qemu:

@@ -14,8 +14,12 @@ def _export(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"graph")
     (tmp_path / "model.onnx.data").write_bytes(b"weights")
     (tmp_path / "tokenizer.json").write_text("{}")
-    meta = {"dtype": "fp32", "files": {"sha256": {n: sha256(tmp_path / n) for n in ("model.onnx", "model.onnx.data")},
-                                       "sidecars": ["tokenizer.json", "chat_template.jinja"]}}
+    io = {"inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}],
+          "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", 8]}]}
+    meta = {"format_version": 1, "family": "glm4", "dtype": "fp32", "max_seq_len": 64, "io": io,
+            "config": {"num_layers": 2, "vocab_size": 8},
+            "files": {"sha256": {n: sha256(tmp_path / n) for n in ("model.onnx", "model.onnx.data")},
+                      "sidecars": ["tokenizer.json", "chat_template.jinja"]}}
     (tmp_path / "export.json").write_text(json.dumps(meta))
     return ExportDir(tmp_path)
 
@@ -55,8 +59,9 @@ def test_corrupt_manifests_are_one_line(tmp_path, text, message):
 
 def test_build_dir_checks_every_listed_file(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"graph")
-    manifest = {"max_seq_len": 64, "files": {"sha256": {"model.onnx": sha256(tmp_path / "model.onnx"),
-                                                        "model.engine": "0" * 64}},
+    manifest = {"format_version": 1, "stage": "engine", "max_seq_len": 64, "precision": {"dtype": "fp16"},
+                "fusion": {"fused": {}, "nodes_before": 10, "nodes_after": 5},
+                "files": {"sha256": {"model.onnx": sha256(tmp_path / "model.onnx"), "model.engine": "0" * 64}},
                 "recipe": {"resolved": {"shapes": {"kv_cache": "static"}}}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     build = BuildDir(tmp_path)
@@ -64,3 +69,12 @@ def test_build_dir_checks_every_listed_file(tmp_path):
     assert build.check_hashes() == ["model.engine is missing"]
     with pytest.raises(TrtglmError, match="no manifest.json"):
         BuildDir(tmp_path / "elsewhere").manifest
+
+
+def test_edited_or_newer_manifests_name_the_field(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 1, "stage": "engine", "max_seq_len": "64"}))
+    with pytest.raises(TrtglmError, match=r"manifest.json: max_seq_len: Input should be a valid integer"):
+        BuildDir(tmp_path).manifest
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 7, "stage": "engine"}))
+    with pytest.raises(TrtglmError, match=r"manifest.json: written by a newer trtglm \(format 7; this one reads 1\)"):
+        BuildDir(tmp_path).manifest

@@ -195,6 +195,10 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, dict[str, A
             raise RecipeError(f"{path}: no such recipe file") from None
         except yaml.YAMLError as e:
             raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError:
+            raise RecipeError(f"{path}: not text (a recipe is UTF-8 YAML)") from None
+        except (IsADirectoryError, PermissionError) as e:
+            raise RecipeError(f"{path}: cannot be read ({e.strerror})") from None
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     for section, fields in (overrides or {}).items():

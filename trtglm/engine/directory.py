@@ -12,8 +12,9 @@ from pathlib import Path
 
 from ..core.errors import TrtglmError
 from ..core.files import check_sha256, read_json_object
+from ..core.schemas import FORMAT_VERSION, Manifest, check
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = FORMAT_VERSION
 MANIFEST_FILE, ENGINE_FILE, LAYERS_FILE, LOG_FILE = "manifest.json", "model.engine", "layers.json", "build.log"
 ENGINE_ONNX_FILE = "engine.onnx"  # the graph the engine is built from, where it is not model.onnx (engine_graph.py)
 ONNX_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
@@ -36,7 +37,7 @@ class BuildDir:
     def manifest(self) -> dict:
         if not self.manifest_file.is_file():
             raise TrtglmError(f"{self.path}: no {MANIFEST_FILE} (not a `trtglm build` directory)")
-        return read_json_object(self.manifest_file)
+        return check(Manifest, read_json_object(self.manifest_file), str(self.manifest_file))
 
     @property
     def max_seq_len(self) -> int:

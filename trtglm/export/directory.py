@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ..core.errors import TrtglmError, UsageError
 from ..core.files import check_sha256, read_json_object, sha256
+from ..core.schemas import FORMAT_VERSION, ExportMeta, check  # noqa: F401 - the exporter writes it
 
-FORMAT_VERSION = 1
 ONNX_FILE, DATA_FILE, META_FILE = "model.onnx", "model.onnx.data", "export.json"
 
 
@@ -32,7 +32,7 @@ class ExportDir:
         """export.json, or None where there is none (a graph from another exporter)."""
         if not self.meta_file.is_file():
             return None
-        return read_json_object(self.meta_file)
+        return check(ExportMeta, read_json_object(self.meta_file), str(self.meta_file))
 
     @property
     def dtype(self) -> str | None:

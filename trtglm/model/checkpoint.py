@@ -145,10 +145,12 @@ def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{file}: corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     out, end = {}, 0
     for name, meta in header.items():
-        dtype, shape, (begin, stop) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        dtype, shape, begin, stop = _tensor_entry(file, name, meta)
         if dtype in _ST_DTYPES and stop - begin != math.prod(shape) * _ST_DTYPES[dtype]:
             raise CheckpointError(f"{file}: tensor {name} has {stop - begin} bytes for shape {list(shape)}")
         end = max(end, stop)
@@ -156,6 +158,21 @@ def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     if 8 + n + end > size:
         raise CheckpointError(f"{file}: truncated ({size} bytes, header describes {8 + n + end})")
     return out
+
+
+def _tensor_entry(file: Path, name: str, meta) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, stop) of one header entry, each checked for its type and range."""
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    ok = isinstance(meta, dict) and isinstance(meta.get("dtype"), str) and isinstance(meta.get("shape"), list) \
+        and all(whole(d) for d in meta["shape"]) and isinstance(meta.get("data_offsets"), list) \
+        and len(meta["data_offsets"]) == 2 and all(whole(o) for o in meta["data_offsets"]) \
+        and meta["data_offsets"][0] <= meta["data_offsets"][1]
+    if not ok:
+        raise CheckpointError(f"{file}: corrupt safetensors header entry for {name!r} (needs dtype, a shape of "
+                              f"non-negative sizes and two ordered data_offsets)")
+    return meta["dtype"], tuple(meta["shape"]), *meta["data_offsets"]
 
 
 def _check_tensors(path: Path, config: GlmConfig, tensors: dict[str, TensorInfo], specs: dict[str, WeightSpec]):

@@ -10,6 +10,7 @@ Three checkpoint layouts describe the same decoder:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +52,12 @@ class GlmConfig:
 
 def detect_family(cfg: dict[str, Any]) -> str:
     """The family from config fields only: model_type, architectures and layout-specific keys."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"config.json: expected a JSON object, got {type(cfg).__name__}")
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise CheckpointError(f"config.json: architectures must be a list of names, got {archs!r}")
     if model_type == "glm4" or "Glm4ForCausalLM" in archs:
         return "glm4"
     if model_type == "glm" or "GlmForCausalLM" in archs:
@@ -75,15 +80,34 @@ def _get(cfg: dict[str, Any], key: str, default: Any = dataclasses.MISSING) -> A
     return default
 
 
+def _int(cfg: dict[str, Any], key: str, default: Any = dataclasses.MISSING, minimum: int = 1) -> int:
+    """A whole-number field, at least `minimum`."""
+    value = _get(cfg, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or \
+            value in (float("inf"), float("-inf")) or int(value) != value or value < minimum:
+        raise CheckpointError(f"config.json: {key} must be a whole number of at least {minimum}, got {value!r}")
+    return int(value)
+
+
+def _float(cfg: dict[str, Any], key: str, default: Any = dataclasses.MISSING, positive: bool = True) -> float:
+    value = _get(cfg, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            (positive and value <= 0):
+        raise CheckpointError(f"config.json: {key} must be a {'positive ' if positive else ''}number, got {value!r}")
+    return float(value)
+
+
 def _rope(cfg: dict[str, Any]) -> tuple[float, float]:
     """(rope_theta, partial_rotary_factor) from the flat or the `rope_parameters` form."""
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    key = "rope_parameters" if cfg.get("rope_parameters") is not None else "rope_scaling"
+    params = cfg.get(key) or {}
+    if not isinstance(params, dict):
+        raise CheckpointError(f"config.json: {key} must be an object, got {params!r}")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
         raise UnsupportedCheckpoint(f"rope_type={rope_type!r} (only the default GLM rotary embedding)", FAMILIES)
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5))
-    return float(theta), float(factor)
+    merged = {**cfg, **params}  # the nested form wins
+    return _float(merged, "rope_theta", 10000.0), _float(merged, "partial_rotary_factor", 0.5)
 
 
 def normalize(cfg: dict[str, Any]) -> GlmConfig:
@@ -93,44 +117,44 @@ def normalize(cfg: dict[str, Any]) -> GlmConfig:
             raise UnsupportedCheckpoint("chatglm with LayerNorm or post-layernorm residuals", FAMILIES)
         if cfg.get("add_bias_linear", False):
             raise UnsupportedCheckpoint("chatglm with add_bias_linear=true", FAMILIES)
-        head_dim = int(_get(cfg, "kv_channels"))
+        head_dim = _int(cfg, "kv_channels")
         out = GlmConfig(
             family=family,
-            vocab_size=int(_get(cfg, "padded_vocab_size")),
-            hidden_size=int(_get(cfg, "hidden_size")),
-            intermediate_size=int(_get(cfg, "ffn_hidden_size")),
-            num_layers=int(_get(cfg, "num_layers")),
-            num_heads=int(_get(cfg, "num_attention_heads")),
-            num_kv_heads=int(_get(cfg, "multi_query_group_num")) if cfg.get("multi_query_attention", True)
-            else int(_get(cfg, "num_attention_heads")),
+            vocab_size=_int(cfg, "padded_vocab_size"),
+            hidden_size=_int(cfg, "hidden_size"),
+            intermediate_size=_int(cfg, "ffn_hidden_size"),
+            num_layers=_int(cfg, "num_layers"),
+            num_heads=_int(cfg, "num_attention_heads"),
+            num_kv_heads=_int(cfg, "multi_query_group_num") if cfg.get("multi_query_attention", True)
+            else _int(cfg, "num_attention_heads"),
             head_dim=head_dim,
             rotary_dim=head_dim // 2,
-            rope_theta=10000.0 * float(cfg.get("rope_ratio", 1.0)),
-            rms_norm_eps=float(_get(cfg, "layernorm_epsilon", 1e-5)),
+            rope_theta=10000.0 * _float(cfg, "rope_ratio", 1.0),
+            rms_norm_eps=_float(cfg, "layernorm_epsilon", 1e-5),
             attention_bias=bool(cfg.get("add_qkv_bias", True)),
-            max_position_embeddings=int(_get(cfg, "seq_length", 8192)),
+            max_position_embeddings=_int(cfg, "seq_length", 8192),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         )
     else:
         if _get(cfg, "hidden_act", "silu") != "silu":
             raise UnsupportedCheckpoint(f"hidden_act={cfg['hidden_act']!r}", FAMILIES)
         theta, factor = _rope(cfg)
-        heads = int(_get(cfg, "num_attention_heads"))
-        head_dim = int(_get(cfg, "head_dim", _get(cfg, "hidden_size") // heads))
+        heads = _int(cfg, "num_attention_heads")
+        head_dim = _int(cfg, "head_dim", _int(cfg, "hidden_size") // heads)
         out = GlmConfig(
             family=family,
-            vocab_size=int(_get(cfg, "vocab_size")),
-            hidden_size=int(_get(cfg, "hidden_size")),
-            intermediate_size=int(_get(cfg, "intermediate_size")),
-            num_layers=int(_get(cfg, "num_hidden_layers")),
+            vocab_size=_int(cfg, "vocab_size"),
+            hidden_size=_int(cfg, "hidden_size"),
+            intermediate_size=_int(cfg, "intermediate_size"),
+            num_layers=_int(cfg, "num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=int(_get(cfg, "num_key_value_heads", heads)),
+            num_kv_heads=_int(cfg, "num_key_value_heads", heads),
             head_dim=head_dim,
             rotary_dim=int(head_dim * factor),
             rope_theta=theta,
-            rms_norm_eps=float(_get(cfg, "rms_norm_eps", 1e-5)),
+            rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-5),
             attention_bias=bool(cfg.get("attention_bias", True)),
-            max_position_embeddings=int(_get(cfg, "max_position_embeddings", 8192)),
+            max_position_embeddings=_int(cfg, "max_position_embeddings", 8192),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         )
     _check(out)
@@ -138,7 +162,7 @@ def normalize(cfg: dict[str, Any]) -> GlmConfig:
 
 
 def _check(c: GlmConfig) -> None:
-    if c.num_heads % c.num_kv_heads:
+    if c.num_kv_heads <= 0 or c.num_heads % c.num_kv_heads:
         raise CheckpointError(f"config.json: {c.num_heads} attention heads do not divide into {c.num_kv_heads} KV heads")
     if c.rotary_dim % 2 or not 0 < c.rotary_dim <= c.head_dim:
         raise CheckpointError(f"config.json: rotary dimension {c.rotary_dim} does not fit head_dim {c.head_dim}")

@@ -32,16 +32,23 @@ def read_texts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"{path}: no such data file", hint="pass a JSONL file with a \"text\" field per line")
+    try:
+        content = path.read_text()
+    except UnicodeDecodeError:
+        raise CalibrationError(f"{path}: not UTF-8 text") from None
     if path.suffix != ".jsonl":
-        texts = [path.read_text()]
+        texts = [content]
     else:
         texts = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(content.splitlines(), 1):
             if line.strip():
                 try:
-                    texts.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise CalibrationError(f"{path}:{n}: expected a JSON object with a \"text\" field") from None
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+                    text = None
+                if not isinstance(text, str):
+                    raise CalibrationError(f"{path}:{n}: expected a JSON object with a \"text\" string")
+                texts.append(text)
     if not any(t.strip() for t in texts):
         raise CalibrationError(f"{path}: no text")
     return texts

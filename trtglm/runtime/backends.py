@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from ..core.errors import TrtglmError, UsageError
+from ..core.memory import available_memory
 from ..engine.directory import BuildDir
 from ..engine.static_cache import CACHE_POSITION, step_inputs
 from ..engine.tensorrt import gpu_compute_capability
@@ -135,7 +136,16 @@ class OrtBackend:
         pass
 
     def admits(self, batch: int, tokens: int, past: int) -> str | None:
-        """ONNX Runtime runs any shape; the sequence limit is the build's (generate checks it)."""
+        """ONNX Runtime runs any shape, as far as memory goes: a step whose KV cache and logits cannot fit in the
+        memory available is refused with the size it would need (the sequence limit is generate's)."""
+        positions = self._slots if self.static else past + tokens
+        element = np.dtype(self._dtype).itemsize
+        cache = sum(batch * p.shape[1] * positions * p.shape[3] * element for p in self.past)
+        need = cache * (1 if self.static else 2) + batch * tokens * (self.vocab_size or 0) * 4  # past and present
+        available = available_memory()
+        if available is not None and need > available:
+            return (f"{batch} rows of {past + tokens} tokens need about {need / 2**30:.1f} GiB for the KV cache and "
+                    f"logits, and {available / 2**30:.1f} GiB is available")
         return None
 
     def expand_cache(self, cache, batch: int):

@@ -1,0 +1,269 @@
+"""Every input a user or a file controls, fuzzed: recipe YAML, config.json, safetensors headers, manifest.json and
+export.json, calibration text, and the run command's flags. The property: the input is accepted, or refused with
+trtglm's own error (one line, naming the file or flag); never another exception ("internal error").
+
+`make test` runs a fixed number of examples from a fixed seed (the `ci` profile); `make fuzz` runs the `fuzz`
+profile for as long as a person lets it (HYPOTHESIS_PROFILE=fuzz; failing examples are replayed from
+.hypothesis/ and printed, to be added here as `@example` regression tests).
+"""
+
+import json
+import os
+import struct
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from trtglm.core.errors import TrtglmError
+
+settings.register_profile("ci", max_examples=60, derandomize=True, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=int(os.environ.get("FUZZ_EXAMPLES", 20_000)), deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True)
+                    | st.text(max_size=20), lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=8)
+
+
+def refused_cleanly(call) -> None:
+    """`call()` succeeds or raises trtglm's error with a one-line message; anything else fails the test."""
+    try:
+        call()
+    except TrtglmError as e:
+        assert str(e).strip() and "\n" not in str(e).split(" (")[0], repr(e)
+
+
+def mutate(document, path_and_value):
+    """`document` (nested dicts) with the value at a key path replaced, deleted (None marker) or a key added."""
+    out = json.loads(json.dumps(document))
+    path, value, action = path_and_value
+    node = out
+    for key in path[:-1]:
+        node = node.setdefault(key, {}) if isinstance(node, dict) else node
+    if isinstance(node, dict):
+        if action == "delete":
+            node.pop(path[-1], None)
+        else:
+            node[path[-1]] = value
+    return out
+
+
+def key_paths(document, prefix=()):
+    for key, value in document.items():
+        yield (*prefix, key)
+        if isinstance(value, dict):
+            yield from key_paths(value, (*prefix, key))
+
+
+def mutations(document):
+    paths = sorted(key_paths(document)) + [("extra_section",), ("shapes", "max_seq_lenn")]
+    return st.tuples(st.sampled_from(paths), JSON, st.sampled_from(["replace", "replace", "delete"]))
+
+
+# ---------------------------------------------------------------- recipes
+
+DEMO_RECIPE = yaml.safe_load(open(os.path.join(ROOT, "recipes", "demo-glm4-int8.yaml")))
+
+
+@given(mutations(DEMO_RECIPE))
+@example(((("builder", "targets"), 0, "replace")))
+@example(((("shapes", "max_seq_len"), 10**9, "replace")))
+@example(((("shapes",), [], "replace")))
+def test_recipe_mutations(tmp_path_factory, change):
+    from trtglm.core.recipe import load_recipe
+
+    f = tmp_path_factory.mktemp("r") / "r.yaml"
+    f.write_text(yaml.safe_dump(mutate(DEMO_RECIPE, change)))
+    refused_cleanly(lambda: load_recipe(f))
+
+
+@given(st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+@example(b"")
+@example(b"\xff\xfe\x00bad")
+@example(b"[1, 2]")
+@example(b"shapes: [1\n")
+def test_recipe_files_of_any_bytes(tmp_path_factory, data):
+    from trtglm.core.recipe import load_recipe
+
+    f = tmp_path_factory.mktemp("r") / "r.yaml"
+    f.write_bytes(data)
+    refused_cleanly(lambda: load_recipe(f))
+
+
+# ---------------------------------------------------------------- config.json
+
+TINY_CONFIG = json.load(open(os.path.join(ROOT, "models", "tiny-glm4", "config.json")))
+
+
+@given(mutations(TINY_CONFIG))
+@example(((("num_attention_heads",), 0, "replace")))
+@example(((("num_key_value_heads",), 3, "replace")))
+@example(((("hidden_size",), -256, "replace")))
+@example(((("head_dim",), "32", "replace")))
+@example(((("rope_parameters",), [1], "replace")))
+def test_config_mutations(change):
+    from trtglm.model.config import normalize
+
+    refused_cleanly(lambda: normalize(mutate(TINY_CONFIG, change)))
+
+
+# ---------------------------------------------------------------- safetensors headers
+
+def _safetensors(header: bytes, body: bytes = b"\0" * 64) -> bytes:
+    return struct.pack("<Q", len(header)) + header + body
+
+
+@given(JSON)
+@example({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [16, 0]}})
+@example({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})
+@example({"w": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}})
+@example({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0]}})
+@example({"w": ["F32"]})
+@example([1, 2])
+def test_safetensors_headers(tmp_path_factory, header):
+    from trtglm.model.checkpoint import read_header
+
+    f = tmp_path_factory.mktemp("s") / "model.safetensors"
+    f.write_bytes(_safetensors(json.dumps(header).encode()))
+    refused_cleanly(lambda: read_header(f))
+
+
+@given(st.binary(max_size=64), st.integers(0, 2**64 - 1))
+def test_safetensors_lying_lengths(tmp_path_factory, data, length):
+    from trtglm.model.checkpoint import read_header
+
+    f = tmp_path_factory.mktemp("s") / "model.safetensors"
+    f.write_bytes(struct.pack("<Q", length) + data)
+    refused_cleanly(lambda: read_header(f))
+
+
+# ---------------------------------------------------------------- calibration text
+
+@given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode), st.sampled_from([".jsonl", ".txt"]))
+@example(b"\xff\xfe\xfa", ".jsonl")
+@example(b"[1]\n", ".jsonl")
+@example(b'{"text": 5}\n', ".jsonl")
+@example(b'{"text": null}\n', ".jsonl")
+@example(b"", ".txt")
+def test_calibration_files(tmp_path_factory, data, suffix):
+    from trtglm.precision.calibration import read_texts
+
+    f = tmp_path_factory.mktemp("c") / f"data{suffix}"
+    f.write_bytes(data)
+    refused_cleanly(lambda: read_texts(f))
+
+
+# ---------------------------------------------------------------- manifest.json and export.json
+
+@pytest.fixture(scope="module")
+def built(checkpoints, tmp_path_factory):
+    import shutil
+
+    from models import add_tokenizer
+    from trtglm.engine.build import build
+    from trtglm.export.exporter import export
+
+    root = tmp_path_factory.mktemp("fuzzbuild")
+    shutil.copytree(checkpoints["glm4"], root / "ckpt")
+    add_tokenizer(root / "ckpt")
+    export(str(root / "ckpt"), root / "e", validate=False, max_seq_len=64)
+    build(root / "e", root / "b", onnx_only=True)
+    return root
+
+
+def _copy(src, dst):
+    import shutil
+
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+MANIFEST_KEYS = ["max_seq_len", "io", "recipe", "files", "precision", "stage", "fusion", "profiles", "backend",
+                 "source", "targets", "engine"]
+
+
+@given(st.sampled_from(MANIFEST_KEYS), JSON, st.booleans())
+@example("max_seq_len", "64", False)
+@example("io", None, False)
+@example("recipe", {"resolved": []}, False)
+@example("max_seq_len", None, True)
+def test_manifest_mutations(built, tmp_path_factory, key, value, truncate):
+    from trtglm.engine.inspect import inspect_path, verify
+    from trtglm.runtime.backends import open_backend
+
+    b = _copy(built / "b", tmp_path_factory.mktemp("m") / "b")
+    manifest = json.loads((b / "manifest.json").read_text())
+    manifest[key] = value
+    text = json.dumps(manifest)
+    (b / "manifest.json").write_text(text[:len(text) // 2] if truncate else text)
+    refused_cleanly(lambda: inspect_path(b))
+    refused_cleanly(lambda: verify(b))
+    refused_cleanly(lambda: open_backend(b, "auto"))
+
+
+@given(st.sampled_from(["dtype", "max_seq_len", "config", "family", "files", "io", "opset"]), JSON)
+@example("config", {"num_layers": "four"})
+@example("max_seq_len", -1)
+@example("files", {"sha256": [1]})
+def test_export_json_mutations(built, tmp_path_factory, key, value):
+    from trtglm.engine.build import plan_build
+
+    e = _copy(built / "e", tmp_path_factory.mktemp("x") / "e")
+    meta = json.loads((e / "export.json").read_text())
+    meta[key] = value
+    (e / "export.json").write_text(json.dumps(meta))
+    refused_cleanly(lambda: plan_build(e, onnx_only=True))
+
+
+# ---------------------------------------------------------------- trtglm run's flags
+
+RUN_FLAGS = {"--max-new-tokens": st.integers(-5, 10**12), "--temperature": st.floats(-10, 1e30),
+             "--top-k": st.integers(-5, 10**12), "--top-p": st.floats(-1, 10),
+             "--repetition-penalty": st.floats(-5, 1e30), "--seed": st.integers(-5, 2**70)}
+
+
+@given(st.dictionaries(st.sampled_from(sorted(RUN_FLAGS)), st.just(None), min_size=1, max_size=3).flatmap(
+    lambda keys: st.fixed_dictionaries({k: RUN_FLAGS[k] for k in keys})))
+@example({"--max-new-tokens": 0})
+@example({"--top-p": 0.0})
+@example({"--seed": 2**70})
+def test_run_flags(built, capsys, flags):
+    from trtglm.cli import main
+
+    args = ["run", str(built / "b"), "--prompt", "hello", "--json"]
+    for flag, value in flags.items():
+        args += [flag, str(value)]
+    if "--max-new-tokens" not in flags:
+        args += ["--max-new-tokens", "2"]
+    elif flags["--max-new-tokens"] > 4:
+        args[-1] = "4"  # the value's validity is what is fuzzed, not the time it takes
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    err = capsys.readouterr().err
+    assert "internal error" not in err and "Traceback" not in err, err
+    assert code in (0, 1, 2), (code, err)
+
+
+def test_absurd_requests_are_refused_before_memory_is_allocated(built, capsys, monkeypatch):
+    """10,000 prompts on a machine with 1 MiB to spare: refused with the size they need, before any step."""
+    import trtglm.runtime.backends
+    from trtglm.cli import main
+
+    monkeypatch.setattr(trtglm.runtime.backends, "available_memory", lambda: 1 << 20)
+    prompts = built / "prompts.txt"
+    prompts.write_text("hello\n" * 10_000)
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(built / "b"), "--input-file", str(prompts), "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert exc.value.code not in (0, 70) and "internal error" not in err
+    assert "10000 rows of" in err and "GiB" in err, err

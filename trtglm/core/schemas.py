@@ -1,0 +1,103 @@
+"""The fields of manifest.json and export.json that trtglm reads back, as pydantic models: a file edited by hand,
+truncated or written by a newer trtglm is refused on reading with one line that names the field, not deep inside
+whatever reads it later. Fields not listed here are kept as they are."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+
+from .errors import TrtglmError
+from .recipe import Recipe
+
+FORMAT_VERSION = 1  # of both files; a newer one is refused with the version it has
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TensorSpec(_Loose):
+    name: StrictStr
+    dtype: StrictStr
+    shape: list[StrictInt | StrictStr]
+
+
+class IOSpec(_Loose):
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+
+
+class Files(_Loose):
+    sha256: dict[StrictStr, StrictStr] = {}
+    sidecars: list[StrictStr] = []
+
+
+class ModelShape(_Loose):
+    num_layers: StrictInt = Field(gt=0)
+    vocab_size: StrictInt = Field(gt=0)
+
+
+class ExportMeta(_Loose):
+    format_version: StrictInt = Field(1, ge=1, le=FORMAT_VERSION)
+    family: Literal["glm", "glm4", "chatglm"]
+    dtype: Literal["fp32", "fp16", "bf16"]
+    max_seq_len: StrictInt = Field(gt=0)
+    config: ModelShape
+    io: IOSpec
+    files: Files = Files()
+
+
+class Resolved(_Loose):
+    resolved: Recipe
+
+
+class Precision(_Loose):
+    dtype: Literal["fp32", "fp16", "bf16", "int8", "int4", "fp8"]
+
+
+class Backend(_Loose):
+    name: Literal["tensorrt", "tensorrt_rtx"]
+    version: StrictStr
+
+
+class Fusion(_Loose):
+    fused: dict[StrictStr, StrictInt]
+    nodes_before: StrictInt = Field(gt=0)
+    nodes_after: StrictInt = Field(ge=0)
+
+
+class Manifest(_Loose):
+    format_version: StrictInt = Field(1, ge=1, le=FORMAT_VERSION)
+    stage: Literal["onnx", "engine"]
+    max_seq_len: StrictInt = Field(gt=0)
+    recipe: Resolved
+    precision: Precision
+    fusion: Fusion
+    io: IOSpec | None = None
+    files: Files = Files()
+    backend: Backend | None = None
+    targets: list[StrictStr] | None = None
+    profiles: list[dict[StrictStr, list[list[StrictInt]]]] | None = None
+
+
+def check(model: type[BaseModel], data: Any, where: str) -> dict:
+    """`data` if it has the fields `model` describes; else one TrtglmError naming the first bad field."""
+    try:
+        model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if field == "format_version" and isinstance(data, dict) and isinstance(data.get(field), int):
+            raise TrtglmError(f"{where}: written by a newer trtglm (format {data[field]}; this one reads "
+                              f"{FORMAT_VERSION})", hint="upgrade trtglm, or rebuild with this one") from None
+        raise TrtglmError(f"{where}: {field}: {err['msg']} (got {_short(err.get('input'))})",
+                          hint="the file was edited or damaged: write it again (trtglm export / build --force)") \
+            from None
+    return data
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
