@@ -231,6 +231,9 @@ RUN_FLAGS = {"--max-new-tokens": st.integers(-5, 10**12), "--temperature": st.fl
 
 @given(st.dictionaries(st.sampled_from(sorted(RUN_FLAGS)), st.just(None), min_size=1, max_size=3).flatmap(
     lambda keys: st.fixed_dictionaries({k: RUN_FLAGS[k] for k in keys})))
+@example({"--temperature": 4.844944176335469e-199})
+@example({"--temperature": float("nan")})
+@example({"--repetition-penalty": 1e-300, "--temperature": 1.0})
 @example({"--max-new-tokens": 0})
 @example({"--top-p": 0.0})
 @example({"--seed": 2**70})

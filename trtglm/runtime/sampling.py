@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,13 +17,16 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
-            raise ValueError("temperature >= 0, 0 < top_p <= 1, top_k >= 0 and repetition_penalty > 0")
+        finite = all(math.isfinite(v) for v in (self.temperature, self.top_p, self.repetition_penalty))
+        if not finite or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or \
+                self.repetition_penalty <= 0:
+            raise ValueError("sampling needs finite values with temperature >= 0, 0 < top_p <= 1, top_k >= 0 and "
+                             "repetition_penalty > 0")
 
 
 def choose(logits: np.ndarray, history: list[np.ndarray], s: Sampling, rng: np.random.Generator) -> np.ndarray:
     """logits [B,V] (fp32), history: each row's tokens so far -> next token per row [B]."""
-    logits = logits.astype(np.float32, copy=True)
+    logits = logits.astype(np.float64, copy=True)
     if s.repetition_penalty != 1.0:  # as transformers: shrink the logits of tokens already seen
         for row, seen in zip(logits, history):
             idx = np.unique(seen)
@@ -30,7 +34,10 @@ def choose(logits: np.ndarray, history: list[np.ndarray], s: Sampling, rng: np.r
             row[idx] = np.where(vals < 0, vals * s.repetition_penalty, vals / s.repetition_penalty)
     if s.temperature == 0.0:
         return logits.argmax(axis=-1)
-    logits /= s.temperature
+    # shifted by each row's largest logit first: a tiny temperature sends the others to -inf, never to NaN
+    logits = np.clip(logits, -1e300, 1e300)
+    with np.errstate(over="ignore"):
+        logits = (logits - logits.max(axis=-1, keepdims=True)) / s.temperature
     if s.top_k:
         k = min(s.top_k, logits.shape[-1])
         kth = np.partition(logits, -k, axis=-1)[:, -k][:, None]
