@@ -72,6 +72,7 @@ DEMO_RECIPE = yaml.safe_load(open(os.path.join(ROOT, "recipes", "demo-glm4-int8.
 
 @given(mutations(DEMO_RECIPE))
 @example(((("builder", "targets"), 0, "replace")))
+@example(((("accuracy",), {"\n": None}, "replace")))
 @example(((("shapes", "max_seq_len"), 10**9, "replace")))
 @example(((("shapes",), [], "replace")))
 def test_recipe_mutations(tmp_path_factory, change):
@@ -234,6 +235,7 @@ RUN_FLAGS = {"--max-new-tokens": st.integers(-5, 10**12), "--temperature": st.fl
 @example({"--temperature": 4.844944176335469e-199})
 @example({"--temperature": float("nan")})
 @example({"--repetition-penalty": 1e-300, "--temperature": 1.0})
+@example({"--seed": -1})
 @example({"--max-new-tokens": 0})
 @example({"--top-p": 0.0})
 @example({"--seed": 2**70})

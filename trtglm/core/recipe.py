@@ -217,7 +217,7 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, dict[str, A
 def _explain(source: str, error: ValidationError) -> str:
     problems = []
     for err in error.errors():
-        loc = [str(p) for p in err["loc"]]
+        loc = [str(p) if str(p).isprintable() else repr(str(p)) for p in err["loc"]]  # one line, whatever the key
         where = ".".join(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             known = _known_fields(loc[:-1])

@@ -19,9 +19,9 @@ class Sampling:
     def __post_init__(self):
         finite = all(math.isfinite(v) for v in (self.temperature, self.top_p, self.repetition_penalty))
         if not finite or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or \
-                self.repetition_penalty <= 0:
-            raise ValueError("sampling needs finite values with temperature >= 0, 0 < top_p <= 1, top_k >= 0 and "
-                             "repetition_penalty > 0")
+                self.repetition_penalty <= 0 or (self.seed is not None and self.seed < 0):
+            raise ValueError("sampling needs finite values with temperature >= 0, 0 < top_p <= 1, top_k >= 0, "
+                             "repetition_penalty > 0 and a seed >= 0")
 
 
 def choose(logits: np.ndarray, history: list[np.ndarray], s: Sampling, rng: np.random.Generator) -> np.ndarray:
