@@ -195,6 +195,7 @@ MANIFEST_KEYS = ["max_seq_len", "io", "recipe", "files", "precision", "stage", "
 @example("io", None, False)
 @example("recipe", {"resolved": []}, False)
 @example("max_seq_len", None, True)
+@example("profiles", [{"\n": None}], False)
 def test_manifest_mutations(built, tmp_path_factory, key, value, truncate):
     from trtglm.engine.inspect import inspect_path, verify
     from trtglm.runtime.backends import open_backend

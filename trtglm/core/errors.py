@@ -37,3 +37,8 @@ class UsageError(TrtglmError):
     """An option value that cannot work (bad opset, impossible length, ...)."""
 
     exit_code = 2
+
+
+def field_path(loc) -> str:
+    """A pydantic error location as `section.field`, each part quoted if it is not printable: one line always."""
+    return ".".join(str(p) if str(p).isprintable() else repr(str(p)) for p in loc) or "(top level)"

@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import TrtglmError
+from .errors import TrtglmError, field_path
 
 TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm90", "sm100", "sm120", "sm121")  # every compute capability known
 FusionName = Literal["rms_norm", "qkv", "rotary", "rotary_keys", "rotary_keys_folded", "attention"]
@@ -217,8 +217,8 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, dict[str, A
 def _explain(source: str, error: ValidationError) -> str:
     problems = []
     for err in error.errors():
-        loc = [str(p) if str(p).isprintable() else repr(str(p)) for p in err["loc"]]  # one line, whatever the key
-        where = ".".join(loc) or "(top level)"
+        loc = [str(p) for p in err["loc"]]
+        where = field_path(err["loc"])
         if err["type"] == "extra_forbidden":
             known = _known_fields(loc[:-1])
             guess = difflib.get_close_matches(loc[-1], known, n=1)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from .errors import TrtglmError
+from .errors import TrtglmError, field_path
 from .recipe import Recipe
 
 FORMAT_VERSION = 1  # of both files; a newer one is refused with the version it has
@@ -88,7 +88,7 @@ def check(model: type[BaseModel], data: Any, where: str) -> dict:
         model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        field = field_path(err["loc"])
         if field == "format_version" and isinstance(data, dict) and isinstance(data.get(field), int):
             raise TrtglmError(f"{where}: written by a newer trtglm (format {data[field]}; this one reads "
                               f"{FORMAT_VERSION})", hint="upgrade trtglm, or rebuild with this one") from None
