@@ -110,53 +110,37 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, float]:
     return _float(merged, "rope_theta", 10000.0), _float(merged, "partial_rotary_factor", 0.5)
 
 
+# GlmConfig's sizes -> their config.json keys: (chatglm's, glm and glm4's)
+_SIZES = {"vocab_size": ("padded_vocab_size", "vocab_size"), "hidden_size": ("hidden_size", "hidden_size"),
+          "intermediate_size": ("ffn_hidden_size", "intermediate_size"),
+          "num_layers": ("num_layers", "num_hidden_layers"), "num_heads": ("num_attention_heads", "num_attention_heads")}
+
+
 def normalize(cfg: dict[str, Any]) -> GlmConfig:
     family = detect_family(cfg)
+    sizes = {field: _int(cfg, keys[family != "chatglm"]) for field, keys in _SIZES.items()}
+    heads = sizes["num_heads"]
     if family == "chatglm":
         if not cfg.get("rmsnorm", True) or cfg.get("apply_residual_connection_post_layernorm", False):
             raise UnsupportedCheckpoint("chatglm with LayerNorm or post-layernorm residuals", FAMILIES)
         if cfg.get("add_bias_linear", False):
             raise UnsupportedCheckpoint("chatglm with add_bias_linear=true", FAMILIES)
         head_dim = _int(cfg, "kv_channels")
-        out = GlmConfig(
-            family=family,
-            vocab_size=_int(cfg, "padded_vocab_size"),
-            hidden_size=_int(cfg, "hidden_size"),
-            intermediate_size=_int(cfg, "ffn_hidden_size"),
-            num_layers=_int(cfg, "num_layers"),
-            num_heads=_int(cfg, "num_attention_heads"),
-            num_kv_heads=_int(cfg, "multi_query_group_num") if cfg.get("multi_query_attention", True)
-            else _int(cfg, "num_attention_heads"),
-            head_dim=head_dim,
-            rotary_dim=head_dim // 2,
-            rope_theta=10000.0 * _float(cfg, "rope_ratio", 1.0),
-            rms_norm_eps=_float(cfg, "layernorm_epsilon", 1e-5),
-            attention_bias=bool(cfg.get("add_qkv_bias", True)),
-            max_position_embeddings=_int(cfg, "seq_length", 8192),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        )
+        kv_heads = _int(cfg, "multi_query_group_num") if cfg.get("multi_query_attention", True) else heads
+        rotary_dim, theta = head_dim // 2, 10000.0 * _float(cfg, "rope_ratio", 1.0)
+        eps, bias, positions = _float(cfg, "layernorm_epsilon", 1e-5), cfg.get("add_qkv_bias", True), "seq_length"
     else:
         if _get(cfg, "hidden_act", "silu") != "silu":
             raise UnsupportedCheckpoint(f"hidden_act={cfg['hidden_act']!r}", FAMILIES)
         theta, factor = _rope(cfg)
-        heads = _int(cfg, "num_attention_heads")
-        head_dim = _int(cfg, "head_dim", _int(cfg, "hidden_size") // heads)
-        out = GlmConfig(
-            family=family,
-            vocab_size=_int(cfg, "vocab_size"),
-            hidden_size=_int(cfg, "hidden_size"),
-            intermediate_size=_int(cfg, "intermediate_size"),
-            num_layers=_int(cfg, "num_hidden_layers"),
-            num_heads=heads,
-            num_kv_heads=_int(cfg, "num_key_value_heads", heads),
-            head_dim=head_dim,
-            rotary_dim=int(head_dim * factor),
-            rope_theta=theta,
-            rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-5),
-            attention_bias=bool(cfg.get("attention_bias", True)),
-            max_position_embeddings=_int(cfg, "max_position_embeddings", 8192),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        )
+        head_dim = _int(cfg, "head_dim", sizes["hidden_size"] // heads)
+        kv_heads, rotary_dim = _int(cfg, "num_key_value_heads", heads), int(head_dim * factor)
+        eps, bias, positions = _float(cfg, "rms_norm_eps", 1e-5), cfg.get("attention_bias", True), \
+            "max_position_embeddings"
+    out = GlmConfig(family=family, **sizes, num_kv_heads=kv_heads, head_dim=head_dim, rotary_dim=rotary_dim,
+                    rope_theta=theta, rms_norm_eps=eps, attention_bias=bool(bias),
+                    max_position_embeddings=_int(cfg, positions, 8192),
+                    tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
     _check(out)
     return out
 
