@@ -273,3 +273,67 @@ def test_absurd_requests_are_refused_before_memory_is_allocated(built, capsys, m
     err = capsys.readouterr().err
     assert exc.value.code not in (0, 70) and "internal error" not in err
     assert "10000 rows of" in err and "GiB" in err, err
+
+
+# ---------------------------------------------------------------- build and export flags, prompt files
+
+BUILD_FLAGS = {"--max-batch": st.integers(-2, 10**6).map(str), "--max-input-len": st.integers(-2, 10**6).map(str),
+               "--max-seq-len": st.integers(-2, 10**9).map(str), "--calib-samples": st.integers(-2, 10**6).map(str),
+               "--target": st.sampled_from(["sm89", "sm90", "", ",", "sm89,,sm86", "SM86", "x"]),
+               "--fusions": st.sampled_from(["none", "rms_norm", "attention", "qkv,rotary", "bogus", ","]),
+               "--logits": st.sampled_from(["all", "last", "some"]),
+               "--kv-cache": st.sampled_from(["dynamic", "static", "paged"]),
+               "--attention": st.sampled_from(["auto", "layer", "decomposed", "grouped", "x"])}
+
+
+def _cli(args, capsys) -> tuple[int, str]:
+    from trtglm.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    return code, capsys.readouterr().err
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 12)) if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
+          else 12)
+@given(st.dictionaries(st.sampled_from(sorted(BUILD_FLAGS)), st.just(None), min_size=1, max_size=3).flatmap(
+    lambda keys: st.fixed_dictionaries({k: BUILD_FLAGS[k] for k in keys})))
+@example({"--max-seq-len": "1000000000"})
+@example({"--max-batch": "0"})
+def test_build_flags(built, tmp_path_factory, capsys, flags):
+    out = tmp_path_factory.mktemp("bf")
+    args = ["build", str(built / "e"), "-o", str(out / "b"), "--onnx-only"]
+    for flag, value in flags.items():
+        args += [flag, value]
+    code, err = _cli(args, capsys)
+    assert "internal error" not in err and "Traceback" not in err, err
+    assert code in (0, 1, 2, 3), (code, err)
+    if code:
+        assert not (out / "b").exists() and not [p for p in out.iterdir() if p.name.startswith(".")], err
+
+
+@given(st.binary(max_size=200))
+@example(b"\xff\xfe\x00")
+@example(b"\n\n\n")
+def test_prompt_files(built, tmp_path_factory, capsys, data):
+    f = tmp_path_factory.mktemp("p") / "prompts.txt"
+    f.write_bytes(data)
+    code, err = _cli(["run", str(built / "b"), "--input-file", str(f), "--max-new-tokens", "1"], capsys)
+    assert "internal error" not in err and "Traceback" not in err, err
+    assert code in (0, 1, 2), (code, err)
+
+
+@given(st.sampled_from(["generation_config.json", "tokenizer.json"]), st.binary(max_size=80) | JSON.map(
+    lambda v: json.dumps(v).encode()))
+@example("generation_config.json", b'{"eos_token_id": "x"}')
+@example("generation_config.json", b"\xff")
+@example("tokenizer.json", b"{}")
+def test_tokenizer_files(built, tmp_path_factory, name, data):
+    from trtglm.model.tokenizer import load_text
+
+    b = _copy(built / "b", tmp_path_factory.mktemp("t") / "b")
+    (b / name).write_bytes(data)
+    refused_cleanly(lambda: load_text(b))

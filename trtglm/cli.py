@@ -372,7 +372,10 @@ def run_cmd(build_dir, prompts, input_file, chat, prefix, backend, max_new_token
 
     prompts = list(prompts)
     if input_file:
-        prompts += [line for line in Path(input_file).read_text().splitlines() if line.strip()]
+        try:
+            prompts += [line for line in Path(input_file).read_text().splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise UsageError(f"{input_file}: not UTF-8 text (--input-file takes one prompt per line)") from None
     if not prompts and not chat:
         raise UsageError("give --prompt, --input-file or --chat")
     try:

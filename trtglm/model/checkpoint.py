@@ -114,8 +114,12 @@ def _index(path: Path) -> dict[str, TensorInfo]:
     if index_file.is_file():
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_file}: malformed index ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and "/" not in f and f not in ("", "..")
+                                                       for f in weight_map.values()):
+            raise CheckpointError(f"{index_file}: malformed index (weight_map must map tensor names to shard files "
+                                  "in the checkpoint directory)")
         files = sorted({path / f for f in weight_map.values()})
         for f in files:
             if not f.is_file():

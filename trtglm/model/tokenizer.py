@@ -37,9 +37,21 @@ def load_text(build_dir: str | Path) -> Text:
         raise TrtglmError(f"{build_dir}: no tokenizer.json (checkpoints whose tokenizer is remote code, such as "
                           "glm-4-9b-chat's tiktoken file, are not loaded)",
                           hint="pass token ids with --input-ids, or use the -hf checkpoint's tokenizer")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(build_dir))
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(build_dir))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library's own errors, of many kinds: one line
+        raise TrtglmError(f"{build_dir / 'tokenizer.json'}: cannot be loaded ({str(e).splitlines()[0][:200]})") from None
     gen = build_dir / "generation_config.json"
-    config = json.loads(gen.read_text()) if gen.is_file() else {}
+    try:
+        config = json.loads(gen.read_text()) if gen.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TrtglmError(f"{gen}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise TrtglmError(f"{gen}: expected a JSON object")
+    for key in ("eos_token_id", "pad_token_id"):
+        value = config.get(key)
+        if value is not None and not (_token_id(value) or isinstance(value, list) and all(map(_token_id, value))):
+            raise TrtglmError(f"{gen}: {key} must be a token id or a list of them, got {value!r}")
     eos = config.get("eos_token_id", tokenizer.eos_token_id)
     stop = {eos} if isinstance(eos, int) else set(eos or [])
     if tokenizer.eos_token_id is not None:
@@ -47,3 +59,7 @@ def load_text(build_dir: str | Path) -> Text:
     pad = config.get("pad_token_id", tokenizer.pad_token_id)
     pad = pad if isinstance(pad, int) else (min(stop) if stop else 0)
     return Text(tokenizer, frozenset(stop), pad)
+
+
+def _token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
