@@ -10,7 +10,7 @@ from ..core.files import sha256
 from ..core.graphs import describe_onnx
 from ..export.directory import ONNX_FILE
 from .directory import BuildDir
-from .tensorrt import gpu_compute_capability, import_backend
+from .tensorrt import gpu_compute_capability, import_backend, version_mismatch
 
 
 class VerifyFailed(TrtglmError):
@@ -88,9 +88,9 @@ def _deserialize(engine: Path, backend: dict) -> dict:
         trt = import_backend(backend.get("name", "auto"))
     except TrtglmError as e:
         return {"checked": False, "reason": str(e)}
-    if backend.get("version") and trt.__version__ != backend["version"]:
-        raise VerifyFailed(f"engine built with {backend['name']} {backend['version']}, this machine has "
-                           f"{trt.__version__}: rebuild it here")
+    mismatch = version_mismatch(trt, backend)
+    if mismatch:
+        raise VerifyFailed(f"{mismatch}: rebuild it here")
     if gpu_compute_capability() is None:
         return {"checked": False, "reason": "no GPU: TensorRT cannot deserialize an engine without one"}
     runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))

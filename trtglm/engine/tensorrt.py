@@ -27,6 +27,13 @@ def import_backend(name: str = "auto"):
                            "or pass --onnx-only")
 
 
+def version_mismatch(trt, backend: dict) -> str | None:
+    """Why `trt` cannot load an engine its manifest says `backend` ({name, version}) built (None: it can)."""
+    if backend.get("version") and trt.__version__ != backend["version"]:
+        return f"the engine was built with {backend['name']} {backend['version']}, this machine has {trt.__version__}"
+    return None
+
+
 # The full TensorRT's first release with the KV-cache-update layer a static cache is built into
 KV_CACHE_UPDATE_SINCE = (10, 15)
 

@@ -27,7 +27,12 @@ from ..core.files import atomic_file, cache_dir
 from ..engine.directory import BuildDir
 from ..engine.inspect import verify
 from ..engine.static_cache import CACHE_POSITION, step_inputs
-from ..engine.tensorrt import RTX_TARGETS, gpu_compute_capability, import_backend
+from ..engine.tensorrt import (
+    RTX_TARGETS,
+    gpu_compute_capability,
+    import_backend,
+    version_mismatch,
+)
 
 LOG = logging.getLogger(__name__)  # the library never prints; the command line shows warnings
 
@@ -86,9 +91,9 @@ def unavailable_reason(build: BuildDir | str | Path, cc: str | None | bool = Fal
         trt = import_backend(backend or "auto")
     except TrtglmError:
         return f"the {backend} Python module is not installed"
-    version = (manifest.get("backend") or {}).get("version")
-    if version and trt.__version__ != version:
-        return f"the engine was built with {backend} {version}, this machine has {trt.__version__}"
+    mismatch = version_mismatch(trt, manifest.get("backend") or {})
+    if mismatch:
+        return mismatch
     try:
         import pycuda.driver  # noqa: F401
     except ImportError:
@@ -133,9 +138,9 @@ class TrtBackend:
         manifest = build.manifest
         backend = manifest.get("backend") or {}
         trt = import_backend(backend.get("name", "auto"))  # the module that built it, never the automatic choice
-        if backend.get("version") and trt.__version__ != backend["version"]:
-            raise TrtglmError(f"the engine was built with {backend['name']} {backend['version']}, this machine has "
-                              f"{trt.__version__}", hint="rebuild the engine here")
+        mismatch = version_mismatch(trt, backend)
+        if mismatch:
+            raise TrtglmError(mismatch, hint="rebuild the engine here")
         self._cuda, self._trt = cuda, trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(build.engine.read_bytes())
@@ -143,6 +148,7 @@ class TrtBackend:
             raise TrtglmError(f"{build.engine}: TensorRT could not load it on this GPU")
         _check_io(self.engine, manifest, trt)
         self.profiles = _profiles(self.engine, trt)
+        self._widths = [p["input_ids"][1][1] - p["input_ids"][0][1] for p in self.profiles]  # new tokens allowed
         self._runtime_cache, self._runtime_cache_file = None, runtime_cache_file(manifest)
         self.context = self._execution_context(cuda_graphs)
         self.stream = cuda.Stream()
@@ -206,6 +212,14 @@ class TrtBackend:
     def admits(self, batch: int, tokens: int, past: int) -> str | None:
         """Why this engine cannot run a step of `batch` rows and `tokens` new tokens after `past` cached ones
         (None: a profile takes it)."""
+        return self._step(batch, tokens, past)[0]
+
+    def _step(self, batch: int, tokens: int, past: int) -> tuple[str | None, dict[str, tuple[int, ...]], int | None]:
+        """(why the step cannot run or None, its input shapes, the profile it runs under)."""
+        shapes = self._shapes(batch, tokens, past)
+        return self._refusal(batch, tokens, past, shapes), shapes, self._profile_for(shapes)
+
+    def _refusal(self, batch: int, tokens: int, past: int, shapes: dict[str, tuple[int, ...]]) -> str | None:
         if batch > self.max_batch:
             return f"{batch} rows exceed the engine's max_batch {self.max_batch} (trtglm build --max-batch)"
         if tokens > self.max_input_len:
@@ -213,7 +227,7 @@ class TrtBackend:
                     "(trtglm build --max-input-len)")
         if past + tokens > self.max_seq_len:
             return f"{past + tokens} tokens exceed the engine's max_seq_len {self.max_seq_len}"
-        if self._profile_for(self._shapes(batch, tokens, past)) is None:
+        if self._profile_for(shapes) is None:
             return (f"no optimization profile of this engine takes {tokens} new tokens after {past} cached "
                     f"({_describe(self.profiles)})" + ("; split profiles have no prefill after a cached prefix: "
                                                       "build with shapes.profiles: single" if past and tokens > 1
@@ -222,8 +236,8 @@ class TrtBackend:
 
     def _shapes(self, batch: int, tokens: int, past: int) -> dict[str, tuple[int, ...]]:
         shapes = {"input_ids": (batch, tokens), "position_ids": (batch, tokens)}
-        positions = self._slots if self.static else past
-        shapes["attention_mask"] = (batch, self._slots if self.static else past + tokens)
+        positions = self._positions(past)
+        shapes["attention_mask"] = (batch, self._positions(past + tokens))
         if self.static:
             shapes[CACHE_POSITION] = (batch,)
         for name in self.past_names:
@@ -236,15 +250,14 @@ class TrtBackend:
         admitting = [i for i, profile in enumerate(self.profiles)
                      if all(all(lo <= d <= hi for d, lo, hi in zip(shape, *profile[name]))
                             for name, shape in shapes.items())]
-        width = [p["input_ids"][1][1] - p["input_ids"][0][1] for p in self.profiles]
-        return min(admitting, key=lambda i: (width[i], i)) if admitting else None
+        return min(admitting, key=lambda i: (self._widths[i], i)) if admitting else None
 
     def new_cache(self, batch: int) -> TrtCache:
         return TrtCache(batch, 0, self._sets[0])
 
-    def _positions(self, cache: TrtCache) -> int:
-        """Sequence positions a cache buffer holds: every slot of a static cache, else the filled length."""
-        return self._slots if self.static else cache.length
+    def _positions(self, length: int) -> int:
+        """Sequence positions a cache of `length` tokens spans: every slot of a static cache, else the length."""
+        return self._slots if self.static else length
 
     def _other(self, buffers) -> list:
         """Where a step writes present: the other buffer set, or for a static cache the one set, in place."""
@@ -253,11 +266,9 @@ class TrtBackend:
     def forward(self, input_ids, attention_mask, position_ids, cache: TrtCache):
         cuda = self._cuda
         b, s = input_ids.shape
-        reason = self.admits(b, s, cache.length)
+        reason, shapes, profile = self._step(b, s, cache.length)
         if reason:
             raise TrtglmError(f"the engine cannot run this step: {reason}")
-        shapes = self._shapes(b, s, cache.length)
-        profile = self._profile_for(shapes)
         if profile != self.context.active_optimization_profile and \
                 not self.context.set_optimization_profile_async(profile, self.stream.handle):
             raise TrtglmError(f"TensorRT refused optimization profile {profile}")
@@ -289,7 +300,7 @@ class TrtBackend:
         """A batch-1 cache (a prefix) tiled to `batch` rows in a working buffer set."""
         cuda = self._cuda
         out = self._other(cache.buffers)
-        row = self._kv * self._positions(cache) * self._d * self._elt
+        row = self._kv * self._positions(cache.length) * self._d * self._elt
         for src, dst in zip(cache.buffers, out):
             for r in range(batch):
                 cuda.memcpy_dtod_async(int(dst) + r * row, src, row, self.stream)
@@ -299,7 +310,7 @@ class TrtBackend:
     def snapshot(self, cache: TrtCache) -> TrtCache:
         """A copy in its own device memory, so later steps cannot overwrite it (prefix reuse)."""
         cuda = self._cuda
-        size = cache.batch * self._kv * self._positions(cache) * self._d * self._elt
+        size = cache.batch * self._kv * self._positions(cache.length) * self._d * self._elt
         copies = []
         for src in cache.buffers:
             dst = cuda.mem_alloc(max(size, 1))
