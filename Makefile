@@ -28,11 +28,16 @@ test: $(STAMP) qemu
 	  TRTGLM_EMULATED_CPU=haswell qemu-x86_64 -cpu $(HASWELL) $(PY) -m pytest -q -p no:cacheprovider tests/test_integer_gemm.py; \
 	else echo "qemu-x86_64 not found: the emulated AVX2 run is skipped (apt-get install qemu-user)"; fi
 
-# The input fuzzers with many more examples than `make test` runs (stop with Ctrl-C; FUZZ_EXAMPLES sets how many).
-# A failure prints its input: add it to tests/test_fuzz.py as an @example, then fix it.
-FUZZ_EXAMPLES ?= 20000
+# The input fuzzers for FUZZ_MINUTES, in rounds of new random examples (FUZZ_EXAMPLES per property and round;
+# properties that run a command take a twentieth). A failure stops the run and prints its input: add it to
+# tests/test_fuzz.py as an @example, then fix it.
+FUZZ_MINUTES ?= 60
+FUZZ_EXAMPLES ?= 1000
 fuzz: $(STAMP)
-	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
+	@end=$$(( $$(date +%s) + 60 * $(FUZZ_MINUTES) )); round=0; \
+	while [ $$(date +%s) -lt $$end ]; do round=$$((round + 1)); echo "fuzz round $$round"; \
+	  HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -x tests/test_fuzz.py || exit 1; done; \
+	echo "fuzz: $$round rounds in $(FUZZ_MINUTES) minutes, nothing found"
 
 # qemu-user where apt is there and we may use it; its absence only skips the emulated run.
 qemu:

@@ -2,9 +2,9 @@
 export.json, calibration text, and the run command's flags. The property: the input is accepted, or refused with
 trtglm's own error (one line, naming the file or flag); never another exception ("internal error").
 
-`make test` runs a fixed number of examples from a fixed seed (the `ci` profile); `make fuzz` runs the `fuzz`
-profile for as long as a person lets it (HYPOTHESIS_PROFILE=fuzz; failing examples are replayed from
-.hypothesis/ and printed, to be added here as `@example` regression tests).
+`make test` runs a fixed number of examples from a fixed seed (the `ci` profile); `make fuzz` runs rounds of the
+`fuzz` profile (new random examples each round) for FUZZ_MINUTES (HYPOTHESIS_PROFILE=fuzz; a failing example is
+printed and kept in .hypothesis/ to be replayed first next time: add it here as an `@example` regression test).
 """
 
 import json
@@ -18,11 +18,18 @@ from hypothesis import strategies as st
 
 from trtglm.core.errors import TrtglmError
 
+FUZZ = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", 1000))  # per property and round of `make fuzz`
 settings.register_profile("ci", max_examples=60, derandomize=True, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-settings.register_profile("fuzz", max_examples=int(os.environ.get("FUZZ_EXAMPLES", 20_000)), deadline=None,
+settings.register_profile("fuzz", max_examples=EXAMPLES, deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+settings.load_profile("fuzz" if FUZZ else "ci")
+
+
+def slow(ci_examples: int):
+    """A property whose every example runs a command (an export, a build, a generation): fewer examples."""
+    return settings(max_examples=max(ci_examples, EXAMPLES // 20) if FUZZ else ci_examples)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True)
@@ -174,6 +181,7 @@ def built(checkpoints, tmp_path_factory):
     add_tokenizer(root / "ckpt")
     export(str(root / "ckpt"), root / "e", validate=False, max_seq_len=64)
     build(root / "e", root / "b", onnx_only=True)
+    build(root / "e", root / "ball", onnx_only=True, overrides={"shapes": {"logits": "all"}})
     return root
 
 
@@ -297,8 +305,7 @@ def _cli(args, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 12)) if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
-          else 12)
+@slow(12)
 @given(st.dictionaries(st.sampled_from(sorted(BUILD_FLAGS)), st.just(None), min_size=1, max_size=3).flatmap(
     lambda keys: st.fixed_dictionaries({k: BUILD_FLAGS[k] for k in keys})))
 @example({"--max-seq-len": "1000000000"})
@@ -337,3 +344,153 @@ def test_tokenizer_files(built, tmp_path_factory, name, data):
     b = _copy(built / "b", tmp_path_factory.mktemp("t") / "b")
     (b / name).write_bytes(data)
     refused_cleanly(lambda: load_text(b))
+
+
+# ---------------------------------------------------------------- checkpoints: shard indexes, config vs tensors
+
+def _sharded(checkpoints, tmp_path_factory):
+    return _copy(checkpoints["glm4-sharded"], tmp_path_factory.mktemp("sh") / "ckpt")
+
+
+@given(st.sampled_from(["drop", "rename", "point", "value"]), st.integers(0, 10**6), JSON)
+@example("point", 0, "../model.safetensors")
+@example("point", 0, "missing.safetensors")
+@example("value", 0, {"weight_map": {"a": None}})
+@example("value", 0, {"weight_map": []})
+def test_shard_indexes(checkpoints, tmp_path_factory, action, which, value):
+    from trtglm.model.checkpoint import open_checkpoint
+
+    ckpt = _sharded(checkpoints, tmp_path_factory)
+    index_file = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    names = sorted(index["weight_map"])
+    name = names[which % len(names)]
+    if action == "drop":  # a tensor the index forgets
+        del index["weight_map"][name]
+    elif action == "rename":  # a tensor the index names under another name
+        index["weight_map"][name + ".x"] = index["weight_map"].pop(name)
+    elif action == "point":  # a tensor whose shard is another (or no) file
+        index["weight_map"][name] = value if isinstance(value, str) else sorted(set(index["weight_map"].values()))[0]
+    else:
+        index = value
+    index_file.write_text(json.dumps(index))
+    refused_cleanly(lambda: open_checkpoint(ckpt))
+
+
+@given(mutations(TINY_CONFIG))
+@example(((("hidden_size",), 64, "replace")))
+@example(((("vocab_size",), 10, "replace")))
+@example(((("tie_word_embeddings",), True, "replace")))
+@example(((("num_hidden_layers",), 9, "replace")))
+def test_configs_against_their_tensors(tmp_path_factory, change):
+    """A config.json edited so that it contradicts the checkpoint's tensors: refused naming the tensor or field."""
+    from trtglm.model.checkpoint import open_checkpoint
+
+    ckpt = tmp_path_factory.mktemp("cfg") / "ckpt"
+    ckpt.mkdir()
+    os.symlink(os.path.join(ROOT, "models", "tiny-glm4", "model.safetensors"), ckpt / "model.safetensors")
+    (ckpt / "config.json").write_text(json.dumps(mutate(TINY_CONFIG, change)))
+    refused_cleanly(lambda: open_checkpoint(ckpt))
+
+
+# ---------------------------------------------------------------- export, eval, bench and inspect flags
+
+def _refused_or_done(code: int, err: str, codes=(0, 1, 2, 3)) -> None:
+    assert "internal error" not in err and "Traceback" not in err, err
+    assert code in codes, (code, err)
+    if code:  # trtglm's one line (then at most a hint), or click's usage error ending in its one line
+        lines = err.strip().splitlines()
+        errors = [i for i, line in enumerate(lines) if line.startswith("trtglm: ")]
+        assert len(errors) == 1 and errors[0] >= len(lines) - 2 or code == 2 and lines[-1].startswith("Error: "), err
+
+
+EXPORT_FLAGS = {"--dtype": st.sampled_from(["fp32", "fp16", "bf16", "int8", ""]),
+                "--opset": st.integers(-2, 10**4).map(str), "--max-seq-len": st.integers(-2, 10**12).map(str)}
+
+
+@slow(8)
+@given(st.dictionaries(st.sampled_from(sorted(EXPORT_FLAGS)), st.just(None), min_size=1, max_size=3).flatmap(
+    lambda keys: st.fixed_dictionaries({k: EXPORT_FLAGS[k] for k in keys})))
+@example({"--max-seq-len": str(10**9)})
+@example({"--opset": "17"})
+@example({"--max-seq-len": "0"})
+def test_export_flags(built, tmp_path_factory, capsys, flags):
+    out = tmp_path_factory.mktemp("ef")
+    args = ["export", str(built / "ckpt"), "-o", str(out / "e"), "--no-validate"]
+    for flag, value in flags.items():
+        args += [flag, value]
+    code, err = _cli(args, capsys)
+    _refused_or_done(code, err)
+    if "--max-seq-len" in flags and not 0 < int(flags["--max-seq-len"]) <= 256:  # the model's maximum
+        assert code == 2, err
+    if code:
+        assert not (out / "e").exists() and not [p for p in out.iterdir() if p.name.startswith(".")], err
+
+
+EVAL_FLAGS = {"--samples": st.integers(-2, 10**9).map(str), "--seq-len": st.integers(-2, 10**9).map(str),
+              "--backend": st.sampled_from(["auto", "ort", "trt", "gpu"])}
+
+
+@slow(12)
+@given(st.dictionaries(st.sampled_from(sorted(EVAL_FLAGS)), st.just(None), min_size=1, max_size=3).flatmap(
+    lambda keys: st.fixed_dictionaries({k: EVAL_FLAGS[k] for k in keys})),
+    st.one_of(st.none(), st.binary(max_size=120), st.text(max_size=120).map(
+        lambda t: json.dumps({"text": t}).encode())))
+@example({"--samples": "1000000000", "--seq-len": "8"}, None)
+@example({"--seq-len": "1000000000"}, None)
+@example({"--samples": "1", "--seq-len": "8"}, b'{"text": ""}\n')
+def test_eval_flags(built, tmp_path_factory, capsys, flags, data):
+    flags = {"--samples": "2", **flags}
+    if int(flags["--samples"]) > 2:
+        flags["--samples"] = "2"  # the time it takes, not the value's validity
+    args = ["eval", str(built / "ball")]
+    for flag, value in flags.items():
+        args += [flag, value]
+    if data is not None:
+        f = tmp_path_factory.mktemp("ev") / "data.jsonl"
+        f.write_bytes(data)
+        args += ["--data", str(f)]
+    code, err = _cli(args, capsys)
+    _refused_or_done(code, err)
+
+
+BENCH_FLAGS = {"--batch": st.integers(-2, 10**9).map(str), "--input-len": st.integers(-2, 10**9).map(str),
+               "--output-len": st.integers(-2, 10**9).map(str), "--backend": st.sampled_from(["auto", "ort", "trt"]),
+               "--cuda-graphs": st.just(None)}
+
+
+@slow(12)
+@given(st.dictionaries(st.sampled_from(sorted(BENCH_FLAGS)), st.just(None), min_size=1, max_size=3).flatmap(
+    lambda keys: st.fixed_dictionaries({k: BENCH_FLAGS[k] for k in keys})))
+@example({"--batch": "1000000"})
+@example({"--input-len": "64", "--output-len": "1"})
+@example({"--cuda-graphs": None})
+def test_bench_flags(built, capsys, monkeypatch, flags):
+    import trtglm.runtime.backends
+
+    # a batch that fits runs: 512 MiB keeps the ones that do small enough to run in a moment
+    monkeypatch.setattr(trtglm.runtime.backends, "available_memory", lambda: 512 << 20)
+    args = ["bench", str(built / "b"), "--json"]
+    for flag, value in flags.items():
+        args += [flag] + ([] if value is None else [value])
+    for flag, cap in (("--input-len", 16), ("--output-len", 4), ("--batch", 4)):  # the time, not the validity
+        if flag not in flags:
+            args += [flag, str(min(cap, 4))]
+    code, err = _cli(args, capsys)
+    _refused_or_done(code, err)
+
+
+@given(st.sampled_from(["x.onnx", "x.engine", "x.plan", "x.txt", "dir/manifest.json", "dir/model.onnx"]),
+       st.binary(max_size=300))
+@example("x.onnx", b"")
+@example("x.engine", b"ftrt" + b"\0" * 64)
+@example("dir/manifest.json", b"{}")
+def test_inspect_any_file(tmp_path_factory, capsys, name, data):
+    root = tmp_path_factory.mktemp("in")
+    f = root / name
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_bytes(data)
+    target = f.parent if name.startswith("dir/") else f
+    for command in (["inspect", str(target)], ["verify", str(target)], ["run", str(target), "--prompt", "x"]):
+        code, err = _cli(command, capsys)
+        _refused_or_done(code, err)

@@ -97,6 +97,29 @@ def test_max_seq_len_is_respected(builds):
         generate(backend, [list(range(1, 13))], max_new_tokens=5)
 
 
+def test_step_memory_estimate_covers_what_a_large_batch_takes(builds):
+    """admits() refuses by step_bytes: a batch it lets through must not take more than it says (or an absurd batch
+    that passes the check is killed for memory instead of refused). Measured in a process of its own."""
+    import subprocess
+    import sys
+
+    script = f"""
+import resource
+import numpy as np
+from trtglm.runtime.backends import OrtBackend
+from trtglm.runtime.generate import generate
+backend = OrtBackend.from_build({str(builds["glm4"])!r})
+generate(backend, [[5, 6, 7, 8]], max_new_tokens=2)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+generate(backend, np.full((20000, 24), 7).tolist(), max_new_tokens=2)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, backend.step_bytes(20000, 24, 0))
+"""
+    grew, estimate = map(int, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                             check=True).stdout.split())
+    assert grew > 100 << 20  # the batch is large enough to measure
+    assert estimate >= grew, (estimate, grew)
+
+
 def test_streaming_callback_sees_every_token_in_order(builds):
     seen = []
     out = generate(OrtBackend.from_build(builds["glm"]), PROMPTS, max_new_tokens=5, on_token=lambda r, t: seen.append((r, t)))

@@ -440,9 +440,9 @@ def _chat(model, text, sampling, max_new_tokens):
 @cli.command("bench")
 @click.argument("build_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True)
-@click.option("--batch", type=int, default=1, show_default=True)
-@click.option("--input-len", type=int, default=128, show_default=True)
-@click.option("--output-len", type=int, default=64, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--input-len", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--output-len", type=click.IntRange(min=1), default=64, show_default=True)
 @_cuda_graphs_option
 @json_option
 def bench_cmd(build_dir, backend, batch, input_len, output_len, cuda_graphs, as_json):
@@ -468,8 +468,9 @@ def bench_cmd(build_dir, backend, batch, input_len, output_len, cuda_graphs, as_
               help="The fp32 export to compare with. [default: the build's source export]")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help="Held-out text, JSONL with a \"text\" field. [default: the shipped eval split]")
-@click.option("--samples", type=int, default=16, show_default=True, help="Windows of --seq-len tokens.")
-@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--samples", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Windows of --seq-len tokens.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True)
 @json_option
 def eval_cmd(build_dir, reference, data, samples, seq_len, backend, as_json):

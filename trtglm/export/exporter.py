@@ -32,7 +32,7 @@ def export(model: str, out_dir: str | Path, dtype: str = "fp32", opset: int = 23
     started = time.perf_counter()
     ckpt = open_checkpoint(model)
     c = ckpt.config
-    max_seq_len = max_seq_len or c.max_position_embeddings
+    max_seq_len = c.max_position_embeddings if max_seq_len is None else max_seq_len
     if not 0 < max_seq_len <= c.max_position_embeddings:
         raise UsageError(f"--max-seq-len {max_seq_len}: must be between 1 and the model's "
                          f"max_position_embeddings ({c.max_position_embeddings})")

@@ -91,8 +91,11 @@ class OrtBackend:
         if cuda_graphs and len(providers) == 1:
             raise TrtglmError("--cuda-graphs on ONNX Runtime needs its CUDA provider (onnxruntime-gpu and a GPU); "
                               "here it runs on the CPU")
+        import onnx_ir as ir
+
+        graph = ir.load(onnx_path)  # the weights stay in the data file
         # a replayed step keeps the shapes it was captured with: no attention window that grows with the cache
-        model, self.int8_gemm = _session_graph(Path(onnx_path), opts, cpu=len(providers) == 1,
+        model, self.int8_gemm = _session_graph(graph, Path(onnx_path), opts, cpu=len(providers) == 1,
                                                window_cache=not cuda_graphs, int8_gemm=int8_gemm)
         self.session = ort.InferenceSession(model, opts, providers=providers)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
@@ -100,6 +103,7 @@ class OrtBackend:
         self.past = [i for i in inputs if i.name.startswith("past_key_values.")]
         self.present = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
         self.vocab_size = self.session.get_outputs()[0].shape[-1]
+        self._hidden, self._widest = _activation_widths(graph, self.vocab_size)
         self.max_seq_len = max_seq_len or 1 << 30
         # a static cache (static_cache.py): fixed slots, updated in place, the write position as an input
         self.static = any(i.name == CACHE_POSITION for i in inputs)
@@ -136,17 +140,24 @@ class OrtBackend:
         pass
 
     def admits(self, batch: int, tokens: int, past: int) -> str | None:
-        """ONNX Runtime runs any shape, as far as memory goes: a step whose KV cache and logits cannot fit in the
-        memory available is refused with the size it would need (the sequence limit is generate's)."""
+        """ONNX Runtime runs any shape, as far as memory goes: a step that cannot fit in the memory available is
+        refused with the size it would need (the sequence limit is generate's)."""
+        need, available = self.step_bytes(batch, tokens, past), available_memory()
+        if available is not None and need > available:
+            return (f"{batch} rows of {past + tokens} tokens need about {need / 2**30:.1f} GiB for the KV cache, "
+                    f"logits and activations, and {available / 2**30:.1f} GiB is available")
+        return None
+
+    def step_bytes(self, batch: int, tokens: int, past: int) -> int:
+        """An estimate of the memory a step takes beyond the weights: its KV cache (past and present), logits,
+        and one layer's activations in fp32 (the widest projections; attention scores with their softmax)."""
         positions = self._slots if self.static else past + tokens
         element = np.dtype(self._dtype).itemsize
         cache = sum(batch * p.shape[1] * positions * p.shape[3] * element for p in self.past)
-        need = cache * (1 if self.static else 2) + batch * tokens * (self.vocab_size or 0) * 4  # past and present
-        available = available_memory()
-        if available is not None and need > available:
-            return (f"{batch} rows of {past + tokens} tokens need about {need / 2**30:.1f} GiB for the KV cache and "
-                    f"logits, and {available / 2**30:.1f} GiB is available")
-        return None
+        logits = batch * tokens * (self.vocab_size or 0) * 4
+        heads = max(1, self._hidden // self.past[0].shape[3])
+        activations = batch * tokens * 4 * (12 * self._hidden + 3 * self._widest + 3 * heads * (past + tokens))
+        return cache * (1 if self.static else 2) + logits + activations
 
     def expand_cache(self, cache, batch: int):
         """`cache` (batch 1, a prefix) copied into `batch` rows: later steps write the copy, never `cache`."""
@@ -232,7 +243,20 @@ class OrtBackend:
         return logits.numpy(), presents
 
 
-def _session_graph(onnx_path: Path, opts, cpu: bool, window_cache: bool = True,
+def _activation_widths(model, vocab) -> tuple[int, int]:
+    """The hidden size (the embedding table's width) and the widest weight dimension other than the vocabulary
+    of a decoder graph, from its initializers' shapes (no weight is read)."""
+    shapes = [tuple(v.shape) for v in model.graph.initializers.values() if v.shape is not None and len(v.shape) == 2
+              and all(isinstance(d, int) for d in v.shape)]
+    dims = [d for shape in shapes for d in shape if d != vocab]
+    if not dims:
+        return 1, 1
+    embedding = [shape[1] for shape in shapes if shape[0] == vocab]
+    hidden = int(embedding[0]) if embedding else min(dims)
+    return hidden, max(dims)
+
+
+def _session_graph(model, onnx_path: Path, opts, cpu: bool, window_cache: bool = True,
                    int8_gemm: str | None = None) -> tuple[str | bytes, str | None]:
     """What ONNX Runtime runs of `onnx_path`, rewritten in memory (the build's model.onnx is TensorRT's graph and
     stays as it is), and the integer GEMM form of its int8 MatMuls with why (None: it has none). A static
@@ -242,7 +266,6 @@ def _session_graph(onnx_path: Path, opts, cpu: bool, window_cache: bool = True,
     the others (fp8) are folded at load, the same values computed once into fp32."""
     import onnx_ir as ir
 
-    model = ir.load(onnx_path)  # the weights stay in the data file
     changed = window(model) if window_cache else 0
     form = None
     if cpu and any(node.op_type == "QuantizeLinear" for node in model.graph):

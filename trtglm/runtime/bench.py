@@ -6,10 +6,11 @@ import resource
 
 import numpy as np
 
-from .generate import generate
+from .generate import admit, generate
 
 
 def run_bench(backend, *, batch: int = 1, input_len: int = 128, output_len: int = 64, seed: int = 0) -> dict:
+    admit(backend, batch, input_len)  # before the prompts take any memory
     rng = np.random.default_rng(seed)
     vocab = backend.vocab_size or 1000
     prompts = [rng.integers(3, vocab, input_len).tolist() for _ in range(batch)]

@@ -49,6 +49,13 @@ def evaluate(build_dir: str | Path, reference: str | Path | None = None, data: s
 def compare(candidate, reference: Path, text, data: str | Path | None, samples: int, seq_len: int) -> dict:
     """Perplexity of `candidate` (a backend) and of the fp32 export `reference` on windows of held-out text.
     Callers check that `reference` is an fp32 export (evaluate here, the gate's in build)."""
+    limit = min(candidate.max_seq_len, int((ExportDir(reference).meta or {}).get("max_seq_len") or candidate.max_seq_len))
+    if seq_len > limit:
+        raise UsageError(f"--seq-len {seq_len} exceeds the max_seq_len {limit} of the build or its reference",
+                         hint=f"evaluate windows of at most {limit} tokens")
+    reason = candidate.admits(1, seq_len, 0)
+    if reason:
+        raise TrtglmError(f"windows of --seq-len {seq_len} cannot run on this build: {reason}")
     windows = _windows([text.encode(t) for t in read_texts(data or EVAL_DATA)], seq_len, samples)
     ref = OrtBackend(reference / ONNX_FILE)
     nll_c, nll_r, agree, cosines, count = 0.0, 0.0, 0, [], 0

@@ -43,14 +43,9 @@ def make_prefix(backend, ids: list[int]) -> Prefix:
     return Prefix(list(ids), backend.snapshot(cache))  # a backend reusing its buffers hands out a copy
 
 
-def generate(backend, prompts: list[list[int]], *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
-             stop_ids: set[int] | frozenset[int] = frozenset(), pad_id: int = 0, prefix: Prefix | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> Generation:
-    """Generate for a batch of token-id prompts (left-padded together). `on_token(row, token)` streams."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise TrtglmError("every prompt needs at least one token")
-    batch, longest = len(prompts), max(len(p) for p in prompts)
-    past = len(prefix.ids) if prefix else 0
+def admit(backend, batch: int, longest: int, past: int = 0, max_new_tokens: int = 1) -> int:
+    """How many new tokens a request of `batch` prompts (the longest `longest` tokens, after `past` cached ones)
+    may generate on `backend`; refuses, before any memory is allocated, a request the build cannot run."""
     room = backend.max_seq_len - past - longest
     if room < 1:
         raise TrtglmError(f"prompt of {past + longest} tokens leaves no room in the engine's max_seq_len "
@@ -60,6 +55,18 @@ def generate(backend, prompts: list[list[int]], *, max_new_tokens: int = 64, sam
         reason = backend.admits(batch, tokens, cached)
         if reason:
             raise TrtglmError(f"this request cannot run on this build: {reason}")
+    return max_new
+
+
+def generate(backend, prompts: list[list[int]], *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
+             stop_ids: set[int] | frozenset[int] = frozenset(), pad_id: int = 0, prefix: Prefix | None = None,
+             on_token: Callable[[int, int], None] | None = None) -> Generation:
+    """Generate for a batch of token-id prompts (left-padded together). `on_token(row, token)` streams."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise TrtglmError("every prompt needs at least one token")
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    past = len(prefix.ids) if prefix else 0
+    max_new = admit(backend, batch, longest, past, max_new_tokens)
     ids = np.full((batch, longest), pad_id, np.int64)
     mask = np.zeros((batch, past + longest), np.int64)
     mask[:, :past] = 1
