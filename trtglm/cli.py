@@ -119,7 +119,7 @@ BUILD_FLAGS = {
     "--fusions": "fusion.fusions", "--strict/--no-strict": "fusion.strict",
     "--calib-data": "calibration.data", "--calib-samples": "calibration.samples",
     "--calib-seq-len": "calibration.seq_len", "--calib-method": "calibration.method",
-    "--gate/--no-gate": "accuracy.gate",
+    "--gate/--no-gate": "accuracy.gate", "--max-memory": "builder.max_memory",
 }
 # Set in a recipe only: everything a recipe can say that has no flag (tests/test_cli.py checks the two lists
 # cover the schema, so a new field cannot be forgotten).
@@ -218,7 +218,7 @@ def build_cmd(export_dir, out_dir, recipe, dtype, onnx_only, reference, cache_di
                + ", ".join(f"{kind} {n}" + (f"/{f['expected'][kind]}" if f["expected"] else "")
                            for kind, n in f["fused"].items()))
     click.echo(_graph_line(graph_of(manifest)))
-    for line in _precision_lines(manifest):
+    for line in _precision_lines(manifest) + _stage_lines(manifest):
         click.echo(line)
     if manifest["stage"] == "engine":
         e, c = manifest["engine"], manifest["cache"]
@@ -233,6 +233,22 @@ def _attention(m: dict) -> str:
     g = m.get("engine_graph") or {"attention": "layer"}
     return (f"attention {g['attention']} for Myelin ({g['file']})" if g["attention"] != "layer"
             else "attention as TensorRT's attention layer")
+
+
+def _stage_lines(m: dict) -> list[str]:
+    """A staged build's stages: layers, weights and (built) the engine and its build's peak memory."""
+    stages, plan = m.get("stages"), m.get("stage_plan")
+    if not stages:
+        return []
+    lines = [f"stages: {len(stages)} within a budget of {plan['budget_bytes'] / 2**30:.2f} GiB (estimated build "
+             f"peak {plan['estimated_peak_bytes'] / 2**30:.2f} GiB)"]
+    for s in stages:
+        first, end = s["layers"]
+        engine = s.get("engine")
+        lines.append(f"  stage {s['index']}: layers {first}-{end - 1}, weights {s['weight_bytes'] / 1e6:.1f} MB"
+                     + (f", engine {engine['bytes'] / 1e6:.1f} MB built at a peak of "
+                        f"{engine['peak_rss_bytes'] / 2**30:.2f} GiB" if engine else ""))
+    return lines
 
 
 def _graph_line(g: dict) -> str:
@@ -292,7 +308,7 @@ def _summary(info: dict) -> list[str]:
     g = info["graph"]
     lines = [f"build ({info['stage']}): {info['precision']['dtype']}, fusion {info['fusion']['fused']}, "
              f"nodes {info['fusion']['nodes_before']} -> {info['fusion']['nodes_after']}",
-             _graph_line(g), *_precision_lines(info)]
+             _graph_line(g), *_precision_lines(info), *_stage_lines(info)]
     if info.get("engine"):
         e = info["engine"]
         lines.append(f"engine: {info['backend']['name']} {info['backend']['version']} for {', '.join(info['targets'])}, "

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 from .errors import TrtglmError
 
+SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 BASE_BYTES = 600 << 20  # torch, transformers and onnxruntime themselves
 
 
@@ -58,3 +61,22 @@ def require(need: float, what: str, hint: str, error: type[TrtglmError] = Trtglm
     if available is not None and need > available:
         raise error(f"{what} needs about {need / 2**30:.1f} GiB of memory but {available / 2**30:.1f} GiB is "
                     "available", hint=hint)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from `12G`, `12GiB`, `800M`, `1.5T` or a number of bytes: K/M/G/T alone or with `iB` are powers of
+    1024 (as `docker -m`), with `B` (`12GB`) powers of 1000. ValueError names what it could not read."""
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise ValueError(f"a size such as 12G, not {text!r}")
+    if isinstance(text, int):
+        value, unit, suffix = text, "", None
+    else:
+        match = SIZE.match(text)
+        if not match:
+            raise ValueError(f"a size such as 12G, 12GiB or 800M, not {text!r}")
+        value, unit, suffix = float(match.group(1)), match.group(2).lower(), (match.group(3) or "").lower()
+    power = "kmgt".index(unit) + 1 if unit else 0
+    size = int(value * ((1000 if suffix == "b" else 1024) ** power))
+    if size <= 0:
+        raise ValueError(f"a size above zero, not {text!r}")
+    return size

@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from .errors import TrtglmError, field_path
+from .memory import parse_size
 
 TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm90", "sm100", "sm120", "sm121")  # every compute capability known
 FusionName = Literal["rms_norm", "qkv", "rotary", "rotary_keys", "rotary_keys_folded", "attention"]
@@ -129,6 +130,21 @@ class BuilderSection(_Section):
                             "heads as extra query rows; auto = decomposed for one profile, layer for split")
     profiling_verbosity: Literal["none", "layer_names_only", "detailed"] = Field(
         "detailed", description="detail of the build log (detailed gives the kernel list in layers.json)")
+    max_memory: str | None = Field(None, description="the memory the build may use (12G, 800M): a model whose "
+                                                     "engine build needs more is built in stages of consecutive "
+                                                     "layers, one engine each (default: the memory available)")
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _max_memory(cls, value):
+        if value is None:
+            return None
+        parse_size(value)
+        return str(value).strip()
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        return parse_size(self.max_memory) if self.max_memory else None
 
     @field_validator("targets", mode="before")
     @classmethod

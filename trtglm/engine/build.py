@@ -35,17 +35,12 @@ from ..precision import CALIBRATED, Conversion, check_memory, convert
 from ..precision.calibration import CalibrationSet
 from ..runtime.backends import OrtBackend
 from ..runtime.evaluate import GateFailed, compare, judge
-from .builder import build_engine, plan_shapes
-from .directory import (
-    ENGINE_FILE,
-    ENGINE_ONNX_FILE,
-    LAYERS_FILE,
-    LOG_FILE,
-    MANIFEST_FILE,
-    MANIFEST_VERSION,
-)
-from .engine_graph import attention_form, write_engine_graph
+from .builder import plan_shapes
+from .directory import ENGINE_FILE, ENGINE_ONNX_FILE, MANIFEST_FILE, MANIFEST_VERSION
+from .engine_job import write_engine
 from .last_logits import keep_last_position
+from .stage_plan import StagePlan
+from .staged_build import STAGES_DIR, WEIGHT_BYTES, build_stage_engines, check_disk, cut_build, default_budget, stage_plan
 from .static_cache import make_static
 from .tensorrt import check_features, check_targets, import_backend
 
@@ -67,7 +62,12 @@ class BuildPlan:
     gate: Path | None  # the fp32 reference export the accuracy gate compares with
     backend: dict | None  # TensorRT module and version (None: --onnx-only)
     cache_dir: Path
+    stages: StagePlan | None  # the layer ranges of a build in stages (None or one range: the whole graph)
     key: str  # the build cache's key: a digest of everything above that decides the result
+
+    @property
+    def staged(self) -> bool:
+        return self.stages is not None and len(self.stages.ranges) > 1
 
     @property
     def onnx_only(self) -> bool:
@@ -94,9 +94,11 @@ def plan_build(export_dir: str | Path, *, recipe: str | Path | None = None, over
         check_targets(r.builder.targets, dtype, trt.__name__)
         check_features(trt, r.shapes.kv_cache)
         backend = {"name": trt.__name__, "version": trt.__version__}
-    key = _cache_key(source, r, backend, onnx_only, calibration)
+    explicit = r.builder.max_memory_bytes
+    stages = stage_plan(source.onnx, explicit or default_budget(), dtype, exported, explicit=explicit is not None)
+    key = _cache_key(source, r, backend, onnx_only, calibration, stages)
     return BuildPlan(source, r, Path(recipe) if recipe else None, dtype, exported, calibration, gate, backend,
-                     cache_dir or default_cache_dir(), key)
+                     cache_dir or default_cache_dir(), stages, key)
 
 
 def build(export_dir: str | Path, out_dir: str | Path, *, recipe: str | Path | None = None,
@@ -116,6 +118,8 @@ def run_build(plan: BuildPlan, out_dir: str | Path, *, use_cache: bool = True, f
     """BUILD_DIR from `plan`, through the build cache unless `use_cache` is False; returns the manifest."""
     cache = plan.cache_dir / plan.key if use_cache and not plan.onnx_only else None
     started = time.perf_counter()
+    check_disk(Path(out_dir), int(plan.source.data_bytes * WEIGHT_BYTES.get(plan.dtype, 4)
+                                  / WEIGHT_BYTES.get(plan.exported, 4)), engines=not plan.onnx_only)
     with atomic_dir(out_dir, force=force) as tmp:
         if cache is not None:
             from filelock import FileLock
@@ -177,6 +181,14 @@ def _resolve(r: Recipe, meta: dict | None, exported: str, export_dir: Path) -> t
         shapes = shapes.model_copy(update={"max_seq_len": limit,
                                            "max_input_len": min(shapes.max_input_len, limit)})
     precision = r.precision.model_copy(update={"dtype": dtype})
+    windows = {}  # calibration and accuracy windows run on the graph: at most its sequence length
+    for name in ("calibration", "accuracy"):
+        section = getattr(r, name)
+        if limit and section.seq_len > limit:
+            if "seq_len" in section.model_fields_set:
+                raise UsageError(f"{name}.seq_len {section.seq_len} exceeds the export's max_seq_len {limit}")
+            windows[name] = section.model_copy(update={"seq_len": limit})
+    r = r.model_copy(update=windows)
     fusion = r.fusion
     if shapes.kv_cache == "static" and "fusions" not in fusion.model_fields_set:
         # keys are folded into their projection only because TensorRT-RTX cannot build a RotaryEmbedding feeding
@@ -213,11 +225,14 @@ def _gate_reference(r: Recipe, dtype: str, export_dir: Path, reference) -> Path:
     return ExportDir(Path(reference) if reference else export_dir).require_fp32_reference().path
 
 
-def _cache_key(source: ExportDir, r: Recipe, backend: dict | None, onnx_only: bool, calibration) -> str:
+def _cache_key(source: ExportDir, r: Recipe, backend: dict | None, onnx_only: bool, calibration,
+               stages: StagePlan | None) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"export": source.hashes(), "recipe": r.resolved(), "backend": backend, "trtglm": __version__,
                          "source": source_digest(), "onnx_only": onnx_only,
-                         "calibration": calibration and calibration.fingerprint}, sort_keys=True).encode())
+                         "calibration": calibration and calibration.fingerprint,
+                         "stages": stages.ranges if stages and len(stages.ranges) > 1 else None},
+                        sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 
@@ -255,6 +270,11 @@ def _build_into(tmp: Path, plan: BuildPlan, progress: Progress) -> dict:
 
         keep_last_position(tmp / ONNX_FILE)
     graph = describe_onnx(tmp / ONNX_FILE)
+    stages = None
+    if plan.staged:
+        with progress.step(f"cutting into {len(plan.stages.ranges)} stages"):
+            hidden = meta["config"]["hidden_size"] if meta else None
+            stages = [s.to_dict() for s in cut_build(tmp, plan.stages, hidden)]
     manifest = {
         "format_version": MANIFEST_VERSION,
         "stage": "onnx" if plan.onnx_only else "engine",
@@ -272,10 +292,15 @@ def _build_into(tmp: Path, plan: BuildPlan, progress: Progress) -> dict:
         "host": platform.node(),
         "cache_key": plan.key,
     }
+    if stages:
+        manifest["stages"] = stages
+        manifest["stage_plan"] = plan.stages.to_dict()
     if not plan.onnx_only:
-        manifest.update(_engine_step(tmp, plan, manifest["io"], progress))
-    manifest["files"] = {"sha256": {p.name: sha256(p) for p in sorted(tmp.iterdir())
-                                    if p.name in (ONNX_FILE, DATA_FILE, ENGINE_FILE, ENGINE_ONNX_FILE)}}
+        manifest.update(_engine_step(tmp, plan, manifest, progress))
+    kept = (ONNX_FILE, DATA_FILE, ENGINE_FILE, ENGINE_ONNX_FILE)
+    files = [p for p in sorted(tmp.iterdir()) if p.name in kept] + [
+        p for p in sorted((tmp / STAGES_DIR).glob("*/*")) if p.name in kept]
+    manifest["files"] = {"sha256": {str(p.relative_to(tmp)): sha256(p) for p in files}}
     manifest["build_seconds"] = round(time.perf_counter() - started, 2)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -312,51 +337,53 @@ def _io(meta: dict | None, graph: dict) -> dict | None:
                    for v in graph[side]] for side in ("inputs", "outputs")}
 
 
-def _engine_step(tmp: Path, plan: BuildPlan, io: dict | None, progress: Progress) -> dict:
+def _engine_step(tmp: Path, plan: BuildPlan, manifest: dict, progress: Progress) -> dict:
     meta, r = plan.source.meta, plan.recipe
     if meta is None:
         raise UsageError("an engine build needs the export's export.json (IO spec and config)",
                          hint="pass --onnx-only for graphs from other exporters")
-    shapes = plan_shapes(io, meta["config"], r.shapes, compute_dtype(plan.dtype).bytes)
-    weights = (tmp / DATA_FILE).stat().st_size if (tmp / DATA_FILE).exists() else 0
+    shapes = plan_shapes(manifest["io"], meta["config"], r.shapes, compute_dtype(plan.dtype).bytes)
+    stages = manifest.get("stages")
+    weights = sum(s["weight_bytes"] for s in stages) if stages else \
+        (tmp / DATA_FILE).stat().st_size if (tmp / DATA_FILE).exists() else 0
     progress.note(f"estimate: engine about {weights / 1e6:.0f} MB of weights, KV cache "
                   f"{shapes.kv_cache_bytes / 1e6:.0f} MB and activations {shapes.activation_bytes / 1e6:.0f} MB at "
-                  f"the maximum shapes; building for {', '.join(r.builder.targets)}")
-    graph = {"file": ONNX_FILE, "attention": "layer"}
-    form = attention_form(r.builder.attention, len(shapes.profiles))
-    if form != "layer":
-        lowered = write_engine_graph(tmp / ONNX_FILE, tmp / ENGINE_ONNX_FILE, form)
-        if lowered["kept"] and r.builder.attention == form:
-            raise TrtglmError(f"builder.attention: {form}, but {lowered['kept']} of {lowered['attention_ops']} "
-                              f"Attention ops stay ops: {lowered['why_kept']}",
-                              hint="use builder.attention: auto or layer")
-        if lowered["decomposed"]:
-            graph = lowered
-        else:  # nothing written out (auto): the layer, and why
-            graph |= {k: lowered[k] for k in ("attention_ops", "why_kept") if k in lowered}
-    with progress.step("TensorRT build") as step:
+                  f"the maximum shapes; building for {', '.join(r.builder.targets)}"
+                  + (f" in {len(stages)} stages" if stages else ""))
+    if stages:
+        built = _engine_stages(tmp, plan, stages, shapes, progress)
+    else:
+        with progress.step("TensorRT build") as step:
 
-        def on_step(phase: str, done: int, total: int) -> None:
-            progress.update(step, description=f"TensorRT: {phase}", completed=done, total=total or None)
+            def on_step(phase: str, done: int, total: int) -> None:
+                progress.update(step, description=f"TensorRT: {phase}", completed=done, total=total or None)
 
-        engine = build_engine(tmp / graph["file"], profiles=shapes.profiles, builder=r.builder, dtype=plan.dtype,
-                              on_step=on_step, timing_cache=trtglm_cache() / f"timing-{r.builder.backend}.cache")
-    (tmp / ENGINE_FILE).write_bytes(engine.plan)
-    (tmp / LOG_FILE).write_text("\n".join(engine.log) + "\n")
-    (tmp / LAYERS_FILE).write_text(json.dumps({"network_layer_types": engine.network_layer_types,
-                                               "engine_layers": engine.layers}, indent=1) + "\n")
-    return {
-        "backend": {"name": engine.backend, "version": engine.version},
+            built = write_engine(tmp, shapes.profiles, r.builder, plan.dtype, on_step)
+    return built | {
         "targets": list(r.builder.targets),
         "profiles": [{name: [list(s) for s in dims] for name, dims in p.items()} for p in shapes.profiles],
         "profile_names": ["prefill", "decode"] if len(shapes.profiles) == 2 else ["prefill+decode"],
-        "engine_graph": graph,
         "estimate": {"weights_bytes": weights, "kv_cache_bytes": shapes.kv_cache_bytes,
                      "activation_bytes": shapes.activation_bytes},
-        "engine": {"bytes": len(engine.plan), "network_layers": engine.network_layers,
-                   "engine_layers": len(engine.layers), "kernels": len(engine.kernels),
-                   "tensorrt_build_seconds": round(engine.seconds, 2)},
     }
+
+
+def _engine_stages(tmp: Path, plan: BuildPlan, stages: list[dict], shapes, progress: Progress) -> dict:
+    """One engine per stage, each in a process of its own; the stages' entries gain their engine's fields."""
+    with progress.step("TensorRT build") as step:
+
+        def on_stage(i: int, n: int) -> None:
+            progress.update(step, description=f"TensorRT: stage {i + 1} of {n}", completed=i, total=n)
+
+        built = build_stage_engines(tmp, stages, shapes.profiles, plan.source.meta["config"]["hidden_size"],
+                                    plan.recipe.builder, plan.dtype, on_stage)
+    for stage, summary in zip(stages, built):
+        stage["engine"] = summary["engine"] | {"peak_rss_bytes": summary["peak_rss_bytes"]}
+        stage["engine_graph"] = summary["engine_graph"]
+    first = built[0]
+    total = {k: sum(s["engine"][k] for s in built) for k in ("bytes", "network_layers", "engine_layers", "kernels",
+                                                             "tensorrt_build_seconds")}
+    return {"backend": first["backend"], "engine_graph": first["engine_graph"], "engine": total}
 
 
 def _store(tmp: Path, cache: Path) -> None:
@@ -374,6 +401,11 @@ def _restore(cache: Path, tmp: Path) -> None:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
+    if src.is_dir():  # a staged build's stages/
+        dst.mkdir()
+        for f in src.iterdir():
+            _link_or_copy(f, dst / f.name)
+        return
     try:
         os.link(src, dst)
     except OSError:

@@ -2,6 +2,7 @@
 
     BUILD_DIR/  model.engine  model.onnx(+.data)  [engine.onnx]  manifest.json  layers.json  build.log
                 export.json  tokenizer files
+    a staged build: BUILD_DIR/stages/NN/ each with its own model.onnx(+.data) [model.engine ...] instead
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ MANIFEST_VERSION = FORMAT_VERSION
 MANIFEST_FILE, ENGINE_FILE, LAYERS_FILE, LOG_FILE = "manifest.json", "model.engine", "layers.json", "build.log"
 ENGINE_ONNX_FILE = "engine.onnx"  # the graph the engine is built from, where it is not model.onnx (engine_graph.py)
 ONNX_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+STAGES_DIR = "stages"  # a staged build's stage directories (engine/staged_build.py)
 
 
 class BuildDir:
@@ -49,9 +51,16 @@ class BuildDir:
         return self.manifest.get("recipe", {}).get("resolved", {}).get("shapes", {})
 
     def layers(self) -> list[dict] | None:
-        if not self.layers_file.is_file():
+        """The engine's layers (a staged build's: every stage's, in order); None without an engine."""
+        files = [d / LAYERS_FILE for d in self.stages] or [self.layers_file]
+        if not all(f.is_file() for f in files):
             return None
-        return json.loads(self.layers_file.read_text())["engine_layers"]
+        return [layer for f in files for layer in json.loads(f.read_text())["engine_layers"]]
+
+    @property
+    def stages(self) -> list[Path]:
+        """A staged build's stage directories in order (empty: the whole graph in one)."""
+        return [self.path / STAGES_DIR / s["dir"] for s in self.manifest.get("stages") or []]
 
     def check_hashes(self) -> list[str]:
         """Every file the manifest lists, against its sha256 (empty: intact)."""

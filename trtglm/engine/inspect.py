@@ -60,7 +60,7 @@ def _build_dir(build: BuildDir) -> dict:
            "profiles": dict(zip(m.get("profile_names") or [], m.get("profiles") or [])),
            "io": m.get("io"), "engine": m.get("engine"), "engine_graph": m.get("engine_graph"),
            "estimate": m.get("estimate"), "cache": m.get("cache"), "calibration": m.get("calibration"),
-           "accuracy": m.get("accuracy")}
+           "accuracy": m.get("accuracy"), "stages": m.get("stages"), "stage_plan": m.get("stage_plan")}
     out["graph"] = graph_of(m)
     layers = build.layers()
     if layers is not None:

@@ -16,12 +16,13 @@ import numpy as np
 
 from ..core.errors import TrtglmError, UsageError
 from ..core.memory import available_memory
-from ..engine.directory import BuildDir
+from ..engine.directory import ONNX_FILE, BuildDir
 from ..engine.static_cache import CACHE_POSITION, step_inputs
 from ..engine.tensorrt import gpu_compute_capability
 from .cache_window import window
 from .integer_gemm import NO_QDQ_FUSION, lower, select_form
 from .trt import TrtBackend, unavailable_reason
+from .staged import StagedBackend
 
 
 class Backend(Protocol):
@@ -102,8 +103,11 @@ class OrtBackend:
         inputs = self.session.get_inputs()
         self.past = [i for i in inputs if i.name.startswith("past_key_values.")]
         self.present = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
-        self.vocab_size = self.session.get_outputs()[0].shape[-1]
-        self._hidden, self._widest = _activation_widths(graph, self.vocab_size)
+        # a stage of a staged build (engine/stage_graphs.py) reads and writes hidden states instead
+        self.entry = [i.name for i in inputs if i.name == "input_ids" or i.name.startswith("hidden.")]
+        self.exit = [o.name for o in self.session.get_outputs() if not o.name.startswith("present.")]
+        self.vocab_size = self.session.get_outputs()[0].shape[-1] if self.exit == ["logits"] else None
+        self._hidden, self._widest = _activation_widths(graph, self.vocab_size or -1)
         self.max_seq_len = max_seq_len or 1 << 30
         # a static cache (static_cache.py): fixed slots, updated in place, the write position as an input
         self.static = any(i.name == CACHE_POSITION for i in inputs)
@@ -123,8 +127,15 @@ class OrtBackend:
             self._uncaptured = self._run_options("-1")
 
     @classmethod
-    def from_build(cls, build: "BuildDir | str | Path", threads: int = 0, **options) -> "OrtBackend":
+    def from_build(cls, build: "BuildDir | str | Path", threads: int = 0, **options):
+        """The build's graph; a staged build's stage graphs chained (runtime/staged.py)."""
         build = build if isinstance(build, BuildDir) else BuildDir(build)
+        if build.stages:
+            if options.get("cuda_graphs"):
+                raise UsageError("--cuda-graphs on ONNX Runtime runs a build of one graph; this build is in "
+                                 f"{len(build.stages)} stages")
+            return StagedBackend([cls(d / ONNX_FILE, max_seq_len=build.max_seq_len, threads=threads, **options)
+                                  for d in build.stages])
         return cls(build.onnx, max_seq_len=build.max_seq_len, threads=threads, **options)
 
     def _on_device(self, array: np.ndarray):
@@ -221,12 +232,19 @@ class OrtBackend:
         if self._graphs and input_ids.shape[1] == 1:
             return self._replayed_decode(input_ids, attention_mask, position_ids, cache)
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        if isinstance(input_ids, dict):  # a later stage: the hidden states the stage before left on the device
+            for name, value in input_ids.items():
+                binding.bind_ortvalue_input(name, value)
+            tokens = next(iter(input_ids.values())).shape()[1]
+        else:
+            binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+            tokens = input_ids.shape[1]
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         values = cache.values if self.static else cache
         for spec, value in zip(self.past, values):
             binding.bind_ortvalue_input(spec.name, value)
-        binding.bind_output("logits")
+        for name in self.exit:
+            binding.bind_output(name, "cpu" if name == "logits" else self.device)
         if self.static:  # the mask over every slot, the write position, and present written over past in place
             for name, array in step_inputs(attention_mask, cache.length, self._slots).items():
                 binding.bind_cpu_input(name, array)
@@ -237,10 +255,12 @@ class OrtBackend:
             for name in self.present:
                 binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding, self._uncaptured)
-        logits, *presents = binding.get_outputs()
+        outputs = binding.get_outputs()
+        exits, presents = outputs[:len(self.exit)], outputs[len(self.exit):]
+        result = exits[0].numpy() if self.exit == ["logits"] else dict(zip(self.exit, exits))
         if self.static:
-            return logits.numpy(), StaticCache(values, cache.length + input_ids.shape[1])
-        return logits.numpy(), presents
+            return result, StaticCache(values, cache.length + tokens)
+        return result, presents
 
 
 def _activation_widths(model, vocab) -> tuple[int, int]:
@@ -287,6 +307,10 @@ def _ort_line(backend: OrtBackend, graphs: str) -> str:
     return f"{backend.device}{graphs}{gemm}"
 
 
+def _graphs(build: BuildDir) -> str:
+    return f"the graphs of its {len(build.stages)} stages" if build.stages else "model.onnx"
+
+
 def _static_cache(manifest: dict) -> bool:
     return any(spec["name"] == CACHE_POSITION for spec in (manifest.get("io") or {}).get("inputs", []))
 
@@ -318,8 +342,8 @@ def open_backend(build_dir: str | Path, kind: str = "auto", threads: int = 0,
             backend = OrtBackend.from_build(build, threads=threads, cuda_graphs=cuda_graphs)
         except TrtglmError as e:
             raise TrtglmError(f"{e} (and the TensorRT engine cannot run here: {reason})") from None
-        return backend, f"ONNX Runtime ({_ort_line(backend, graphs)}) over model.onnx, because {reason}"
+        return backend, f"ONNX Runtime ({_ort_line(backend, graphs)}) over {_graphs(build)}, because {reason}"
     if kind == "ort":
         backend = OrtBackend.from_build(build, threads=threads, cuda_graphs=cuda_graphs)
-        return backend, f"ONNX Runtime ({_ort_line(backend, graphs)}) over model.onnx"
+        return backend, f"ONNX Runtime ({_ort_line(backend, graphs)}) over {_graphs(build)}"
     raise TrtglmError(f"unknown backend {kind!r}: auto, trt or ort")

@@ -75,6 +75,9 @@ def unavailable_reason(build: BuildDir | str | Path, cc: str | None | bool = Fal
     """Why the engine cannot run here (None: it can). `cc` overrides GPU detection (tests)."""
     build = build if isinstance(build, BuildDir) else BuildDir(build)
     manifest = build.manifest
+    if build.stages:
+        return (f"the build is in {len(build.stages)} stages, and the engine runner runs builds of one engine "
+                "(its stage graphs run on ONNX Runtime)")
     if not build.engine.is_file():
         return "the build has no engine (it was built with --onnx-only)"
     cc = gpu_compute_capability() if cc is False else cc

@@ -1,0 +1,52 @@
+"""A staged build run as one model: each step goes through the stages in order, the hidden states of one stage
+the input of the next (left where the backend computes), each stage with the KV cache of its own layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class StagedCache:
+    parts: list  # one cache per stage, in the form its backend keeps
+
+    @property
+    def length(self) -> int:  # a static cache's filled slots (every stage's are the same)
+        return self.parts[0].length
+
+
+class StagedBackend:
+    """Backends of the stages of one build (ONNX Runtime, or TensorRT engines), chained: the `Backend` protocol."""
+
+    def __init__(self, stages: list):
+        self.stages = stages
+        last = stages[-1]
+        self.name = last.name
+        self.max_seq_len = min(s.max_seq_len for s in stages)
+        self.vocab_size = last.vocab_size
+        self.static = last.static
+        self.int8_gemm = getattr(stages[0], "int8_gemm", None)
+        self.device = getattr(stages[0], "device", None)
+
+    def new_cache(self, batch: int) -> StagedCache:
+        return StagedCache([s.new_cache(batch) for s in self.stages])
+
+    def forward(self, input_ids, attention_mask, position_ids, cache: StagedCache):
+        x, parts = input_ids, []
+        for stage, part in zip(self.stages, cache.parts):
+            x, part = stage.forward(x, attention_mask, position_ids, part)
+            parts.append(part)
+        return x, StagedCache(parts)
+
+    def expand_cache(self, cache: StagedCache, batch: int) -> StagedCache:
+        return StagedCache([s.expand_cache(c, batch) for s, c in zip(self.stages, cache.parts)])
+
+    def snapshot(self, cache: StagedCache) -> StagedCache:
+        return StagedCache([s.snapshot(c) for s, c in zip(self.stages, cache.parts)])
+
+    def admits(self, batch: int, tokens: int, past: int) -> str | None:
+        return next((r for r in (s.admits(batch, tokens, past) for s in self.stages) if r), None)
+
+    def close(self) -> None:
+        for stage in reversed(self.stages):
+            stage.close()
