@@ -1,0 +1,176 @@
+"""Builds in stages (engine/stage_graphs.py, stage_plan.py, staged_build.py): the chain of stage graphs computes
+what the whole graph does (ONNX Runtime, fp32: prefill of a left-padded batch, then decode steps, both KV cache
+kinds, every-position and last-position logits), the budget decides the stages, a staged TensorRT-RTX build has
+one engine per stage, and a budget or disk that cannot hold the build is refused before any work."""
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from models import hf_model, left_padded, save_hf
+from trtglm.cli import main
+from trtglm.core.errors import UsageError
+from trtglm.core.memory import parse_size
+from trtglm.engine.build import build
+from trtglm.engine.stage_graphs import LayerMap, map_layers
+from trtglm.engine.stage_plan import BUILD_BASE_BYTES, BUILD_FACTOR, build_peak, plan_stages, smallest_budget
+from trtglm.export.exporter import export
+from trtglm.runtime.backends import OrtBackend, open_backend
+from trtglm.runtime.generate import generate
+from trtglm.runtime.staged import StagedBackend
+
+PROMPTS = [[5, 17, 99, 3, 42, 8, 150], [11, 12], [77, 1, 60, 61]]
+
+
+def one_layer_per_stage(export_dir) -> str:
+    """The smallest budget for the export's fp32 graph: every stage one layer."""
+    return str(smallest_budget(map_layers(ir.load(export_dir / "model.onnx"))))
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """A 5-layer GLM-4 export (fp32): cut into 2 and into 5 stages."""
+    root = tmp_path_factory.mktemp("deep")
+    ckpt = save_hf(hf_model("glm4", seed=3, num_hidden_layers=5), root / "ckpt")
+    export(str(ckpt), root / "e", validate=False, max_seq_len=48)
+    return root / "e"
+
+
+def assert_same_steps(whole, staged, atol=1e-5):
+    """Prefill of a left-padded batch, then 3 decode steps: the same logits."""
+    ids, mask, pos = left_padded(PROMPTS)
+    a, cache_a = whole.forward(ids, mask, pos, whole.new_cache(3))
+    b, cache_b = staged.forward(ids, mask, pos, staged.new_cache(3))
+    np.testing.assert_allclose(b, a, atol=atol, rtol=0)
+    for step in range(3):
+        mask, pos = np.concatenate([mask, np.ones((3, 1), np.int64)], 1), pos[:, -1:] + 1
+        token = np.array([[3 + step], [40], [7 * step]])
+        a, cache_a = whole.forward(token, mask, pos, cache_a)
+        b, cache_b = staged.forward(token, mask, pos, cache_b)
+        np.testing.assert_allclose(b, a, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["glm", "glm4", "chatglm"])
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+@pytest.mark.parametrize("logits", ["all", "last"])
+def test_stages_compute_what_the_whole_graph_does(exports, tmp_path, family, kv_cache, logits):
+    shapes = {"shapes": {"kv_cache": kv_cache, "logits": logits, "max_seq_len": 48}}
+    build(exports[family], tmp_path / "whole", onnx_only=True, overrides=shapes)
+    budget = one_layer_per_stage(exports[family])
+    manifest = build(exports[family], tmp_path / "staged", onnx_only=True,
+                     overrides={**shapes, "builder": {"max_memory": budget}})
+    assert [s["layers"] for s in manifest["stages"]] == [[0, 1], [1, 2]]
+    assert not (tmp_path / "staged" / "model.onnx").exists()  # the weights are kept once, in the stages
+    staged = OrtBackend.from_build(tmp_path / "staged")
+    assert isinstance(staged, StagedBackend) and len(staged.stages) == 2
+    assert staged.stages[1].entry == ["hidden.1"] and staged.stages[0].exit == ["hidden.1"]
+    assert_same_steps(OrtBackend.from_build(tmp_path / "whole"), staged)
+
+
+def test_five_stages_generate_what_the_whole_graph_does(deep, tmp_path):
+    build(deep, tmp_path / "whole", onnx_only=True)
+    manifest = build(deep, tmp_path / "staged", onnx_only=True,
+                     overrides={"builder": {"max_memory": one_layer_per_stage(deep)}})
+    assert [s["layers"] for s in manifest["stages"]] == [[i, i + 1] for i in range(5)]
+    # every stage reads only its own layers' cache, and passes one tensor: the residual stream
+    for s in manifest["stages"]:
+        first, end = s["layers"]
+        assert {n.split(".")[1] for n in s["inputs"] if n.startswith("past_key_values.")} == {
+            str(i) for i in range(first, end)}
+        assert [n for n in s["inputs"] if n.startswith("hidden.")] == ([f"hidden.{first}"] if first else [])
+    whole, staged = OrtBackend.from_build(tmp_path / "whole"), OrtBackend.from_build(tmp_path / "staged")
+    assert_same_steps(whole, staged)
+    assert generate(staged, PROMPTS, max_new_tokens=6).tokens == generate(whole, PROMPTS, max_new_tokens=6).tokens
+    # the embedding is in the first stage only, lm_head in the last only
+    weights = [set(ir.load(tmp_path / "staged" / "stages" / s["dir"] / "model.onnx").graph.initializers)
+               for s in manifest["stages"]]
+    assert "model.embed_tokens.weight" in weights[0] and not any("model.embed_tokens.weight" in w for w in weights[1:])
+    assert "lm_head.weight" in weights[-1] and not any("lm_head.weight" in w for w in weights[:-1])
+
+
+def test_budget_decides_the_stages():
+    layers = LayerMap(6, {}, [100 << 20] * 6, head_bytes=300 << 20, tail_bytes=300 << 20)
+    limit = lambda weights: build_peak(weights)  # noqa: E731 - the budget that holds `weights` exactly
+    assert plan_stages(layers, limit(1500 << 20)).ranges == [(0, 6)]  # everything in one
+    plan = plan_stages(layers, limit(500 << 20))
+    assert plan.ranges == [(0, 2), (2, 5), (5, 6)]  # embedding + 2 layers, 3 layers, 1 layer + lm_head
+    assert plan.weight_bytes == [500 << 20, 300 << 20, 400 << 20] and plan.peak <= limit(500 << 20)
+    assert smallest_budget(layers) == limit(400 << 20)
+    with pytest.raises(UsageError, match=r"smallest that works is \d\.\d\d GiB") as e:
+        plan_stages(layers, limit(400 << 20) - 1)
+    assert "--max-memory" in e.value.hint
+    assert build_peak(1 << 30) == BUILD_BASE_BYTES + BUILD_FACTOR * (1 << 30)
+
+
+def test_sizes():
+    assert parse_size("12G") == parse_size("12GiB") == 12 << 30
+    assert parse_size("12GB") == 12 * 10**9 and parse_size("800m") == 800 << 20 and parse_size(4096) == 4096
+    for bad in ("", "12X", "-1G", "0", "G", True, 1.5):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_budget_too_small_is_refused_before_work(exports, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["build", str(exports["glm4"]), "-o", str(tmp_path / "b"), "--onnx-only", "--max-memory", "100M"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "too small" in err and "smallest that works is" in err, err
+    assert not (tmp_path / "b").exists() and not list(tmp_path.iterdir())
+    with pytest.raises(SystemExit) as exc:
+        main(["build", str(exports["glm4"]), "-o", str(tmp_path / "b"), "--onnx-only", "--max-memory", "12Q"])
+    assert exc.value.code == 2 and "builder.max_memory" in capsys.readouterr().err
+
+
+def test_disk_too_small_is_refused_before_writing(exports, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(SystemExit) as exc:
+        main(["build", str(exports["glm4"]), "-o", str(tmp_path / "b"), "--onnx-only"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "of disk" in err and "1000" not in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failed_staged_build_leaves_nothing(exports, tmp_path, monkeypatch):
+    import trtglm.engine.build as b
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(b, "cut_build", fail)
+    with pytest.raises(KeyboardInterrupt):
+        build(exports["glm4"], tmp_path / "b", onnx_only=True,
+              overrides={"builder": {"max_memory": one_layer_per_stage(exports["glm4"])}})
+    assert not list(tmp_path.iterdir())
+
+
+def test_staged_engine_build_one_engine_per_stage(exports, tmp_path, capsys):
+    """TensorRT-RTX builds each stage's engine for sm89 in a process of its own; the build is verified, inspected,
+    cached (a second build restores every stage) and runs its stage graphs on ONNX Runtime without a GPU."""
+    budget = str(smallest_budget(map_layers(ir.load(exports["glm4"] / "model.onnx"))) // 2 + BUILD_BASE_BYTES // 2)
+    args = ["build", str(exports["glm4"]), "--fp16", "--target", "sm89", "--max-memory", budget,
+            "--cache-dir", str(tmp_path / "cache"), "--json"]
+    main([*args, "-o", str(tmp_path / "b")])
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["stage"] == "engine" and len(manifest["stages"]) == 2
+    for s in manifest["stages"]:
+        stage = tmp_path / "b" / "stages" / s["dir"]
+        assert (stage / "model.engine").stat().st_size == s["engine"]["bytes"] > 0
+        assert s["engine"]["peak_rss_bytes"] > 0 and s["engine"]["kernels"] > 0
+        assert f"stages/{s['dir']}/model.engine" in manifest["files"]["sha256"]
+    assert manifest["engine"]["bytes"] == sum(s["engine"]["bytes"] for s in manifest["stages"])
+    main(["verify", str(tmp_path / "b")])
+    assert "stages/01/model.engine" in capsys.readouterr().out
+    main(["inspect", str(tmp_path / "b")])
+    out = capsys.readouterr().out
+    assert "stages: 2 within a budget" in out and "stage 1: layers 1-1" in out, out
+    main([*args, "-o", str(tmp_path / "again")])
+    again = json.loads(capsys.readouterr().out)
+    assert again["cache"]["hit"] and (tmp_path / "again" / "stages" / "01" / "model.engine").is_file()
+    backend, why = open_backend(tmp_path / "b")
+    assert isinstance(backend, StagedBackend) and "2 stages" in why
+    assert len(generate(backend, PROMPTS, max_new_tokens=3).tokens[0]) == 3
