@@ -19,6 +19,8 @@ SHAPES = {  # GLM-4 proportions: 2 KV heads, MLP about 3x hidden
     "100M": dict(hidden=640, layers=12, heads=10, kv_heads=2, intermediate=2048, vocab=32000),
     "400M": dict(hidden=1024, layers=20, heads=16, kv_heads=2, intermediate=4096, vocab=64000),
     "1.5B": dict(hidden=2048, layers=24, heads=16, kv_heads=2, intermediate=6144, vocab=64000, head_dim=128),
+    # GLM-4-9B-0414's shape
+    "9B": dict(hidden=4096, layers=40, heads=32, kv_heads=2, intermediate=13696, vocab=151552, head_dim=128),
 }
 
 # Runs a command and reports its own wall time and the peak RSS of that child alone.
