@@ -205,3 +205,51 @@ def test_compare_backends_through_the_simulation(builds, monkeypatch, cache_home
     result = compare_backends(engine, OrtBackend.from_build(builds["static", "split"]), PROMPTS, new_tokens=6)
     assert result.steps == 3 * 6 and result.decided > 0 and result.passed(2e-2), result
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def staged(builds, tmp_path_factory):
+    """kv_cache -> an fp16 engine build of the same export in 2 stages (one layer each), split profiles."""
+    import onnx_ir as ir
+
+    from trtglm.engine.stage_graphs import map_layers
+    from trtglm.engine.stage_plan import smallest_budget
+
+    export_dir = builds["dynamic", "single"].parent / "e"
+    budget = smallest_budget(map_layers(ir.load(export_dir / "model.onnx")))
+    root = tmp_path_factory.mktemp("staged")
+    for kv_cache in ("dynamic", "static"):
+        build(export_dir, root / kv_cache, use_cache=False, overrides={
+            "shapes": {"max_batch": 3, "max_input_len": 16, "max_seq_len": 64, "kv_cache": kv_cache,
+                       "profiles": "split" if kv_cache == "static" else "single"},
+            "builder": {"max_memory": str(budget)}})
+    return {kv_cache: root / kv_cache for kv_cache in ("dynamic", "static")}
+
+
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_staged_engines_chain_like_onnx_runtime(builds, staged, kv_cache, monkeypatch, cache_home):
+    """The runner chains a staged build's engines: the first stage's hidden states stay on the device and the
+    second stage reads them where they are; tokens equal ONNX Runtime's over the same stage graphs, and over the
+    whole graph's build."""
+    from trtglm.runtime.staged import StagedBackend
+
+    build_dir = staged[kv_cache]
+    trt = install(monkeypatch, build_dir)
+    engine, why = open_backend(build_dir, "trt")
+    assert why == "TensorRT engine (2 stages)" and isinstance(engine, StagedBackend)
+    assert trt.DESERIALIZED == [build_dir / "stages" / "00", build_dir / "stages" / "01"]
+    first, second = engine.stages
+    assert first.entry == ["input_ids"] and first.exit == ["hidden.1"] and first.vocab_size is None
+    assert second.entry == ["hidden.1"] and "hidden.1" not in second._dev  # no buffer of its own: it reads first's
+    ort = OrtBackend.from_build(build_dir)
+    whole = OrtBackend.from_build(builds[kv_cache, "split" if kv_cache == "static" else "single"])
+    got = generate(engine, PROMPTS, max_new_tokens=10).tokens
+    assert got == generate(ort, PROMPTS, max_new_tokens=10).tokens == generate(whole, PROMPTS, max_new_tokens=10).tokens
+    assert second.context.addresses["hidden.1"] == int(first._dev["hidden.1"])
+    kept = make_prefix(engine, [3, 1, 4, 1, 5]) if kv_cache == "static" else None
+    if kept is not None:
+        assert generate(engine, PROMPTS, max_new_tokens=6, prefix=kept).tokens == generate(
+            ort, [[3, 1, 4, 1, 5] + p for p in PROMPTS], max_new_tokens=6).tokens
+    with pytest.raises(TrtglmError, match="4 rows exceed the engine's max_batch 3"):
+        generate(engine, [[1, 2]] * 4, max_new_tokens=2)
+    engine.close()

@@ -174,3 +174,21 @@ def test_staged_engine_build_one_engine_per_stage(exports, tmp_path, capsys):
     backend, why = open_backend(tmp_path / "b")
     assert isinstance(backend, StagedBackend) and "2 stages" in why
     assert len(generate(backend, PROMPTS, max_new_tokens=3).tokens[0]) == 3
+
+
+def test_stages_are_placed_on_devices_in_order_with_the_least_largest_load():
+    from trtglm.runtime.staged import place_stages
+
+    assert place_stages([5, 5, 5, 5], [0, 1]) == [0, 0, 1, 1]
+    assert place_stages([9, 1, 1, 1, 1, 1, 1], [0, 1]) == [0, 1, 1, 1, 1, 1, 1]
+    assert place_stages([3, 3, 3], [2, 5, 7]) == [2, 5, 7]
+    assert place_stages([3, 3], [0, 1, 2]) == [0, 1]  # more devices than stages
+    assert place_stages([4, 1, 1, 4], [0]) == [0, 0, 0, 0]
+    for sizes in ([7, 2, 5, 3, 8, 1, 4], [1] * 9, [10, 1, 10, 1, 10]):  # exhaustively the best split in 3
+        import itertools
+
+        placed = place_stages(sizes, [0, 1, 2])
+        loads = lambda cut: max(sum(sizes[a:b]) for a, b in zip((0, *cut), (*cut, len(sizes))))  # noqa: E731
+        best = min(loads(c) for c in itertools.combinations(range(1, len(sizes)), 2))
+        assert max(sum(s for s, d in zip(sizes, placed) if d == dev) for dev in (0, 1, 2)) == best
+        assert placed == sorted(placed)

@@ -27,12 +27,18 @@ import numpy as np
 
 from . import cuda
 
-ENGINES: dict[str, Path] = {}
+ENGINES: dict[str, tuple[Path, int | None]] = {}  # sha256 -> build dir, stage (None: the build's one engine)
 EVENTS: list[str] = []  # destruction order of contexts and runtime caches ("context", "runtime cache")
 
 
 def register(build_dir: Path) -> None:
-    ENGINES[hashlib.sha256((Path(build_dir) / "model.engine").read_bytes()).hexdigest()] = Path(build_dir)
+    """The build's engine, or each engine of a staged build."""
+    build_dir = Path(build_dir)
+    stages = json.loads((build_dir / "manifest.json").read_text()).get("stages") or []
+    engines = [(build_dir / "stages" / s["dir"] / "model.engine", i) for i, s in enumerate(stages)] or [
+        (build_dir / "model.engine", None)]
+    for engine, stage in engines:
+        ENGINES[hashlib.sha256(engine.read_bytes()).hexdigest()] = (build_dir, stage)
 
 
 class Logger:
@@ -98,13 +104,16 @@ class Runtime:
         self.module = None  # set by the module that made it
 
     def deserialize_cuda_engine(self, data: bytes):
-        build = ENGINES.get(hashlib.sha256(bytes(data)).hexdigest())
-        return None if build is None else Engine(build, self.module)
+        known = ENGINES.get(hashlib.sha256(bytes(data)).hexdigest())
+        return None if known is None else Engine(*known, self.module)
 
 
 class Engine:
-    def __init__(self, build_dir: Path, module):
+    def __init__(self, build_dir: Path, stage: int | None, module):
         manifest = json.loads((build_dir / "manifest.json").read_text())
+        if stage is not None:  # one stage's engine: its own io, profiles and graph
+            manifest = manifest["stages"][stage]
+            build_dir = build_dir / "stages" / manifest["dir"]
         self._module = module
         self._rtx = module.__name__ == "tensorrt_rtx"
         self._inputs = {s["name"]: s for s in manifest["io"]["inputs"]}

@@ -40,7 +40,16 @@ from .directory import ENGINE_FILE, ENGINE_ONNX_FILE, MANIFEST_FILE, MANIFEST_VE
 from .engine_job import write_engine
 from .last_logits import keep_last_position
 from .stage_plan import StagePlan
-from .staged_build import STAGES_DIR, WEIGHT_BYTES, build_stage_engines, check_disk, cut_build, default_budget, stage_plan
+from .staged_build import (
+    STAGES_DIR,
+    WEIGHT_BYTES,
+    build_stage_engines,
+    check_disk,
+    cut_build,
+    default_budget,
+    stage_plan,
+    stage_profiles,
+)
 from .static_cache import make_static
 from .tensorrt import check_features, check_targets, import_backend
 
@@ -274,7 +283,8 @@ def _build_into(tmp: Path, plan: BuildPlan, progress: Progress) -> dict:
     if plan.staged:
         with progress.step(f"cutting into {len(plan.stages.ranges)} stages"):
             hidden = meta["config"]["hidden_size"] if meta else None
-            stages = [s.to_dict() for s in cut_build(tmp, plan.stages, hidden)]
+            stages = [s.to_dict() | {"io": _io(meta, describe_onnx(s.path))}
+                      for s in cut_build(tmp, plan.stages, hidden)]
     manifest = {
         "format_version": MANIFEST_VERSION,
         "stage": "onnx" if plan.onnx_only else "engine",
@@ -377,9 +387,12 @@ def _engine_stages(tmp: Path, plan: BuildPlan, stages: list[dict], shapes, progr
 
         built = build_stage_engines(tmp, stages, shapes.profiles, plan.source.meta["config"]["hidden_size"],
                                     plan.recipe.builder, plan.dtype, on_stage)
+    hidden = plan.source.meta["config"]["hidden_size"]
     for stage, summary in zip(stages, built):
         stage["engine"] = summary["engine"] | {"peak_rss_bytes": summary["peak_rss_bytes"]}
         stage["engine_graph"] = summary["engine_graph"]
+        stage["profiles"] = [{name: [list(d) for d in dims] for name, dims in p.items()}
+                             for p in stage_profiles(shapes.profiles, stage["inputs"], hidden)]
     first = built[0]
     total = {k: sum(s["engine"][k] for s in built) for k in ("bytes", "network_layers", "engine_layers", "kernels",
                                                              "tensorrt_build_seconds")}

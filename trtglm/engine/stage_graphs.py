@@ -150,16 +150,20 @@ def _stage(onnx_path: Path, out_dir: Path, index: int, layers: tuple[int, int], 
     outputs = [v for v in graph.outputs if v.producer() is not None
                and first <= (layer_map.place[v.producer()] or 0) < end]
     cache = next(v for v in graph.inputs if v.name.startswith("past_key_values."))
-    shape = ir.Shape(["batch", "sequence", hidden_size])
+
+    def shape(value) -> ir.Shape:  # [batch, sequence, width], named as the graph's inputs name them
+        width = value.shape[-1] if value.shape is not None and isinstance(value.shape[-1], int) else hidden_size
+        return ir.Shape(["batch", "sequence", width])
+
     for j, name in enumerate(leaving):
         value = values[name]
         value.name = boundary_name(end, j)
-        value.type, value.shape = value.type or cache.type, value.shape or shape
+        value.type, value.shape = value.type or cache.type, shape(value)
         outputs.append(value)
     new_inputs = []
     for j, name in enumerate(entering):
         old = values[name]
-        new = ir.Value(name=boundary_name(first, j), type=old.type or cache.type, shape=old.shape or shape)
+        new = ir.Value(name=boundary_name(first, j), type=old.type or cache.type, shape=shape(old))
         for node, i in list(old.uses()):
             if layer_map.place[node] is not None and layer_map.place[node] >= first:
                 node.replace_input_with(i, new)

@@ -21,7 +21,7 @@ from ..engine.static_cache import CACHE_POSITION, step_inputs
 from ..engine.tensorrt import gpu_compute_capability
 from .cache_window import window
 from .integer_gemm import NO_QDQ_FUSION, lower, select_form
-from .trt import TrtBackend, unavailable_reason
+from .trt import open_engines, unavailable_reason
 from .staged import StagedBackend
 
 
@@ -335,7 +335,8 @@ def open_backend(build_dir: str | Path, kind: str = "auto", threads: int = 0,
     if kind in ("auto", "trt"):
         reason = unavailable_reason(build)
         if reason is None:
-            return TrtBackend(build, cuda_graphs=cuda_graphs), f"TensorRT engine{graphs}"
+            stages = f" ({len(build.stages)} stages)" if build.stages else ""
+            return open_engines(build, cuda_graphs=cuda_graphs), f"TensorRT engine{stages}{graphs}"
         if kind == "trt":
             raise TrtglmError(f"--backend trt: {reason}")
         try:

@@ -50,3 +50,26 @@ class StagedBackend:
     def close(self) -> None:
         for stage in reversed(self.stages):
             stage.close()
+
+
+def place_stages(stage_bytes: list[int], devices: list[int]) -> list[int]:
+    """The device of each stage: consecutive stages per device (hidden states cross a device boundary once per
+    device), the largest device load as small as it can be. Fewer stages than devices leave devices unused."""
+    if not devices:
+        raise ValueError("no devices to place stages on")
+    n, k = len(stage_bytes), min(len(devices), len(stage_bytes))
+    prefix = [0]
+    for size in stage_bytes:
+        prefix.append(prefix[-1] + size)
+    # best[j][i]: the smallest largest load of the first i stages on j devices, and where the last group starts
+    best = [[(float("inf"), 0)] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = (0, 0)
+    for j in range(1, k + 1):
+        for i in range(j, n + 1):
+            best[j][i] = min((max(best[j - 1][s][0], prefix[i] - prefix[s]), s) for s in range(j - 1, i))
+    out, i = [0] * n, n
+    for j in range(k, 0, -1):
+        start = best[j][i][1]
+        out[start:i] = [devices[j - 1]] * (i - start)
+        i = start
+    return out

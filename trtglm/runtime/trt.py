@@ -24,7 +24,7 @@ import numpy as np
 from ..core.dtypes import BY_NUMPY
 from ..core.errors import TrtglmError
 from ..core.files import atomic_file, cache_dir
-from ..engine.directory import BuildDir
+from ..engine.directory import ENGINE_FILE, BuildDir
 from ..engine.inspect import verify
 from ..engine.static_cache import CACHE_POSITION, step_inputs
 from ..engine.tensorrt import (
@@ -49,7 +49,8 @@ class Buffer:
 
 
 def plan_buffers(manifest: dict) -> dict[str, Buffer]:
-    """Every IO tensor at the largest shape any profile allows (one allocation per session)."""
+    """Every IO tensor of one engine (a build's manifest, or a staged build's stage entry) at the largest shape
+    any profile allows (one allocation per session)."""
     io, profiles = manifest.get("io"), manifest.get("profiles")
     if not io or not profiles:
         raise TrtglmError("manifest has no IO spec or profiles: not an engine build")
@@ -60,7 +61,7 @@ def plan_buffers(manifest: dict) -> dict[str, Buffer]:
     out = {}
     for spec in io["inputs"]:
         out[spec["name"]] = Buffer(spec["name"], spec["dtype"], largest[spec["name"]])
-    batch, tokens = largest["input_ids"]
+    batch, tokens = largest["position_ids"]
     total = largest["attention_mask"][1]
     for spec in io["outputs"]:
         dims = []
@@ -75,10 +76,8 @@ def unavailable_reason(build: BuildDir | str | Path, cc: str | None | bool = Fal
     """Why the engine cannot run here (None: it can). `cc` overrides GPU detection (tests)."""
     build = build if isinstance(build, BuildDir) else BuildDir(build)
     manifest = build.manifest
-    if build.stages:
-        return (f"the build is in {len(build.stages)} stages, and the engine runner runs builds of one engine "
-                "(its stage graphs run on ONNX Runtime)")
-    if not build.engine.is_file():
+    engines = [d / ENGINE_FILE for d in build.stages] or [build.engine]
+    if not all(e.is_file() for e in engines):
         return "the build has no engine (it was built with --onnx-only)"
     cc = gpu_compute_capability() if cc is False else cc
     if cc is None:
@@ -112,9 +111,18 @@ def cuda_graph_refusal(trt) -> str | None:
     return None
 
 
-def runtime_cache_file(manifest: dict) -> Path:
-    """Where TensorRT-RTX's runtime cache of one engine lives (its kernels compiled for this machine's GPU)."""
-    return cache_dir() / "runtime" / f"{manifest['files']['sha256']['model.engine'][:32]}.bin"
+def runtime_cache_file(manifest: dict, engine: str = ENGINE_FILE) -> Path:
+    """Where TensorRT-RTX's runtime cache of one engine lives (its kernels compiled for this machine's GPU);
+    `engine` is the engine file's name in the build (a staged build's: stages/NN/model.engine)."""
+    return cache_dir() / "runtime" / f"{manifest['files']['sha256'][engine][:32]}.bin"
+
+
+@dataclass(frozen=True)
+class DeviceTensor:
+    """Hidden states a stage left on the device for the next one: where, and their shape."""
+
+    address: int
+    shape: tuple[int, ...]
 
 
 @dataclass
@@ -127,18 +135,24 @@ class TrtCache:
 class TrtBackend:
     """The engine as a `Backend`. Each step picks the optimization profile that admits its shapes (split
     profiles: prefill, then decode); a step no profile admits, or a batch past the engine's limits, is refused
-    with one line before anything reaches the device."""
+    with one line before anything reaches the device. `stage`: one stage's engine of a staged build, which reads
+    and writes hidden states (`open_engines` chains them)."""
 
     name = "trt"
     int8_gemm = None  # TensorRT's own int8 kernels
 
-    def __init__(self, build_dir: str | Path, cuda_graphs: bool = False):
+    def __init__(self, build_dir: str | Path, cuda_graphs: bool = False, stage: int | None = None,
+                 verified: bool = False):
         import pycuda.autoinit  # noqa: F401 - creates the context
         import pycuda.driver as cuda
 
         build = build_dir if isinstance(build_dir, BuildDir) else BuildDir(build_dir)
-        verify(build.path, deserialize=False)  # hashes, with clear messages; the engine is deserialized once, here
+        if not verified:  # hashes, with clear messages; the engine is deserialized once, here
+            verify(build.path, deserialize=False)
         manifest = build.manifest
+        spec = manifest if stage is None else manifest["stages"][stage]  # this engine's io and profiles
+        engine_file = build.engine if stage is None else build.stages[stage] / ENGINE_FILE
+        engine_name = str(engine_file.relative_to(build.path))
         backend = manifest.get("backend") or {}
         trt = import_backend(backend.get("name", "auto"))  # the module that built it, never the automatic choice
         mismatch = version_mismatch(trt, backend)
@@ -146,32 +160,38 @@ class TrtBackend:
             raise TrtglmError(mismatch, hint="rebuild the engine here")
         self._cuda, self._trt = cuda, trt
         self._logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(build.engine.read_bytes())
+        self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(engine_file.read_bytes())
         if self.engine is None:
-            raise TrtglmError(f"{build.engine}: TensorRT could not load it on this GPU")
-        _check_io(self.engine, manifest, trt)
+            raise TrtglmError(f"{engine_file}: TensorRT could not load it on this GPU")
+        _check_io(self.engine, spec, trt)
         self.profiles = _profiles(self.engine, trt)
-        self._widths = [p["input_ids"][1][1] - p["input_ids"][0][1] for p in self.profiles]  # new tokens allowed
-        self._runtime_cache, self._runtime_cache_file = None, runtime_cache_file(manifest)
+        self._widths = [p["position_ids"][1][1] - p["position_ids"][0][1] for p in self.profiles]  # new tokens
+        self._runtime_cache, self._runtime_cache_file = None, runtime_cache_file(manifest, engine_name)
         self.context = self._execution_context(cuda_graphs)
         self.stream = cuda.Stream()
-        self.buffers = plan_buffers(manifest)
+        self.buffers = plan_buffers(spec)
         self.max_seq_len = int(manifest["max_seq_len"])
-        self.max_batch = max(p["input_ids"][1][0] for p in self.profiles)
-        self.max_input_len = max(p["input_ids"][1][1] for p in self.profiles)
-        self.vocab_size = self.buffers["logits"].max_shape[-1]
+        self.max_batch = max(p["position_ids"][1][0] for p in self.profiles)
+        self.max_input_len = max(p["position_ids"][1][1] for p in self.profiles)
+        inputs = {s["name"] for s in spec["io"]["inputs"]}
+        self.entry = [n for n in self.buffers if n in inputs and (n == "input_ids" or n.startswith("hidden."))]
+        self.exit = [s["name"] for s in spec["io"]["outputs"] if not s["name"].startswith("present.")]
+        self.vocab_size = self.buffers["logits"].max_shape[-1] if self.exit == ["logits"] else None
         self.past_names = [n for n in self.buffers if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         self.static = CACHE_POSITION in self.buffers
         self._slots = self.buffers[self.past_names[0]].max_shape[2]  # static: the cache's fixed length
+        # a stage's hidden-state input is read where the stage before left it: no buffer of its own
         self._dev = {n: cuda.mem_alloc(b.nbytes) for n, b in self.buffers.items()
-                     if not n.startswith(("past_key_values.", "present."))}
+                     if not n.startswith(("past_key_values.", "present.")) and not (
+                         n in inputs and n.startswith("hidden."))}
         self._sets = [[cuda.mem_alloc(self.buffers[n].nbytes) for n in self.present_names]
                       for _ in range(1 if self.static else 2)]
         if self.static:  # empty slots are masked, but 0 x NaN of uninitialized memory would still be NaN
             for buffer, name in zip(self._sets[0], self.present_names):
                 cuda.memset_d8(buffer, 0, self.buffers[name].nbytes)
-        self._logits = cuda.pagelocked_empty(math.prod(self.buffers["logits"].max_shape), np.float32)
+        self._logits = cuda.pagelocked_empty(math.prod(self.buffers["logits"].max_shape), np.float32) \
+            if self.vocab_size else None
         self._elt = BY_NUMPY[self.buffers[self.past_names[0]].dtype].bytes
         self._kv, self._d = self.buffers[self.past_names[0]].max_shape[1], self.buffers[self.past_names[0]].max_shape[3]
 
@@ -238,7 +258,8 @@ class TrtBackend:
         return None
 
     def _shapes(self, batch: int, tokens: int, past: int) -> dict[str, tuple[int, ...]]:
-        shapes = {"input_ids": (batch, tokens), "position_ids": (batch, tokens)}
+        shapes = {name: (batch, tokens, *self.buffers[name].max_shape[2:]) for name in self.entry}
+        shapes["position_ids"] = (batch, tokens)
         positions = self._positions(past)
         shapes["attention_mask"] = (batch, self._positions(past + tokens))
         if self.static:
@@ -267,20 +288,25 @@ class TrtBackend:
         return self._sets[1] if buffers is self._sets[0] and not self.static else self._sets[0]
 
     def forward(self, input_ids, attention_mask, position_ids, cache: TrtCache):
+        """One step; `input_ids` is a later stage's hidden states (name -> DeviceTensor) instead. Returns the
+        logits (host), or a stage's hidden states left on the device, and the cache."""
         cuda = self._cuda
-        b, s = input_ids.shape
+        hidden = input_ids if isinstance(input_ids, dict) else {}
+        b, s = next(iter(hidden.values())).shape[:2] if hidden else input_ids.shape
         reason, shapes, profile = self._step(b, s, cache.length)
         if reason:
             raise TrtglmError(f"the engine cannot run this step: {reason}")
         if profile != self.context.active_optimization_profile and \
                 not self.context.set_optimization_profile_async(profile, self.stream.handle):
             raise TrtglmError(f"TensorRT refused optimization profile {profile}")
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        feeds = {"attention_mask": attention_mask, "position_ids": position_ids} | (
+            {} if hidden else {"input_ids": input_ids})
         if self.static:  # the mask covers every slot; the new tokens go to slot cache.length
             feeds |= step_inputs(attention_mask, cache.length, self._slots)
         hosts = {name: np.ascontiguousarray(array, dtype=np.int64) for name, array in feeds.items()}
         out = self._other(cache.buffers)
-        addresses = {name: int(self._dev[name]) for name in hosts} | {"logits": int(self._dev["logits"])}
+        addresses = {name: int(self._dev[name]) for name in [*hosts, *self.exit]} | {
+            name: tensor.address for name, tensor in hidden.items()}
         for i, (past, present) in enumerate(zip(self.past_names, self.present_names)):
             addresses[past], addresses[present] = int(cache.buffers[i]), int(out[i])
         for name, shape in shapes.items():
@@ -293,6 +319,10 @@ class TrtBackend:
         if not self.context.execute_async_v3(self.stream.handle):
             raise TrtglmError(f"TensorRT failed to run the engine step (batch {b}, {s} new tokens after "
                               f"{cache.length} cached, profile {profile})")
+        if self.vocab_size is None:  # a stage's hidden states, read by the next stage once this one is done
+            self.stream.synchronize()
+            return ({name: DeviceTensor(int(self._dev[name]), tuple(self.context.get_tensor_shape(name)))
+                     for name in self.exit}, TrtCache(b, cache.length + s, out))
         shape = tuple(self.context.get_tensor_shape("logits"))  # [b, s, V], or [b, 1, V] with `logits: last`
         n = math.prod(shape)
         cuda.memcpy_dtoh_async(self._logits[:n], self._dev["logits"], self.stream)
@@ -340,9 +370,20 @@ def _profiles(engine, trt) -> list[dict[str, tuple[tuple[int, ...], tuple[int, .
 def _describe(profiles: list[dict]) -> str:
     parts = []
     for i, p in enumerate(profiles):
-        (_, s_lo), (_, s_hi) = p["input_ids"]
+        (_, s_lo), (_, s_hi) = p["position_ids"]
         parts.append(f"profile {i}: {s_lo}-{s_hi} new tokens")
     return "; ".join(parts)
+
+
+def open_engines(build: BuildDir, cuda_graphs: bool = False):
+    """The build's engine, or a staged build's engines chained (hashes checked once for all of them)."""
+    if not build.stages:
+        return TrtBackend(build, cuda_graphs=cuda_graphs)
+    from .staged import StagedBackend
+
+    verify(build.path, deserialize=False)
+    return StagedBackend([TrtBackend(build, cuda_graphs=cuda_graphs, stage=i, verified=True)
+                          for i in range(len(build.stages))])
 
 
 def _check_io(engine, manifest: dict, trt) -> None:
