@@ -354,6 +354,7 @@ def _sharded(checkpoints, tmp_path_factory):
 
 @given(st.sampled_from(["drop", "rename", "point", "value"]), st.integers(0, 10**6), JSON)
 @example("point", 0, "../model.safetensors")
+@example("point", 0, "\n")
 @example("point", 0, "missing.safetensors")
 @example("value", 0, {"weight_map": {"a": None}})
 @example("value", 0, {"weight_map": []})

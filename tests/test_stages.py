@@ -192,3 +192,76 @@ def test_stages_are_placed_on_devices_in_order_with_the_least_largest_load():
         best = min(loads(c) for c in itertools.combinations(range(1, len(sizes)), 2))
         assert max(sum(s for s, d in zip(sizes, placed) if d == dev) for dev in (0, 1, 2)) == best
         assert placed == sorted(placed)
+
+
+def _initializers(paths) -> dict:
+    import onnx
+    from onnx import numpy_helper
+
+    out = {}
+    for path in paths:
+        for tensor in onnx.load(path).graph.initializer:
+            out[tensor.name] = numpy_helper.to_array(tensor)
+    return out
+
+
+@pytest.fixture(scope="module")
+def deep_text(deep, tmp_path_factory):
+    """The 5-layer export with a tokenizer, for calibration."""
+    import shutil
+
+    from models import add_tokenizer
+
+    root = tmp_path_factory.mktemp("deeptext")
+    shutil.copytree(deep, root / "e")
+    add_tokenizer(root / "e")
+    return root / "e"
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4", "fp16"])
+def test_precision_stage_by_stage_equals_the_whole_conversion(deep_text, tmp_path, dtype):
+    """Each stage converted on its own (int8 calibrated on the hidden states the fp32 stages before it compute):
+    the same scales and weights as converting the whole graph, and the same logits op for op."""
+    import glob
+
+    from trtglm.engine.stage_plan import BUILD_BASE_BYTES
+    from trtglm.engine.staged_build import WEIGHT_BYTES
+
+    whole = build(deep_text, tmp_path / "whole", onnx_only=True, overrides={"precision": {"dtype": dtype},
+                                                                            "accuracy": {"gate": False}})
+    fp32 = smallest_budget(map_layers(ir.load(deep_text / "model.onnx")))
+    budget = BUILD_BASE_BYTES + int((fp32 - BUILD_BASE_BYTES) * WEIGHT_BYTES[dtype] / 4)  # one layer a stage
+    staged = build(deep_text, tmp_path / "staged", onnx_only=True, overrides={
+        "precision": {"dtype": dtype}, "accuracy": {"gate": False}, "builder": {"max_memory": str(budget)}})
+    assert len(staged["stages"]) == 5 and len(staged["precision"]["stages"]) == 5
+    assert staged["precision"].get("quantized_nodes") == whole["precision"].get("quantized_nodes")
+    a = _initializers([tmp_path / "whole" / "model.onnx"])
+    b = _initializers(sorted(glob.glob(str(tmp_path / "staged" / "stages" / "*" / "model.onnx"))))
+    names = [n for n in a if "scale" in n or n.endswith(("_quantized", "_q4", "weight"))]
+    assert names and set(names) <= set(b)
+    for name in names:
+        np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+    # the logits: staged and whole differ by far less than the precision itself moves them from fp32 (the graphs
+    # are the same node for node; ONNX Runtime rounds a few fp16 sums differently inside the larger graph)
+    build(deep_text, tmp_path / "fp32", onnx_only=True)
+    ids, mask, pos = left_padded(PROMPTS)
+    logits = {}
+    for name in ("whole", "staged", "fp32"):
+        backend = OrtBackend.from_build(tmp_path / name)
+        logits[name] = backend.forward(ids, mask, pos, backend.new_cache(3))[0]
+    staging = np.abs(logits["staged"] - logits["whole"]).max()
+    precision = np.abs(logits["whole"] - logits["fp32"]).max()
+    assert staging <= 0.5 * precision, (staging, precision)
+
+
+def test_accuracy_gate_runs_on_the_chain_of_stages(deep_text, tmp_path):
+    from trtglm.engine.stage_plan import BUILD_BASE_BYTES
+
+    fp32 = smallest_budget(map_layers(ir.load(deep_text / "model.onnx")))
+    manifest = build(deep_text, tmp_path / "b", onnx_only=True, overrides={
+        "precision": {"dtype": "int8"}, "accuracy": {"gate": True, "samples": 2, "seq_len": 16,
+                                                    "max_ppl_delta": 1.0, "min_next_token_agreement": 0.0,
+                                                    "min_logits_cosine": 0.0},
+        "builder": {"max_memory": str(BUILD_BASE_BYTES + (fp32 - BUILD_BASE_BYTES) // 4)}})
+    assert len(manifest["stages"]) == 5 and manifest["accuracy"]["gate"]["passed"]
+    assert manifest["accuracy"]["tokens"] == 2 * 16

@@ -35,6 +35,7 @@ from ..precision import CALIBRATED, Conversion, check_memory, convert
 from ..precision.calibration import CalibrationSet
 from ..runtime.backends import OrtBackend
 from ..runtime.evaluate import GateFailed, compare, judge
+from ..runtime.staged import StagedBackend
 from .builder import plan_shapes
 from .directory import ENGINE_FILE, ENGINE_ONNX_FILE, MANIFEST_FILE, MANIFEST_VERSION
 from .engine_job import write_engine
@@ -47,6 +48,7 @@ from .staged_build import (
     check_disk,
     cut_build,
     default_budget,
+    StageInputs,
     stage_plan,
     stage_profiles,
 )
@@ -269,22 +271,10 @@ def _build_into(tmp: Path, plan: BuildPlan, progress: Progress) -> dict:
     del model
     for f in source.sidecars():
         shutil.copy2(f, tmp / f.name)
-    precision = {"dtype": dtype}
-    if dtype != plan.exported:
-        precision = _precision_step(tmp, plan, progress)
-    accuracy = _gate_step(tmp, plan, progress) if plan.gate else None
-    if r.shapes.kv_cache == "static":
-        make_static(tmp / ONNX_FILE, r.shapes.max_seq_len)
-    if r.shapes.logits == "last":  # after the gate, which needs every position, and the cache's one shared mask
-
-        keep_last_position(tmp / ONNX_FILE)
-    graph = describe_onnx(tmp / ONNX_FILE)
-    stages = None
     if plan.staged:
-        with progress.step(f"cutting into {len(plan.stages.ranges)} stages"):
-            hidden = meta["config"]["hidden_size"] if meta else None
-            stages = [s.to_dict() | {"io": _io(meta, describe_onnx(s.path))}
-                      for s in cut_build(tmp, plan.stages, hidden)]
+        precision, accuracy, graph, stages = _staged_graphs(tmp, plan, progress)
+    else:
+        precision, accuracy, graph, stages = *_graph_steps(tmp, plan, progress), None
     manifest = {
         "format_version": MANIFEST_VERSION,
         "stage": "onnx" if plan.onnx_only else "engine",
@@ -296,7 +286,7 @@ def _build_into(tmp: Path, plan: BuildPlan, progress: Progress) -> dict:
         "precision": precision | {"ops": graph["initializer_dtypes"]},
         "accuracy": accuracy,
         "max_seq_len": r.shapes.max_seq_len,
-        "io": _io(meta, graph),
+        "io": _io(meta, graph) if not stages else _staged_io(stages),
         "fusion": report.to_dict() | {"strict": r.fusion.strict, "fusions": sorted(fusions)},
         "tools": tool_versions(),
         "host": platform.node(),
@@ -316,6 +306,89 @@ def _build_into(tmp: Path, plan: BuildPlan, progress: Progress) -> dict:
     return manifest
 
 
+def _graph_steps(tmp: Path, plan: BuildPlan, progress: Progress) -> tuple[dict, dict | None, dict]:
+    """The fused graph (tmp/model.onnx) through precision, the accuracy gate, the cache form and the logits:
+    (the precision record, the gate's result, the graph's description)."""
+    r = plan.recipe
+    precision = {"dtype": plan.dtype}
+    if plan.dtype != plan.exported:
+        precision = _precision_step(tmp, plan, progress)
+    accuracy = _gate_step(OrtBackend(tmp / ONNX_FILE), tmp, plan, progress) if plan.gate else None
+    if r.shapes.kv_cache == "static":
+        make_static(tmp / ONNX_FILE, r.shapes.max_seq_len)
+    if r.shapes.logits == "last":  # after the gate, which needs every position, and the cache's one shared mask
+        keep_last_position(tmp / ONNX_FILE)
+    return precision, accuracy, describe_onnx(tmp / ONNX_FILE)
+
+
+def _staged_graphs(tmp: Path, plan: BuildPlan, progress: Progress) -> tuple[dict, dict | None, dict, list[dict]]:
+    """The fused graph cut into its stages first, then each stage through the same steps: precision stage by stage
+    (calibrated on the hidden states the stages before compute, never the whole model in memory), the gate
+    on the chain of stages, the cache form in every stage, the last position's logits in the last."""
+    r, meta = plan.recipe, plan.source.meta
+    with progress.step(f"cutting into {len(plan.stages.ranges)} stages"):
+        stages = cut_build(tmp, plan.stages, meta["config"]["hidden_size"] if meta else None)
+    precision = {"dtype": plan.dtype}
+    if plan.dtype != plan.exported:
+        precision = _staged_precision(tmp, plan, stages, progress)
+    accuracy = None
+    if plan.gate:
+        chain = StagedBackend([OrtBackend(s.path) for s in stages])
+        accuracy = _gate_step(chain, tmp, plan, progress)
+    for s in stages:
+        if r.shapes.kv_cache == "static":
+            make_static(s.path, r.shapes.max_seq_len)
+    if r.shapes.logits == "last":
+        keep_last_position(stages[-1].path)
+    described = [describe_onnx(s.path) for s in stages]
+    entries = [s.to_dict() | {"io": _io(meta, d), "weight_bytes": (s.path.parent / DATA_FILE).stat().st_size}
+               for s, d in zip(stages, described)]
+    ops: dict[str, int] = {}
+    for d in described:
+        for name, n in d["initializer_dtypes"].items():
+            ops[name] = ops.get(name, 0) + n
+    return precision, accuracy, {"initializer_dtypes": ops}, entries
+
+
+def _staged_precision(tmp: Path, plan: BuildPlan, stages, progress: Progress) -> dict:
+    calibrating = plan.calibration is not None
+    records = []
+    with progress.step(f"{plan.dtype}: {'calibrating' if calibrating else 'converting'} {len(stages)} stages") as step:
+        inputs = StageInputs(stages, plan.calibration, tmp / ".stage-inputs") if calibrating else None
+        for i, stage in enumerate(stages):
+
+            def on_sample(done: int, n: int, i=i) -> None:
+                progress.update(step, completed=i * n + done, total=len(stages) * n)
+
+            data = stage.path.parent / DATA_FILE
+            graph = hashlib.sha256((sha256(stage.path) + sha256(data)).encode()).hexdigest()
+            records.append(convert(Conversion(stage.path, DATA_FILE, plan.dtype, plan.recipe.precision,
+                                              plan.calibration, plan.cache_dir / "calibration", graph, on_sample,
+                                              inputs.of(i) if inputs else None)))
+        if inputs:
+            inputs.remove()
+    combined = dict(records[0]) | {"seconds": round(sum(r["seconds"] for r in records), 2), "stages": records}
+    if "quantized_nodes" in combined:
+        combined["quantized_nodes"] = sum(r["quantized_nodes"] for r in records)
+        combined["kept_half"] = [name for r in records for name in r["kept_half"]]
+    return combined
+
+
+def _staged_io(stages: list[dict]) -> dict | None:
+    """A staged build's IO as one model's: every stage's, less the hidden states passed between them."""
+    if any(s["io"] is None for s in stages):
+        return None
+    out = {}
+    for side in ("inputs", "outputs"):
+        seen: dict[str, dict] = {}
+        for s in stages:
+            for spec in s["io"][side]:
+                if not spec["name"].startswith("hidden."):
+                    seen.setdefault(spec["name"], spec)
+        out[side] = sorted(seen.values(), key=lambda spec: spec["name"] != "logits")
+    return out
+
+
 def _precision_step(tmp: Path, plan: BuildPlan, progress: Progress) -> dict:
     calibrating = plan.calibration is not None
     with progress.step(f"{plan.dtype}: {'calibrating' if calibrating else 'converting'}") as step:
@@ -328,10 +401,10 @@ def _precision_step(tmp: Path, plan: BuildPlan, progress: Progress) -> dict:
                                   plan.cache_dir / "calibration", graph, on_sample))
 
 
-def _gate_step(tmp: Path, plan: BuildPlan, progress: Progress) -> dict:
+def _gate_step(candidate, tmp: Path, plan: BuildPlan, progress: Progress) -> dict:
     a = plan.recipe.accuracy
     with progress.step("accuracy gate"):
-        result = compare(OrtBackend(tmp / ONNX_FILE), plan.gate, load_text(tmp), a.data, a.samples, a.seq_len)
+        result = compare(candidate, plan.gate, load_text(tmp), a.data, a.samples, a.seq_len)
     result["gate"] = judge(result, a)
     if not result["gate"]["passed"]:
         raise GateFailed("accuracy gate failed: " + "; ".join(result["gate"]["failures"]) + " (nothing published)")

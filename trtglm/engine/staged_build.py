@@ -12,19 +12,22 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from ..core.dtypes import FLOATS
 from ..core.errors import TrtglmError, UsageError
 from ..core.memory import available_memory
 from .directory import STAGES_DIR
 from .stage_graphs import DATA_FILE, ONNX_FILE, LayerMap, StageGraph, cut, map_layers
-from .stage_plan import StagePlan, plan_stages
+from .stage_plan import StagePlan, plan_stages, smallest_budget
 WEIGHT_BYTES = {**{name: d.bytes for name, d in FLOATS.items()}, "int8": 1, "fp8": 1, "int4": 0.5}
 
 
 def stage_plan(onnx_path: Path, budget: int | None, dtype: str, exported: str, explicit: bool) -> StagePlan | None:
     """The stages a build of `onnx_path` (the export) in `dtype` needs within `budget` bytes (None: no limit
     known, one stage). Weights are scaled from the export's dtype to the build's. A graph whose weights are not
-    named by layer is built whole, unless the user set the budget."""
+    named by layer, or a default budget too small for any stage, is built whole; a budget the user set
+    (`explicit`) is kept or refused."""
     if budget is None:
         return None
     import onnx_ir as ir
@@ -40,6 +43,8 @@ def stage_plan(onnx_path: Path, budget: int | None, dtype: str, exported: str, e
     scale = WEIGHT_BYTES.get(dtype, 4) / WEIGHT_BYTES.get(exported, 4)
     scaled = LayerMap(layers.layers, {}, [int(b * scale) for b in layers.layer_bytes],
                       int(layers.head_bytes * scale), int(layers.tail_bytes * scale))
+    if not explicit and budget < smallest_budget(scaled):
+        return None  # the memory available now is no budget the user chose: build whole, as without one
     return plan_stages(scaled, budget)
 
 
@@ -67,6 +72,45 @@ def cut_build(tmp: Path, plan: StagePlan, hidden_size: int) -> list[StageGraph]:
     for name in (ONNX_FILE, DATA_FILE):
         (tmp / name).unlink(missing_ok=True)
     return stages
+
+
+class StageInputs:
+    """The hidden states each stage of the fp32 graph reads for every calibration window, computed stage by
+    stage (one stage's session at a time) and kept on disk under `root` (stage i, window w: i/w.npz)."""
+
+    def __init__(self, stages: list[StageGraph], calibration, root: Path):
+        import onnxruntime as ort
+
+        from ..core.graphs import describe_onnx
+        from ..precision.calibration import _feeds
+
+        self.root = root
+        root.mkdir()
+        windows = calibration.windows
+        for i, stage in enumerate(stages[:-1]):
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            session = ort.InferenceSession(str(stage.path), opts, providers=["CPUExecutionProvider"])
+            inputs = describe_onnx(stage.path)["inputs"]
+            leaving = [name for name in stage.outputs if name.startswith("hidden.")]
+            (root / str(i + 1)).mkdir()
+            for w in range(len(windows)):
+                feeds = _feeds(inputs, windows[w:w + 1]) | self.of(i)(w)
+                values = session.run(leaving, feeds)
+                np.savez(root / str(i + 1) / f"{w}.npz", **dict(zip(leaving, values)))
+            del session
+
+    def of(self, stage: int):
+        """Window index -> the hidden states stage `stage` reads (none for the first)."""
+        def load(window: int) -> dict:
+            if stage == 0:
+                return {}
+            with np.load(self.root / str(stage) / f"{window}.npz") as data:
+                return {name: data[name] for name in data.files}
+        return load
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def stage_profiles(profiles: list[dict], inputs: list[str], hidden: int) -> list[dict]:

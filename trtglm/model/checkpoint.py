@@ -123,7 +123,7 @@ def _index(path: Path) -> dict[str, TensorInfo]:
         files = sorted({path / f for f in weight_map.values()})
         for f in files:
             if not f.is_file():
-                raise CheckpointError(f"{index_file}: shard {f.name} is missing")
+                raise CheckpointError(f"{index_file}: shard {f.name!r} is missing")
     else:
         files = sorted(path.glob("*.safetensors"))
         if not files:

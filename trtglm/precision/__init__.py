@@ -58,6 +58,8 @@ class Conversion:
     cache_dir: Path  # calibration ranges, reused across builds
     graph_sha256: str  # of the graph and its weights: part of the ranges' cache key
     on_calibration: Callable[[int, int], None] | None = None  # (windows done, windows)
+    # a stage of a staged build: window index -> the hidden states the stages before computed for it
+    stage_inputs: Callable[[int], dict[str, np.ndarray]] | None = None
 
 
 def convert(job: Conversion) -> dict:
@@ -111,7 +113,7 @@ def _quantize(model: onnx.ModelProto, job: Conversion, inputs: list[dict], work:
     cache = job.cache_dir / f"{_key(job.graph_sha256, calibration, dtype)}.json"
     cache.parent.mkdir(parents=True, exist_ok=True)
     record["calibration_cache"] = {"key": cache.stem, "hit": cache.is_file()}
-    quantize_activations(job.onnx_path, work / "q.onnx", dtype, nodes, calibration.reader(inputs, job.on_calibration),
+    quantize_activations(job.onnx_path, work / "q.onnx", dtype, nodes, calibration.reader(inputs, job.on_calibration, job.stage_inputs),
                          calibration.method, cache, amax=ranges)
     return onnx.load(work / "q.onnx")
 
@@ -161,7 +163,7 @@ def _ranges(job: Conversion, inputs: list[dict]):
         with tempfile.TemporaryDirectory(prefix="trtglm-ranges-") as tmp, quiet():
             calibrator = create_calibrator(job.onnx_path, [], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                            calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
-            calibrator.collect_data(job.calibration.reader(inputs, job.on_calibration))
+            calibrator.collect_data(job.calibration.reader(inputs, job.on_calibration, job.stage_inputs))
             data = calibrator.compute_data()
         with atomic_file(cache) as partial:
             save_tensors_data(data, partial)

@@ -95,8 +95,9 @@ class CalibrationSet:
         return {"data": str(self.data), "samples": int(self.windows.shape[0]), "seq_len": int(self.windows.shape[1]),
                 "method": self.method, "tokens_sha256": self.fingerprint}
 
-    def reader(self, inputs: list[dict], on_sample=None):
-        """An ONNX Runtime CalibrationDataReader over the windows, one prefill each, KV cache empty."""
+    def reader(self, inputs: list[dict], on_sample=None, stage_inputs=None):
+        """An ONNX Runtime CalibrationDataReader over the windows, one prefill each, KV cache empty.
+        `stage_inputs(i)`: a later stage's hidden states for window i (engine/staged_build.py)."""
         from onnxruntime.quantization import CalibrationDataReader
 
         windows = self.windows
@@ -109,10 +110,11 @@ class CalibrationSet:
                 if self.i == len(windows):
                     return None
                 ids = windows[self.i:self.i + 1]
+                extra = stage_inputs(self.i) if stage_inputs else {}
                 self.i += 1
                 if on_sample:
                     on_sample(self.i, len(windows))
-                return _feeds(inputs, ids)
+                return _feeds(inputs, ids) | extra
 
             def __len__(self):
                 return len(windows)

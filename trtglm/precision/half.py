@@ -28,11 +28,12 @@ def overflowing_nodes(model: onnx.ModelProto, absmax: dict[str, float]) -> list[
 
 
 def position_only_nodes(model: onnx.ModelProto) -> list[str]:
-    """Nodes computed from position_ids or attention_mask (and constants), with no path from the tokens or the
-    KV cache: rotary angles and tables, mask construction. Rows looked up in a constant table by position
+    """Nodes computed from position_ids or attention_mask (and constants), with no path from the tokens (or a
+    stage's hidden states) or the KV cache: rotary angles and tables, mask construction. Rows looked up in a constant table by position
     (Gather) are left out: a lookup computes nothing, so the table may as well be stored in half precision."""
     positions = {"position_ids", "attention_mask"}
-    activations = {i.name for i in model.graph.input if i.name == "input_ids" or i.name.startswith("past_key_values.")}
+    activations = {i.name for i in model.graph.input  # a later stage's tokens are its hidden states
+                   if i.name == "input_ids" or i.name.startswith(("past_key_values.", "hidden."))}
     tables = {t.name for t in model.graph.initializer}
     out = []
     for node in model.graph.node:  # ONNX graphs are topologically sorted
