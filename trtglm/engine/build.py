@@ -341,8 +341,9 @@ def _staged_graphs(tmp: Path, plan: BuildPlan, progress: Progress) -> tuple[dict
     if r.shapes.logits == "last":
         keep_last_position(stages[-1].path)
     described = [describe_onnx(s.path) for s in stages]
-    entries = [s.to_dict() | {"io": _io(meta, d), "weight_bytes": (s.path.parent / DATA_FILE).stat().st_size}
-               for s, d in zip(stages, described)]
+    entries = [s.to_dict() | {"inputs": [v["name"] for v in d["inputs"]], "outputs": [v["name"] for v in d["outputs"]],
+                              "io": _io(meta, d), "weight_bytes": (s.path.parent / DATA_FILE).stat().st_size}
+               for s, d in zip(stages, described)]  # as the steps after the cut left them (a static cache's inputs)
     ops: dict[str, int] = {}
     for d in described:
         for name, n in d["initializer_dtypes"].items():

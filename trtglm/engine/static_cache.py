@@ -63,7 +63,8 @@ def make_static(onnx_path: Path, max_seq_len: int) -> int:
 
     position = ir.Value(name=CACHE_POSITION, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(["batch"]))
     graph.inputs.append(position)
-    batch = inputs["input_ids"].shape[0] if inputs["input_ids"].shape is not None else "batch"
+    ids = inputs["position_ids"]  # every stage of a staged build has it; input_ids only the first
+    batch = ids.shape[0] if ids.shape is not None else "batch"
     inputs["attention_mask"].shape = ir.Shape([batch, max_seq_len])
     for concat in concats:
         past, new = concat.inputs[0], concat.inputs[1]
@@ -81,7 +82,7 @@ def make_static(onnx_path: Path, max_seq_len: int) -> int:
         graph.remove(concat, safe=True)
         out.name = present.name
 
-    mask = _mask(graph, inputs["input_ids"], inputs["attention_mask"], position, max_seq_len, before=attention[0])
+    mask = _mask(graph, inputs["position_ids"], inputs["attention_mask"], position, max_seq_len, before=attention[0])
     for node in attention:
         node.replace_input_with(3, mask)
     model.opset_imports[""] = max(model.opset_imports.get("", OPSET), OPSET)
@@ -90,9 +91,10 @@ def make_static(onnx_path: Path, max_seq_len: int) -> int:
     return len(attention)
 
 
-def _mask(graph: ir.Graph, input_ids: ir.Value, attention_mask: ir.Value, position: ir.Value, slots: int,
+def _mask(graph: ir.Graph, tokens: ir.Value, attention_mask: ir.Value, position: ir.Value, slots: int,
           before: ir.Node) -> ir.Value:
-    """allowed [B,1,S,M] = slot <= query's slot and (slot is a real token or the query itself)."""
+    """allowed [B,1,S,M] = slot <= query's slot and (slot is a real token or the query itself); `tokens` [B,S]
+    (position_ids) gives S."""
     from ..fusion.tables import (
         add_initializer,  # not at the top: the runtime imports this module, not onnxscript
     )
@@ -108,7 +110,7 @@ def _mask(graph: ir.Graph, input_ids: ir.Value, attention_mask: ir.Value, positi
         return add_initializer(graph, array, f"static_mask.{name}")
 
     slot = const("slots", np.arange(slots, dtype=np.int64).reshape(1, 1, 1, slots))
-    seq = op("Squeeze", op("Shape", input_ids, start=1, end=2), const("axis0", np.array([0], np.int64)))
+    seq = op("Squeeze", op("Shape", tokens, start=1, end=2), const("axis0", np.array([0], np.int64)))
     offsets = op("Range", const("zero", np.array(0, np.int64)), seq, const("one", np.array(1, np.int64)))
     query = op("Add", op("Reshape", position, const("rows", np.array([-1, 1, 1, 1], np.int64))),
                op("Reshape", offsets, const("columns", np.array([1, 1, -1, 1], np.int64))))  # [B,1,S,1]
@@ -117,6 +119,6 @@ def _mask(graph: ir.Graph, input_ids: ir.Value, attention_mask: ir.Value, positi
     for node in nodes:
         graph.insert_before(before, node)
     allowed.name = "static_mask"
-    dims = input_ids.shape if input_ids.shape is not None and input_ids.shape.rank() == 2 else ["batch", "sequence"]
+    dims = tokens.shape if tokens.shape is not None and tokens.shape.rank() == 2 else ["batch", "sequence"]
     allowed.type, allowed.shape = ir.TensorType(ir.DataType.BOOL), ir.Shape([dims[0], 1, dims[1], slots])
     return allowed
