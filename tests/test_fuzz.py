@@ -45,6 +45,40 @@ def refused_cleanly(call) -> None:
         assert str(e).strip() and "\n" not in str(e).split(" (")[0], repr(e)
 
 
+def flag_sets(table: dict):
+    """One to three of `table`'s flags, each with a value from its strategy."""
+    return st.dictionaries(st.sampled_from(sorted(table)), st.just(None), min_size=1, max_size=3).flatmap(
+        lambda keys: st.fixed_dictionaries({k: table[k] for k in keys}))
+
+
+def nothing_left(out, name: str) -> bool:
+    """A refused command left neither its output nor a temporary directory beside it."""
+    return not (out / name).exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def _cli(args, capsys, flags: dict | None = None) -> tuple[int, str]:
+    """`trtglm ARGS` with `flags` appended (a None value: a switch): its exit code and stderr."""
+    from trtglm.cli import main
+
+    for flag, value in (flags or {}).items():
+        args = [*args, flag] + ([] if value is None else [str(value)])
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    return code, capsys.readouterr().err
+
+
+def _refused_or_done(code: int, err: str, codes=(0, 1, 2, 3)) -> None:
+    assert "internal error" not in err and "Traceback" not in err, err
+    assert code in codes, (code, err)
+    if code:  # trtglm's one line (then at most a hint), or click's usage error ending in its one line
+        lines = err.strip().splitlines()
+        errors = [i for i, line in enumerate(lines) if line.startswith("trtglm: ")]
+        assert len(errors) == 1 and errors[0] >= len(lines) - 2 or code == 2 and lines[-1].startswith("Error: "), err
+
+
 def mutate(document, path_and_value):
     """`document` (nested dicts) with the value at a key path replaced, deleted (None marker) or a key added."""
     out = json.loads(json.dumps(document))
@@ -239,8 +273,7 @@ RUN_FLAGS = {"--max-new-tokens": st.integers(-5, 10**12), "--temperature": st.fl
              "--repetition-penalty": st.floats(-5, 1e30), "--seed": st.integers(-5, 2**70)}
 
 
-@given(st.dictionaries(st.sampled_from(sorted(RUN_FLAGS)), st.just(None), min_size=1, max_size=3).flatmap(
-    lambda keys: st.fixed_dictionaries({k: RUN_FLAGS[k] for k in keys})))
+@given(flag_sets(RUN_FLAGS))
 @example({"--temperature": 4.844944176335469e-199})
 @example({"--temperature": float("nan")})
 @example({"--repetition-penalty": 1e-300, "--temperature": 1.0})
@@ -249,23 +282,11 @@ RUN_FLAGS = {"--max-new-tokens": st.integers(-5, 10**12), "--temperature": st.fl
 @example({"--top-p": 0.0})
 @example({"--seed": 2**70})
 def test_run_flags(built, capsys, flags):
-    from trtglm.cli import main
-
-    args = ["run", str(built / "b"), "--prompt", "hello", "--json"]
-    for flag, value in flags.items():
-        args += [flag, str(value)]
-    if "--max-new-tokens" not in flags:
-        args += ["--max-new-tokens", "2"]
-    elif flags["--max-new-tokens"] > 4:
-        args[-1] = "4"  # the value's validity is what is fuzzed, not the time it takes
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    err = capsys.readouterr().err
-    assert "internal error" not in err and "Traceback" not in err, err
-    assert code in (0, 1, 2), (code, err)
+    flags = {"--max-new-tokens": 2, **flags}
+    if flags["--max-new-tokens"] > 4:
+        flags["--max-new-tokens"] = 4  # the value's validity is what is fuzzed, not the time it takes
+    code, err = _cli(["run", str(built / "b"), "--prompt", "hello", "--json"], capsys, flags)
+    _refused_or_done(code, err, codes=(0, 1, 2))
 
 
 def test_absurd_requests_are_refused_before_memory_is_allocated(built, capsys, monkeypatch):
@@ -294,32 +315,16 @@ BUILD_FLAGS = {"--max-batch": st.integers(-2, 10**6).map(str), "--max-input-len"
                "--attention": st.sampled_from(["auto", "layer", "decomposed", "grouped", "x"])}
 
 
-def _cli(args, capsys) -> tuple[int, str]:
-    from trtglm.cli import main
-
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    return code, capsys.readouterr().err
-
-
 @slow(12)
-@given(st.dictionaries(st.sampled_from(sorted(BUILD_FLAGS)), st.just(None), min_size=1, max_size=3).flatmap(
-    lambda keys: st.fixed_dictionaries({k: BUILD_FLAGS[k] for k in keys})))
+@given(flag_sets(BUILD_FLAGS))
 @example({"--max-seq-len": "1000000000"})
 @example({"--max-batch": "0"})
 def test_build_flags(built, tmp_path_factory, capsys, flags):
     out = tmp_path_factory.mktemp("bf")
-    args = ["build", str(built / "e"), "-o", str(out / "b"), "--onnx-only"]
-    for flag, value in flags.items():
-        args += [flag, value]
-    code, err = _cli(args, capsys)
-    assert "internal error" not in err and "Traceback" not in err, err
-    assert code in (0, 1, 2, 3), (code, err)
+    code, err = _cli(["build", str(built / "e"), "-o", str(out / "b"), "--onnx-only"], capsys, flags)
+    _refused_or_done(code, err)
     if code:
-        assert not (out / "b").exists() and not [p for p in out.iterdir() if p.name.startswith(".")], err
+        assert nothing_left(out, "b"), err
 
 
 @given(st.binary(max_size=200))
@@ -396,36 +401,23 @@ def test_configs_against_their_tensors(tmp_path_factory, change):
 
 # ---------------------------------------------------------------- export, eval, bench and inspect flags
 
-def _refused_or_done(code: int, err: str, codes=(0, 1, 2, 3)) -> None:
-    assert "internal error" not in err and "Traceback" not in err, err
-    assert code in codes, (code, err)
-    if code:  # trtglm's one line (then at most a hint), or click's usage error ending in its one line
-        lines = err.strip().splitlines()
-        errors = [i for i, line in enumerate(lines) if line.startswith("trtglm: ")]
-        assert len(errors) == 1 and errors[0] >= len(lines) - 2 or code == 2 and lines[-1].startswith("Error: "), err
-
-
 EXPORT_FLAGS = {"--dtype": st.sampled_from(["fp32", "fp16", "bf16", "int8", ""]),
                 "--opset": st.integers(-2, 10**4).map(str), "--max-seq-len": st.integers(-2, 10**12).map(str)}
 
 
 @slow(8)
-@given(st.dictionaries(st.sampled_from(sorted(EXPORT_FLAGS)), st.just(None), min_size=1, max_size=3).flatmap(
-    lambda keys: st.fixed_dictionaries({k: EXPORT_FLAGS[k] for k in keys})))
+@given(flag_sets(EXPORT_FLAGS))
 @example({"--max-seq-len": str(10**9)})
 @example({"--opset": "17"})
 @example({"--max-seq-len": "0"})
 def test_export_flags(built, tmp_path_factory, capsys, flags):
     out = tmp_path_factory.mktemp("ef")
-    args = ["export", str(built / "ckpt"), "-o", str(out / "e"), "--no-validate"]
-    for flag, value in flags.items():
-        args += [flag, value]
-    code, err = _cli(args, capsys)
+    code, err = _cli(["export", str(built / "ckpt"), "-o", str(out / "e"), "--no-validate"], capsys, flags)
     _refused_or_done(code, err)
     if "--max-seq-len" in flags and not 0 < int(flags["--max-seq-len"]) <= 256:  # the model's maximum
         assert code == 2, err
     if code:
-        assert not (out / "e").exists() and not [p for p in out.iterdir() if p.name.startswith(".")], err
+        assert nothing_left(out, "e"), err
 
 
 EVAL_FLAGS = {"--samples": st.integers(-2, 10**9).map(str), "--seq-len": st.integers(-2, 10**9).map(str),
@@ -433,8 +425,7 @@ EVAL_FLAGS = {"--samples": st.integers(-2, 10**9).map(str), "--seq-len": st.inte
 
 
 @slow(12)
-@given(st.dictionaries(st.sampled_from(sorted(EVAL_FLAGS)), st.just(None), min_size=1, max_size=3).flatmap(
-    lambda keys: st.fixed_dictionaries({k: EVAL_FLAGS[k] for k in keys})),
+@given(flag_sets(EVAL_FLAGS),
     st.one_of(st.none(), st.binary(max_size=120), st.text(max_size=120).map(
         lambda t: json.dumps({"text": t}).encode())))
 @example({"--samples": "1000000000", "--seq-len": "8"}, None)
@@ -444,14 +435,11 @@ def test_eval_flags(built, tmp_path_factory, capsys, flags, data):
     flags = {"--samples": "2", **flags}
     if int(flags["--samples"]) > 2:
         flags["--samples"] = "2"  # the time it takes, not the value's validity
-    args = ["eval", str(built / "ball")]
-    for flag, value in flags.items():
-        args += [flag, value]
     if data is not None:
         f = tmp_path_factory.mktemp("ev") / "data.jsonl"
         f.write_bytes(data)
-        args += ["--data", str(f)]
-    code, err = _cli(args, capsys)
+        flags["--data"] = str(f)
+    code, err = _cli(["eval", str(built / "ball")], capsys, flags)
     _refused_or_done(code, err)
 
 
@@ -461,8 +449,7 @@ BENCH_FLAGS = {"--batch": st.integers(-2, 10**9).map(str), "--input-len": st.int
 
 
 @slow(12)
-@given(st.dictionaries(st.sampled_from(sorted(BENCH_FLAGS)), st.just(None), min_size=1, max_size=3).flatmap(
-    lambda keys: st.fixed_dictionaries({k: BENCH_FLAGS[k] for k in keys})))
+@given(flag_sets(BENCH_FLAGS))
 @example({"--batch": "1000000"})
 @example({"--input-len": "64", "--output-len": "1"})
 @example({"--cuda-graphs": None})
@@ -471,13 +458,8 @@ def test_bench_flags(built, capsys, monkeypatch, flags):
 
     # a batch that fits runs: 512 MiB keeps the ones that do small enough to run in a moment
     monkeypatch.setattr(trtglm.runtime.backends, "available_memory", lambda: 512 << 20)
-    args = ["bench", str(built / "b"), "--json"]
-    for flag, value in flags.items():
-        args += [flag] + ([] if value is None else [value])
-    for flag, cap in (("--input-len", 16), ("--output-len", 4), ("--batch", 4)):  # the time, not the validity
-        if flag not in flags:
-            args += [flag, str(min(cap, 4))]
-    code, err = _cli(args, capsys)
+    flags = {"--input-len": "4", "--output-len": "4", "--batch": "4", **flags}  # the time, not the validity
+    code, err = _cli(["bench", str(built / "b"), "--json"], capsys, flags)
     _refused_or_done(code, err)
 
 
