@@ -40,7 +40,7 @@ def write_random_checkpoint(path: str | Path, config: dict, dtype: str = "fp16",
     def flush():
         nonlocal current, size
         if current:
-            shards.append(current)
+            shards.append(list(current))  # the names only: each shard's tensors are freed once written
             save_file(current, path / f"shard-{len(shards)}.safetensors")
             current, size = {}, 0
 
