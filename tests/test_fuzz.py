@@ -216,7 +216,18 @@ def built(checkpoints, tmp_path_factory):
     export(str(root / "ckpt"), root / "e", validate=False, max_seq_len=64)
     build(root / "e", root / "b", onnx_only=True)
     build(root / "e", root / "ball", onnx_only=True, overrides={"shapes": {"logits": "all"}})
+    build(root / "e", root / "staged", onnx_only=True, overrides={"builder": {"max_memory": _one_layer(root / "e")}})
     return root
+
+
+def _one_layer(export_dir) -> str:
+    """A budget of one layer per stage for this export."""
+    import onnx_ir as ir
+
+    from trtglm.engine.stage_graphs import map_layers
+    from trtglm.engine.stage_plan import smallest_budget
+
+    return str(smallest_budget(map_layers(ir.load(export_dir / "model.onnx"))))
 
 
 def _copy(src, dst):
@@ -250,6 +261,41 @@ def test_manifest_mutations(built, tmp_path_factory, key, value, truncate):
     refused_cleanly(lambda: inspect_path(b))
     refused_cleanly(lambda: verify(b))
     refused_cleanly(lambda: open_backend(b, "auto"))
+
+
+STAGE_KEYS = ["index", "layers", "dir", "inputs", "outputs", "weight_bytes", "io", "profiles"]
+
+
+@given(st.integers(0, 2), st.sampled_from(STAGE_KEYS), JSON, st.booleans())
+@example(0, "dir", "../../etc", False)
+@example(1, "layers", [1], False)
+@example(0, "inputs", [], False)
+@example(2, "dir", "00", True)
+def test_staged_manifest_mutations(built, tmp_path_factory, stage, key, value, drop):
+    """A staged build's manifest with a stage entry edited, added or dropped: refused with one line, or run."""
+    from trtglm.engine.inspect import inspect_path, verify
+    from trtglm.runtime.backends import open_backend
+
+    b = _copy(built / "staged", tmp_path_factory.mktemp("sm") / "b")
+    manifest = json.loads((b / "manifest.json").read_text())
+    stages = manifest["stages"]
+    if drop and stage < len(stages):
+        del stages[stage]
+    elif stage < len(stages):
+        stages[stage][key] = value
+    else:
+        stages.append({**stages[-1], key: value})
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    refused_cleanly(lambda: inspect_path(b))
+    refused_cleanly(lambda: verify(b))
+
+    def run():
+        from trtglm.runtime.generate import generate
+
+        backend, _ = open_backend(b, "auto")
+        generate(backend, [[5, 6, 7]], max_new_tokens=2)
+
+    refused_cleanly(run)
 
 
 @given(st.sampled_from(["dtype", "max_seq_len", "config", "family", "files", "io", "opset"]), JSON)
@@ -312,7 +358,9 @@ BUILD_FLAGS = {"--max-batch": st.integers(-2, 10**6).map(str), "--max-input-len"
                "--fusions": st.sampled_from(["none", "rms_norm", "attention", "qkv,rotary", "bogus", ","]),
                "--logits": st.sampled_from(["all", "last", "some"]),
                "--kv-cache": st.sampled_from(["dynamic", "static", "paged"]),
-               "--attention": st.sampled_from(["auto", "layer", "decomposed", "grouped", "x"])}
+               "--attention": st.sampled_from(["auto", "layer", "decomposed", "grouped", "x"]),
+               "--max-memory": st.sampled_from(["12G", "0", "-1G", "1K", "1.5", "x", "1T", "1611276368", "9" * 30])
+               | st.text(max_size=12)}
 
 
 @slow(12)

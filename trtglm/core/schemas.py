@@ -68,6 +68,17 @@ class Fusion(_Loose):
     nodes_after: StrictInt = Field(ge=0)
 
 
+class Stage(_Loose):
+    index: StrictInt = Field(ge=0)
+    layers: list[StrictInt] = Field(min_length=2, max_length=2)
+    dir: str = Field(pattern=r"^[0-9]{2,}$")  # a directory under stages/, never a path elsewhere
+    inputs: list[StrictStr] = Field(min_length=1)
+    outputs: list[StrictStr] = Field(min_length=1)
+    weight_bytes: StrictInt = Field(ge=0)
+    io: IOSpec | None = None
+    profiles: list[dict[StrictStr, list[list[StrictInt]]]] | None = None
+
+
 class Manifest(_Loose):
     format_version: StrictInt = Field(1, ge=1, le=FORMAT_VERSION)
     stage: Literal["onnx", "engine"]
@@ -80,6 +91,7 @@ class Manifest(_Loose):
     backend: Backend | None = None
     targets: list[StrictStr] | None = None
     profiles: list[dict[StrictStr, list[list[StrictInt]]]] | None = None
+    stages: list[Stage] | None = None
 
 
 def check(model: type[BaseModel], data: Any, where: str) -> dict:

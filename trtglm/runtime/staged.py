@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..core.errors import TrtglmError
+
 
 @dataclass
 class StagedCache:
@@ -19,6 +21,7 @@ class StagedBackend:
     """Backends of the stages of one build (ONNX Runtime, or TensorRT engines), chained: the `Backend` protocol."""
 
     def __init__(self, stages: list):
+        _check_chain(stages)
         self.stages = stages
         last = stages[-1]
         self.name = last.name
@@ -73,3 +76,17 @@ def place_stages(stage_bytes: list[int], devices: list[int]) -> list[int]:
         out[start:i] = [devices[j - 1]] * (i - start)
         i = start
     return out
+
+
+def _check_chain(stages: list) -> None:
+    """Each stage reads what the one before writes: token ids first, logits last (a manifest whose stages were
+    edited, dropped or reordered is refused here, before any step)."""
+    reads = [["input_ids"]] + [s.exit for s in stages]
+    for i, stage in enumerate(stages):
+        if sorted(stage.entry) != sorted(reads[i]):
+            raise TrtglmError(f"the build's stages do not chain: stage {i} reads {', '.join(stage.entry) or 'nothing'}"
+                              f" where {'the tokens are' if i == 0 else f'stage {i - 1} writes'} "
+                              f"{', '.join(reads[i])}", hint="rebuild the build directory (trtglm build --force)")
+    if stages[-1].exit != ["logits"]:
+        raise TrtglmError(f"the build's stages do not chain: the last writes {', '.join(stages[-1].exit)}, not logits",
+                          hint="rebuild the build directory (trtglm build --force)")
