@@ -60,6 +60,7 @@ def main() -> None:
         L = config["num_hidden_layers"]
         row = {"size": size, "params_m": params / 1e6, "weight_gb": 2 * params / 1e9, "budget": budget,
                "stages": max(1, len(stages)), "build_s": cold["seconds"], "build_rss_gb": cold["peak_rss"] / 1e9,
+               "stage_rss_gb": max((s["engine"]["peak_rss_bytes"] for s in stages), default=0) / 1e9,
                "tensorrt_s": manifest["engine"]["tensorrt_build_seconds"],
                "hit_s": hit["seconds"], "hit_rss_gb": hit["peak_rss"] / 1e9,
                "engine_mb": manifest["engine"]["bytes"] / 1e6,
@@ -70,12 +71,13 @@ def main() -> None:
             shutil.rmtree(work / d)
         shutil.rmtree(cache)
     print("\n| model | params | fp16 weights | budget | stages | build s (TensorRT part) | s per GB | peak RSS "
-          "(largest process) | RSS/weights | cache hit s | engine | kernels/layer (per profile) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "(largest process) | RSS/weights | largest stage build | cache hit s | engine | kernels/layer (per profile) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        stage = f"{r['stage_rss_gb']:.2f} GB" if r["stages"] > 1 else "-"
         print(f"| {r['size']} | {r['params_m']:.0f}M | {r['weight_gb']:.2f} GB | {r['budget']} | {r['stages']} | "
               f"{r['build_s']:.1f} ({r['tensorrt_s']:.1f}) | {r['build_s'] / r['weight_gb']:.1f} | "
-              f"{r['build_rss_gb']:.2f} GB | {r['build_rss_gb'] / r['weight_gb']:.2f} | {r['hit_s']:.2f} | "
+              f"{r['build_rss_gb']:.2f} GB | {r['build_rss_gb'] / r['weight_gb']:.2f} | {stage} | {r['hit_s']:.2f} | "
               f"{r['engine_mb']:.0f} MB | {', '.join(map(str, r['kernels_per_layer']))} |")
 
 

@@ -129,8 +129,9 @@ def run_build(plan: BuildPlan, out_dir: str | Path, *, use_cache: bool = True, f
     """BUILD_DIR from `plan`, through the build cache unless `use_cache` is False; returns the manifest."""
     cache = plan.cache_dir / plan.key if use_cache and not plan.onnx_only else None
     started = time.perf_counter()
-    check_disk(Path(out_dir), int(plan.source.data_bytes * WEIGHT_BYTES.get(plan.dtype, 4)
-                                  / WEIGHT_BYTES.get(plan.exported, 4)), engines=not plan.onnx_only)
+    if cache is None or not (cache / MANIFEST_FILE).is_file():  # a cache hit links the files it has
+        check_disk(Path(out_dir), int(plan.source.data_bytes * WEIGHT_BYTES.get(plan.dtype, 4)
+                                      / WEIGHT_BYTES.get(plan.exported, 4)), engines=not plan.onnx_only)
     with atomic_dir(out_dir, force=force) as tmp:
         if cache is not None:
             from filelock import FileLock

@@ -44,14 +44,20 @@ def write_engine(directory: Path, profiles: list[dict], builder, dtype: str,
 
 
 def run_job(directory: Path, profiles: list[dict], builder, dtype: str) -> tuple[str | None, dict | None]:
-    """`write_engine` in a child process: (None, summary), or (the error's one line, None)."""
-    import resource
-
+    """`write_engine` in a child process: (None, summary), or (the error's one line, None). Its peak memory is
+    the process's own (VmHWM: getrusage's maximum carries the parent's across the exec that started it)."""
     try:
         summary = write_engine(directory, profiles, builder, dtype)
     except TrtglmError as e:
         return str(e), None
     except Exception as e:  # noqa: BLE001 - the parent reports it as the stage's error
         return f"{type(e).__name__}: {e} ({traceback.format_exc(limit=-1).strip().splitlines()[-1]})", None
-    summary["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    summary["peak_rss_bytes"] = _peak_rss()
     return None, summary
+
+
+def _peak_rss() -> int | None:
+    try:
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):  # not Linux
+        return None
