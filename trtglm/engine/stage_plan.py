@@ -1,9 +1,10 @@
 """How many stages a build needs: consecutive layer ranges whose engine builds each fit a memory budget.
 
-A TensorRT build's peak memory grows with the weights it parses and compiles: about BUILD_FACTOR times the
-stage's weight bytes above BUILD_BASE_BYTES (the libraries, the parser, the builder's own state), as
-`python bench/build.py` measures. The budget bounds that estimate for every stage: as few stages as fit,
-filled in order, the embedding in the first and the final norm and lm_head in the last.
+A stage's engine build runs in a process of its own, whose peak memory grows with the weights it parses and
+compiles: at most BUILD_FACTOR times the stage's weight bytes above BUILD_BASE_BYTES (Python, the TensorRT
+library, the builder's own state), an upper bound of what `python bench/build.py` measures of its stage builds.
+The budget bounds that estimate for every stage: as few stages as fit, filled in order, the embedding in the
+first and the final norm and lm_head in the last.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 from ..core.errors import UsageError
 from .stage_graphs import LayerMap
 
-BUILD_BASE_BYTES = 3 << 29  # 1.5 GiB
-BUILD_FACTOR = 4.0
+BUILD_BASE_BYTES = 1 << 29  # 0.5 GiB
+BUILD_FACTOR = 3.5
 
 
 def build_peak(weight_bytes: int) -> int:
