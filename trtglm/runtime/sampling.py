@@ -31,7 +31,8 @@ def choose(logits: np.ndarray, history: list[np.ndarray], s: Sampling, rng: np.r
         for row, seen in zip(logits, history):
             idx = np.unique(seen)
             vals = row[idx]
-            row[idx] = np.where(vals < 0, vals * s.repetition_penalty, vals / s.repetition_penalty)
+            with np.errstate(over="ignore"):  # a tiny penalty sends a logit to inf: clipped below
+                row[idx] = np.where(vals < 0, vals * s.repetition_penalty, vals / s.repetition_penalty)
     if s.temperature == 0.0:
         return logits.argmax(axis=-1)
     # shifted by each row's largest logit first: a tiny temperature sends the others to -inf, never to NaN
