@@ -53,6 +53,24 @@ def save_graph(model, onnx_path: Path) -> None:
         ir.save(model, tmp)
 
 
+def save_streaming(model, onnx_path: Path, data_file: str) -> None:
+    """`model` (onnx-ir) saved with its weights in `data_file`, each source weight unmapped once written: a model
+    whose weights are memory-mapped from another file (an export) never has them all resident at once."""
+    import onnx_ir as ir
+
+    written: list = []
+
+    def release_previous(tensor, info) -> None:  # called before each tensor is written
+        while written:
+            done = written.pop()
+            if isinstance(done, ir.ExternalTensor):
+                done.release()
+        written.append(tensor)
+
+    ir.save(model, onnx_path, external_data=data_file, max_in_flight_bytes=256 << 20, callback=release_previous)
+    release_weights(model)
+
+
 def release_weights(model) -> None:
     """Unmap `model`'s external weights (onnx-ir keeps them memory-mapped; mapped pages count as resident)."""
     import gc

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import TrtglmError
+from ..core.graphs import save_streaming
 
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 ONNX_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
@@ -189,7 +190,7 @@ def _stage(onnx_path: Path, out_dir: Path, index: int, layers: tuple[int, int], 
         del graph.initializers[name]
     weight_bytes = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
     out_dir.mkdir(parents=True)
-    ir.save(model, out_dir / ONNX_FILE, external_data=DATA_FILE, max_in_flight_bytes=256 << 20)
+    save_streaming(model, out_dir / ONNX_FILE, DATA_FILE)
     return StageGraph(index, layers, out_dir / ONNX_FILE, [v.name for v in graph.inputs],
                       [v.name for v in graph.outputs], weight_bytes)
 
