@@ -24,7 +24,7 @@ from ..core.dtypes import compute_dtype
 from ..core.errors import TrtglmError, UsageError
 from ..core.files import atomic_dir, sha256
 from ..core.files import cache_dir as trtglm_cache
-from ..core.graphs import describe_onnx, graph_dtype, save_streaming
+from ..core.graphs import describe_onnx, graph_dtype, release_weights, save_streaming
 from ..core.progress import SILENT, Progress
 from ..core.recipe import Recipe, load_recipe
 from ..core.versions import source_digest, tool_versions
@@ -267,7 +267,8 @@ def _build_into(tmp: Path, plan: BuildPlan, progress: Progress) -> dict:
         expected = expected_counts(layers, None, fusions) if layers else None
     report = fuse(model, max_positions=r.shapes.max_seq_len, expected=expected, strict=r.fusion.strict,
                   fusions=fusions)
-    save_streaming(model, tmp / ONNX_FILE, DATA_FILE)  # the export's weights are mapped: resident until released
+    release_weights(model)  # the weights fusion read (mapped from the export: resident until released)
+    save_streaming(model, tmp / ONNX_FILE, DATA_FILE)
     del model
     for f in source.sidecars():
         shutil.copy2(f, tmp / f.name)
