@@ -336,8 +336,8 @@ def _staged_graphs(tmp: Path, plan: BuildPlan, progress: Progress) -> tuple[dict
     if plan.gate:
         chain = StagedBackend([OrtBackend(s.path) for s in stages])
         accuracy = _gate_step(chain, tmp, plan, progress)
-    for s in stages:
-        if r.shapes.kv_cache == "static":
+    if r.shapes.kv_cache == "static":
+        for s in stages:
             make_static(s.path, r.shapes.max_seq_len)
     if r.shapes.logits == "last":
         keep_last_position(stages[-1].path)
@@ -362,11 +362,7 @@ def _staged_precision(tmp: Path, plan: BuildPlan, stages, progress: Progress) ->
             def on_sample(done: int, n: int, i=i) -> None:
                 progress.update(step, completed=i * n + done, total=len(stages) * n)
 
-            data = stage.path.parent / DATA_FILE
-            graph = hashlib.sha256((sha256(stage.path) + sha256(data)).encode()).hexdigest()
-            records.append(convert(Conversion(stage.path, DATA_FILE, plan.dtype, plan.recipe.precision,
-                                              plan.calibration, plan.cache_dir / "calibration", graph, on_sample,
-                                              inputs.of(i) if inputs else None)))
+            records.append(_convert(stage.path, plan, on_sample, inputs.of(i) if inputs else None))
         if inputs:
             inputs.remove()
     combined = dict(records[0]) | {"seconds": round(sum(r["seconds"] for r in records), 2), "stages": records}
@@ -398,9 +394,15 @@ def _precision_step(tmp: Path, plan: BuildPlan, progress: Progress) -> dict:
         def on_sample(i: int, n: int) -> None:
             progress.update(step, completed=i, total=n)
 
-        graph = hashlib.sha256((sha256(tmp / ONNX_FILE) + sha256(tmp / DATA_FILE)).encode()).hexdigest()
-        return convert(Conversion(tmp / ONNX_FILE, DATA_FILE, plan.dtype, plan.recipe.precision, plan.calibration,
-                                  plan.cache_dir / "calibration", graph, on_sample))
+        return _convert(tmp / ONNX_FILE, plan, on_sample)
+
+
+def _convert(onnx_path: Path, plan: BuildPlan, on_sample, stage_inputs=None) -> dict:
+    """The plan's precision conversion of one graph (the build's, or a stage's), in place; its ranges are cached
+    under the graph's and its weights' sha256."""
+    graph = hashlib.sha256((sha256(onnx_path) + sha256(onnx_path.parent / DATA_FILE)).encode()).hexdigest()
+    return convert(Conversion(onnx_path, DATA_FILE, plan.dtype, plan.recipe.precision, plan.calibration,
+                              plan.cache_dir / "calibration", graph, on_sample, stage_inputs))
 
 
 def _gate_step(candidate, tmp: Path, plan: BuildPlan, progress: Progress) -> dict:

@@ -52,9 +52,9 @@ def window(model: ir.Model) -> int:
         return op("Constant", value=ir.tensor(array))
 
     zero, axis2, axis3 = const(np.array([0], np.int64)), const(np.array([2], np.int64)), const(np.array([3], np.int64))
-    # the new tokens' count: from input_ids, or a later stage's hidden states [B, S, H] (stage_graphs.py)
-    tokens = inputs.get("input_ids") or next(v for name, v in inputs.items() if name.startswith("hidden."))
-    used = op("Add", op("ReduceMax", inputs[CACHE_POSITION], keepdims=1), op("Shape", tokens, start=1, end=2))
+    # the new tokens' count from position_ids [B, S], which every stage of a staged build has (as static_cache.py)
+    used = op("Add", op("ReduceMax", inputs[CACHE_POSITION], keepdims=1),
+              op("Shape", inputs["position_ids"], start=1, end=2))
     masks = {mask: op("Slice", mask, zero, used, axis3) for mask in dict.fromkeys(n.inputs[3] for n in attention)}
     insert_before(attention[0])  # the masks are computed before the first layer
     for node in attention:
