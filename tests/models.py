@@ -146,3 +146,16 @@ def add_tokenizer(path: Path, vocab_size: int = 160) -> Path:
     eos = tok.token_to_id("<|endoftext|>")
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos], "pad_token_id": eos}))
     return path
+
+
+def one_layer_per_stage(export_dir: Path, dtype: str | None = None) -> str:
+    """The smallest budget for a build of the export in `dtype` (default: the export's): every stage one layer."""
+    import onnx_ir as ir
+
+    from trtglm.core.graphs import graph_dtype
+    from trtglm.engine.stage_graphs import map_layers
+    from trtglm.engine.stage_plan import smallest_budget
+    from trtglm.engine.staged_build import stage_cost
+
+    exported = graph_dtype(export_dir / "model.onnx")
+    return str(smallest_budget(map_layers(ir.load(export_dir / "model.onnx")), stage_cost(dtype or exported, exported)))

@@ -9,24 +9,19 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from models import hf_model, left_padded, save_hf
+from models import hf_model, left_padded, one_layer_per_stage, save_hf
 from trtglm.cli import main
 from trtglm.core.errors import UsageError
 from trtglm.core.memory import parse_size
 from trtglm.engine.build import build
-from trtglm.engine.stage_graphs import LayerMap, map_layers
-from trtglm.engine.stage_plan import BUILD_BASE_BYTES, BUILD_FACTOR, build_peak, plan_stages, smallest_budget
+from trtglm.engine.stage_graphs import LayerMap
+from trtglm.engine.stage_plan import BUILD_BASE_BYTES, BUILD_FACTOR, StageCost, build_peak, plan_stages, smallest_budget
 from trtglm.export.exporter import export
 from trtglm.runtime.backends import OrtBackend, open_backend
 from trtglm.runtime.generate import generate
 from trtglm.runtime.staged import StagedBackend
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 150], [11, 12], [77, 1, 60, 61]]
-
-
-def one_layer_per_stage(export_dir) -> str:
-    """The smallest budget for the export's fp32 graph: every stage one layer."""
-    return str(smallest_budget(map_layers(ir.load(export_dir / "model.onnx"))))
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +72,8 @@ def test_five_stages_generate_what_the_whole_graph_does(deep, tmp_path):
     manifest = build(deep, tmp_path / "staged", onnx_only=True,
                      overrides={"builder": {"max_memory": one_layer_per_stage(deep)}})
     assert [s["layers"] for s in manifest["stages"]] == [[i, i + 1] for i in range(5)]
+    # the export is cut, then each stage fused: together the same fused ops as the whole graph
+    assert manifest["fusion"]["fused"] == json.loads((tmp_path / "whole" / "manifest.json").read_text())["fusion"]["fused"]
     # every stage reads only its own layers' cache, and passes one tensor: the residual stream
     for s in manifest["stages"]:
         first, end = s["layers"]
@@ -105,6 +102,11 @@ def test_budget_decides_the_stages():
         plan_stages(layers, limit(400 << 20) - 1)
     assert "--max-memory" in e.value.hint
     assert build_peak(1 << 30) == BUILD_BASE_BYTES + BUILD_FACTOR * (1 << 30)
+    # int4 from fp32: an eighth of the bytes built fits one stage, the conversion over all of them does not
+    assert plan_stages(layers, 1500 << 20, StageCost(scale=1 / 8)).ranges == [(0, 6)]
+    plan = plan_stages(layers, 1500 << 20, StageCost(scale=1 / 8, conversion=lambda exported: 3 * exported))
+    assert plan.ranges == [(0, 2), (2, 5), (5, 6)] and plan.peak == 1500 << 20
+    assert plan.weight_bytes == [(500 << 20) // 8, (300 << 20) // 8, (400 << 20) // 8]
 
 
 def test_sizes():
@@ -141,21 +143,27 @@ def test_disk_too_small_is_refused_before_writing(exports, tmp_path, monkeypatch
 def test_a_failed_staged_build_leaves_nothing(exports, tmp_path, monkeypatch):
     import trtglm.engine.build as b
 
-    def fail(*args, **kwargs):
-        raise KeyboardInterrupt
+    written = []
 
-    monkeypatch.setattr(b, "cut_build", fail)
+    def interrupted(*args, **kwargs):  # after the first stage is on disk
+        if written:
+            raise KeyboardInterrupt
+        written.append(write(*args, **kwargs))
+        return written[-1]
+
+    write = b.write_stage
+    monkeypatch.setattr(b, "write_stage", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(exports["glm4"], tmp_path / "b", onnx_only=True,
               overrides={"builder": {"max_memory": one_layer_per_stage(exports["glm4"])}})
-    assert not list(tmp_path.iterdir())
+    assert written and not list(tmp_path.iterdir())
 
 
 def test_staged_engine_build_one_engine_per_stage(exports, tmp_path, capsys):
     """TensorRT-RTX builds each stage's engine for sm89 in a process of its own; the build is verified, inspected,
     cached (a second build restores every stage) and runs its stage graphs on ONNX Runtime without a GPU."""
-    budget = str(smallest_budget(map_layers(ir.load(exports["glm4"] / "model.onnx"))) // 2 + BUILD_BASE_BYTES // 2)
-    args = ["build", str(exports["glm4"]), "--fp16", "--target", "sm89", "--max-memory", budget,
+    args = ["build", str(exports["glm4"]), "--fp16", "--target", "sm89", "--max-memory",
+            one_layer_per_stage(exports["glm4"], "fp16"),
             "--cache-dir", str(tmp_path / "cache"), "--json"]
     main([*args, "-o", str(tmp_path / "b")])
     manifest = json.loads(capsys.readouterr().out)
@@ -214,16 +222,12 @@ def test_precision_stage_by_stage_equals_the_whole_conversion(deep, tmp_path, dt
     the same scales and weights as converting the whole graph, and the same logits op for op."""
     import glob
 
-    from trtglm.engine.stage_plan import BUILD_BASE_BYTES
-    from trtglm.engine.staged_build import WEIGHT_BYTES
-
     precision = {"dtype": dtype, "quantization": {"block_size": 32}}  # int4 blocks of the 64-wide layers
     whole = build(deep, tmp_path / "whole", onnx_only=True, overrides={"precision": precision,
                                                                        "accuracy": {"gate": False}})
-    fp32 = smallest_budget(map_layers(ir.load(deep / "model.onnx")))
-    budget = BUILD_BASE_BYTES + int((fp32 - BUILD_BASE_BYTES) * WEIGHT_BYTES[dtype] / 4)  # one layer a stage
     staged = build(deep, tmp_path / "staged", onnx_only=True, overrides={
-        "precision": precision, "accuracy": {"gate": False}, "builder": {"max_memory": str(budget)}})
+        "precision": precision, "accuracy": {"gate": False},
+        "builder": {"max_memory": one_layer_per_stage(deep, dtype)}})
     assert len(staged["stages"]) == 5 and len(staged["precision"]["stages"]) == 5
     assert staged["precision"].get("quantized_nodes") == whole["precision"].get("quantized_nodes")
     a = _initializers([tmp_path / "whole" / "model.onnx"])
@@ -248,13 +252,10 @@ def test_precision_stage_by_stage_equals_the_whole_conversion(deep, tmp_path, dt
 
 
 def test_accuracy_gate_runs_on_the_chain_of_stages(deep, tmp_path):
-    from trtglm.engine.stage_plan import BUILD_BASE_BYTES
-
-    fp32 = smallest_budget(map_layers(ir.load(deep / "model.onnx")))
     manifest = build(deep, tmp_path / "b", onnx_only=True, overrides={
         "precision": {"dtype": "int8"}, "accuracy": {"gate": True, "samples": 2, "seq_len": 16,
                                                     "max_ppl_delta": 1.0, "min_next_token_agreement": 0.0,
                                                     "min_logits_cosine": 0.0},
-        "builder": {"max_memory": str(BUILD_BASE_BYTES + (fp32 - BUILD_BASE_BYTES) // 4)}})
+        "builder": {"max_memory": one_layer_per_stage(deep, "int8")}})
     assert len(manifest["stages"]) == 5 and manifest["accuracy"]["gate"]["passed"]
     assert manifest["accuracy"]["tokens"] == 2 * 16

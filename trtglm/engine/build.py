@@ -29,7 +29,7 @@ from ..core.progress import SILENT, Progress
 from ..core.recipe import Recipe, load_recipe
 from ..core.versions import source_digest, tool_versions
 from ..export.directory import DATA_FILE, ONNX_FILE, ExportDir
-from ..fusion import expected_counts, fuse
+from ..fusion import FusionError, FusionReport, expected_counts, fuse, total
 from ..model.tokenizer import load_text
 from ..precision import CALIBRATED, Conversion, check_memory, convert
 from ..precision.calibration import CalibrationSet
@@ -41,14 +41,14 @@ from .directory import ENGINE_FILE, ENGINE_ONNX_FILE, MANIFEST_FILE, MANIFEST_VE
 from .engine_job import write_engine
 from .last_logits import keep_last_position
 from .stage_plan import StagePlan
+from .stage_graphs import plan_cut, write_stage
 from .staged_build import (
     STAGES_DIR,
     WEIGHT_BYTES,
+    StageInputs,
     build_stage_engines,
     check_disk,
-    cut_build,
     default_budget,
-    StageInputs,
     stage_plan,
     stage_profiles,
 )
@@ -95,7 +95,9 @@ def plan_build(export_dir: str | Path, *, recipe: str | Path | None = None, over
     r = load_recipe(recipe, _merge_shortcuts(overrides or {}, shortcuts))
     exported = source.dtype or graph_dtype(source.onnx)
     r, dtype = _resolve(r, meta, exported, source.path)
-    if dtype != exported:
+    explicit = r.builder.max_memory_bytes
+    stages = stage_plan(source.onnx, explicit or default_budget(), dtype, exported, explicit=explicit is not None)
+    if dtype != exported and (stages is None or len(stages.ranges) == 1):  # a staged plan holds its conversions
         check_memory(dtype, source.data_bytes)
     calibration = _calibration(r, dtype, exported, meta, source.path)
     gate = _gate_reference(r, dtype, source.path, reference) if r.accuracy.gate else None
@@ -105,8 +107,6 @@ def plan_build(export_dir: str | Path, *, recipe: str | Path | None = None, over
         check_targets(r.builder.targets, dtype, trt.__name__)
         check_features(trt, r.shapes.kv_cache)
         backend = {"name": trt.__name__, "version": trt.__version__}
-    explicit = r.builder.max_memory_bytes
-    stages = stage_plan(source.onnx, explicit or default_budget(), dtype, exported, explicit=explicit is not None)
     key = _cache_key(source, r, backend, onnx_only, calibration, stages)
     return BuildPlan(source, r, Path(recipe) if recipe else None, dtype, exported, calibration, gate, backend,
                      cache_dir or default_cache_dir(), stages, key)
@@ -249,33 +249,24 @@ def _cache_key(source: ExportDir, r: Recipe, backend: dict | None, onnx_only: bo
 
 
 def _build_into(tmp: Path, plan: BuildPlan, progress: Progress) -> dict:
-    import onnx_ir as ir
-
-    source, meta, r, dtype = plan.source, plan.source.meta, plan.recipe, plan.dtype
+    source, meta, r = plan.source, plan.source.meta, plan.recipe
 
     started = time.perf_counter()
-    try:
-        model = ir.load(source.onnx)
-    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line
-        raise TrtglmError(f"{source.onnx}: cannot be read as ONNX ({str(e).splitlines()[0]})") from None
-    fusions = frozenset(r.fusion.fusions)
-    layers = sum(1 for v in model.graph.inputs if v.name.startswith("past_key_values.") and v.name.endswith(".key"))
-    if meta:
-        expected = expected_counts(meta["config"]["num_layers"], meta["family"] == "glm4", fusions,
-                                   separate_qkv=meta["family"] != "chatglm")
-    else:
-        expected = expected_counts(layers, None, fusions) if layers else None
-    report = fuse(model, max_positions=r.shapes.max_seq_len, expected=expected, strict=r.fusion.strict,
-                  fusions=fusions)
-    release_weights(model)  # the weights fusion read (mapped from the export: resident until released)
-    save_streaming(model, tmp / ONNX_FILE, DATA_FILE)
-    del model
     for f in source.sidecars():
         shutil.copy2(f, tmp / f.name)
     if plan.staged:
-        precision, accuracy, graph, stages = _staged_graphs(tmp, plan, progress)
+        report, precision, accuracy, graph, stages = _staged_graphs(tmp, plan, progress)
     else:
+        with progress.step("fusing"):
+            model = _load(source.onnx)
+            layers = sum(1 for v in model.graph.inputs
+                         if v.name.startswith("past_key_values.") and v.name.endswith(".key"))
+            report = _fuse(model, plan, meta["config"]["num_layers"] if meta else layers)
+            release_weights(model)  # the weights fusion read (mapped from the export: resident until released)
+            save_streaming(model, tmp / ONNX_FILE, DATA_FILE)
+            del model
         precision, accuracy, graph, stages = *_graph_steps(tmp, plan, progress), None
+    fusions = frozenset(r.fusion.fusions)
     manifest = {
         "format_version": MANIFEST_VERSION,
         "stage": "onnx" if plan.onnx_only else "engine",
@@ -307,6 +298,29 @@ def _build_into(tmp: Path, plan: BuildPlan, progress: Progress) -> dict:
     return manifest
 
 
+def _load(onnx_path: Path):
+    import onnx_ir as ir
+
+    try:
+        return ir.load(onnx_path)
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file: one line
+        raise TrtglmError(f"{onnx_path}: cannot be read as ONNX ({str(e).splitlines()[0]})") from None
+
+
+def _fuse(model, plan: BuildPlan, layers: int, final_norm: bool = True) -> FusionReport:
+    """Fuse `model` (the export's graph of `layers` layers, or a stage of it) in place, checked against the
+    fused ops a decoder of that many layers must have (a stage before the last has no final norm)."""
+    meta, r = plan.source.meta, plan.recipe
+    fusions = frozenset(r.fusion.fusions)
+    if meta:
+        expected = expected_counts(layers, meta["family"] == "glm4", fusions,
+                                   separate_qkv=meta["family"] != "chatglm", final_norm=final_norm)
+    else:
+        expected = expected_counts(layers, None, fusions, final_norm=final_norm) if layers else None
+    return fuse(model, max_positions=r.shapes.max_seq_len, expected=expected, strict=r.fusion.strict,
+                fusions=fusions)
+
+
 def _graph_steps(tmp: Path, plan: BuildPlan, progress: Progress) -> tuple[dict, dict | None, dict]:
     """The fused graph (tmp/model.onnx) through precision, the accuracy gate, the cache form and the logits:
     (the precision record, the gate's result, the graph's description)."""
@@ -322,16 +336,52 @@ def _graph_steps(tmp: Path, plan: BuildPlan, progress: Progress) -> tuple[dict, 
     return precision, accuracy, describe_onnx(tmp / ONNX_FILE)
 
 
-def _staged_graphs(tmp: Path, plan: BuildPlan, progress: Progress) -> tuple[dict, dict | None, dict, list[dict]]:
-    """The fused graph cut into its stages first, then each stage through the same steps: precision stage by stage
-    (calibrated on the hidden states the stages before compute, never the whole model in memory), the gate
-    on the chain of stages, the cache form in every stage, the last position's logits in the last."""
+def _staged_graphs(tmp: Path, plan: BuildPlan, progress: Progress) -> tuple:
+    """The export cut into its stages, one stage at a time through fusion and precision (calibrated on the
+    hidden states the fp32 stages before it compute), so no step holds more than one stage's weights; then the
+    gate on the chain of stages, the cache form in every stage, the last position's logits in the last.
+    Returns (the fusion report, the precision record, the gate's result, the graph's description, the stages)."""
     r, meta = plan.recipe, plan.source.meta
-    with progress.step(f"cutting into {len(plan.stages.ranges)} stages"):
-        stages = cut_build(tmp, plan.stages, meta["config"]["hidden_size"] if meta else None)
+    ranges = plan.stages.ranges
+    n = len(ranges)
+    cut = plan_cut(plan.source.onnx, ranges, meta["config"]["hidden_size"] if meta else None)
+    converting = plan.dtype != plan.exported
+    inputs = StageInputs(plan.calibration, tmp / ".stage-inputs") if converting and plan.calibration else None
+    stages, reports, records = [], [], []
+    with progress.step(f"{n} stages", total=n) as step:
+        for i, (first, end) in enumerate(ranges):
+            name = f"stage {i + 1} of {n} (layers {first}-{end - 1})"
+            progress.update(step, completed=i, description=f"{name}: fusing")
+            model = cut.stage(i)
+            try:
+                reports.append(_fuse(model, plan, end - first, final_norm=i == n - 1))
+            except FusionError as e:
+                raise FusionError(f"{name}: {e}") from None
+            release_weights(model)
+            stage = write_stage(model, tmp / STAGES_DIR / f"{i:02d}", i, (first, end))
+            del model
+            if converting:
+                if inputs and i < n - 1:
+                    progress.update(step, description=f"{name}: the next stage's calibration inputs")
+                    inputs.advance(stage)
+
+                def on_sample(done: int, total: int, name=name) -> None:
+                    progress.update(step, description=f"{name}: {plan.dtype} ({done}/{total} windows)")
+
+                progress.update(step, description=f"{name}: {plan.dtype}")
+                records.append(_convert(stage.path, plan, on_sample, inputs.of(i) if inputs else None))
+                if inputs:
+                    inputs.drop(i)
+            stages.append(stage)
+        if inputs:
+            inputs.remove()
+        progress.update(step, completed=n)
     precision = {"dtype": plan.dtype}
-    if plan.dtype != plan.exported:
-        precision = _staged_precision(tmp, plan, stages, progress)
+    if records:
+        precision = dict(records[0]) | {"seconds": round(sum(r["seconds"] for r in records), 2), "stages": records}
+        if "quantized_nodes" in precision:
+            precision["quantized_nodes"] = sum(r["quantized_nodes"] for r in records)
+            precision["kept_half"] = [name for r in records for name in r["kept_half"]]
     accuracy = None
     if plan.gate:
         chain = StagedBackend([OrtBackend(s.path) for s in stages])
@@ -347,29 +397,9 @@ def _staged_graphs(tmp: Path, plan: BuildPlan, progress: Progress) -> tuple[dict
                for s, d in zip(stages, described)]  # as the steps after the cut left them (a static cache's inputs)
     ops: dict[str, int] = {}
     for d in described:
-        for name, n in d["initializer_dtypes"].items():
-            ops[name] = ops.get(name, 0) + n
-    return precision, accuracy, {"initializer_dtypes": ops}, entries
-
-
-def _staged_precision(tmp: Path, plan: BuildPlan, stages, progress: Progress) -> dict:
-    calibrating = plan.calibration is not None
-    records = []
-    with progress.step(f"{plan.dtype}: {'calibrating' if calibrating else 'converting'} {len(stages)} stages") as step:
-        inputs = StageInputs(stages, plan.calibration, tmp / ".stage-inputs") if calibrating else None
-        for i, stage in enumerate(stages):
-
-            def on_sample(done: int, n: int, i=i) -> None:
-                progress.update(step, completed=i * n + done, total=len(stages) * n)
-
-            records.append(_convert(stage.path, plan, on_sample, inputs.of(i) if inputs else None))
-        if inputs:
-            inputs.remove()
-    combined = dict(records[0]) | {"seconds": round(sum(r["seconds"] for r in records), 2), "stages": records}
-    if "quantized_nodes" in combined:
-        combined["quantized_nodes"] = sum(r["quantized_nodes"] for r in records)
-        combined["kept_half"] = [name for r in records for name in r["kept_half"]]
-    return combined
+        for op, count in d["initializer_dtypes"].items():
+            ops[op] = ops.get(op, 0) + count
+    return total(reports), precision, accuracy, {"initializer_dtypes": ops}, entries
 
 
 def _staged_io(stages: list[dict]) -> dict | None:

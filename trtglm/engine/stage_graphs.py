@@ -6,9 +6,9 @@
              hidden.b ─ layers b..L-1 ─ norm ─ lm_head ─ logits                    (+ the KV cache of b..L-1)
 
 A node belongs to the layer of the checkpoint weights it reads (`...layers.N....`), or else to the latest layer
-its inputs come from; a node that reads one such value and no weight of its own moves forward to the first
-layer that uses it (the residual slice of the last layer, for example), so a cut passes only the residual
-stream. Later stages read the sequence's shape from their hidden states instead of `input_ids`. What depends on
+its inputs come from; nodes that read no weight of their own move forward to the next layer where that passes
+fewer values from one layer to the next (a minimum cut: the unfused RMS norm that starts a layer, the residual
+slice of the last layer), so a cut passes only the residual stream, of the exported graph as of the fused one. Later stages read the sequence's shape from their hidden states instead of `input_ids`. What depends on
 no weight at all (the attention mask, position tables) is computed again in every stage that needs it. Each
 stage keeps the mask, positions and cache inputs it reads, and its weights go to its own data file.
 """
@@ -77,15 +77,7 @@ def map_layers(model) -> LayerMap:
     layers = 1 + max((d for d in asap.values() if d is not None), default=-1)
     if layers == 0:
         raise TrtglmError("the graph has no weights named by layer (`layers.N.`): it cannot be cut into stages")
-    place = dict(asap)
-    for node in reversed(list(graph)):  # a node reading one layer value and no weight moves to its first consumer
-        streams = [v for v in node.inputs if v is not None and depth.get(v) is not None]
-        if asap[node] is None or node in anchored or len(streams) != 1 or any(
-                v.is_graph_output() for v in node.outputs):
-            continue
-        later = [place[c] for v in node.outputs for c in v.consumers() if place[c] is not None]
-        if later:
-            place[node] = max(asap[node], min(later))
+    place = _forward(graph, asap, anchored, layers)
     layer_bytes, head, tail = [0] * layers, 0, 0
     for value in graph.initializers.values():
         size = value.const_value.nbytes if value.const_value is not None else 0
@@ -99,6 +91,43 @@ def map_layers(model) -> LayerMap:
         else:
             head += size  # the embedding, and tables every stage may read
     return LayerMap(layers, place, layer_bytes, head, tail)
+
+
+def _forward(graph, asap: dict, anchored: set, layers: int) -> dict:
+    """`asap` with weight-less nodes moved forward one layer where that passes fewer values, or as few, from
+    layer l-1 to layer l: for each l, the minimum cut between the nodes that must stay (they read layer l-1's
+    weights, or give a graph output) and layer l's nodes, counting each value that crosses once."""
+    import networkx as nx
+
+    place = dict(asap)
+    for layer in range(1, layers):
+        stay = [n for n in graph if asap[n] == layer - 1]
+        flow = nx.DiGraph()
+        for node in stay:
+            if node in anchored or any(v.is_graph_output() for v in node.outputs):
+                flow.add_edge("before", node)  # no capacity: cannot be cut
+            for v in node.outputs:
+                for c in v.consumers():
+                    if asap[c] is None:
+                        continue
+                    if asap[c] >= layer:
+                        flow.add_edge(c, "after")
+                    flow.add_edge(node, v, capacity=1)  # a value crosses once, whatever reads it after the cut
+                    flow.add_edge(v, c)
+                    flow.add_edge(c, node)  # a consumer cannot run before its producer
+            for v in node.inputs:
+                p = v.producer() if v is not None else None
+                if p is not None and asap[p] is not None and asap[p] < layer - 1:
+                    flow.add_edge("before", p)
+                    flow.add_edge(p, v, capacity=1)
+                    flow.add_edge(v, node)
+        if "before" not in flow or "after" not in flow:
+            continue
+        _, (_, moved) = nx.minimum_cut(flow, "before", "after")
+        for node in stay:
+            if node in moved:
+                place[node] = layer
+    return place
 
 
 @dataclass(frozen=True)
@@ -115,9 +144,25 @@ class StageGraph:
                 "inputs": self.inputs, "outputs": self.outputs, "weight_bytes": self.weight_bytes}
 
 
-def cut(onnx_path: Path, out_root: Path, ranges: list[tuple[int, int]], hidden_size: int) -> list[StageGraph]:
-    """Write one graph per layer range under `out_root/<index>/` (model.onnx and its data file). A hidden state
-    whose type the graph does not record is [batch, sequence, hidden_size] in the KV cache's dtype."""
+@dataclass(frozen=True)
+class Cut:
+    """Where a graph is cut: the layers of each stage and the values each cut passes (names in `source`)."""
+
+    source: Path
+    ranges: list[tuple[int, int]]
+    crossing: dict[int, list[str]]  # first layer of a stage -> the values passed into it
+    hidden_size: int
+
+    def stage(self, index: int):
+        """Stage `index` as an onnx-ir model, its weights still mapped from the source's data file."""
+        first, end = self.ranges[index]
+        return _stage(self.source, (first, end), self.crossing.get(first, []), self.crossing.get(end, []),
+                      self.hidden_size)
+
+
+def plan_cut(onnx_path: Path, ranges: list[tuple[int, int]], hidden_size: int) -> Cut:
+    """The cut of `onnx_path` into the layer ranges `ranges`, checked: they cover the layers in order, and each
+    cut passes something from one stage to the next."""
     import onnx_ir as ir
 
     model = ir.load(onnx_path)
@@ -126,20 +171,31 @@ def cut(onnx_path: Path, out_root: Path, ranges: list[tuple[int, int]], hidden_s
     if ranges[0][0] != 0 or ranges[-1][1] != layer_map.layers or any(
             a[1] != b[0] or a[0] >= a[1] for a, b in zip(ranges, ranges[1:])) or ranges[-1][0] >= ranges[-1][1]:
         raise TrtglmError(f"stages {ranges} do not cover layers 0..{layer_map.layers - 1} in order")
-    cuts = {a: [v.name for v in layer_map.boundary(model, a)] for a, _ in ranges[1:]}
-    for layer, values in cuts.items():
+    crossing = {a: [v.name for v in layer_map.boundary(model, a)] for a, _ in ranges[1:]}
+    for layer, values in crossing.items():
         if not values:
             raise TrtglmError(f"nothing flows from layer {layer - 1} to layer {layer}: not a decoder graph")
-    del model
-    stages = []
-    for index, (first, end) in enumerate(ranges):
-        stages.append(_stage(onnx_path, out_root / f"{index:02d}", index, (first, end), cuts.get(first, []),
-                             cuts.get(end, []), hidden_size))
-    return stages
+    return Cut(Path(onnx_path), list(ranges), crossing, hidden_size)
 
 
-def _stage(onnx_path: Path, out_dir: Path, index: int, layers: tuple[int, int], entering: list[str],
-           leaving: list[str], hidden_size: int) -> StageGraph:
+def write_stage(model, out_dir: Path, index: int, layers: tuple[int, int]) -> StageGraph:
+    """Save a stage's model as `out_dir/model.onnx` with its own data file."""
+    graph = model.graph
+    weight_bytes = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
+    out_dir.mkdir(parents=True)
+    save_streaming(model, out_dir / ONNX_FILE, DATA_FILE)
+    return StageGraph(index, layers, out_dir / ONNX_FILE, [v.name for v in graph.inputs],
+                      [v.name for v in graph.outputs], weight_bytes)
+
+
+def cut(onnx_path: Path, out_root: Path, ranges: list[tuple[int, int]], hidden_size: int) -> list[StageGraph]:
+    """Write one graph per layer range under `out_root/<index>/` (model.onnx and its data file). A hidden state
+    whose type the graph does not record is [batch, sequence, hidden_size] in the KV cache's dtype."""
+    plan = plan_cut(onnx_path, ranges, hidden_size)
+    return [write_stage(plan.stage(i), out_root / f"{i:02d}", i, r) for i, r in enumerate(ranges)]
+
+
+def _stage(onnx_path: Path, layers: tuple[int, int], entering: list[str], leaving: list[str], hidden_size: int):
     import onnx_ir as ir
 
     model = ir.load(onnx_path)
@@ -188,11 +244,7 @@ def _stage(onnx_path: Path, out_dir: Path, index: int, layers: tuple[int, int], 
     graph.outputs.extend(outputs)
     for name in [n for n, v in graph.initializers.items() if v not in read]:
         del graph.initializers[name]
-    weight_bytes = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
-    out_dir.mkdir(parents=True)
-    save_streaming(model, out_dir / ONNX_FILE, DATA_FILE)
-    return StageGraph(index, layers, out_dir / ONNX_FILE, [v.name for v in graph.inputs],
-                      [v.name for v in graph.outputs], weight_bytes)
+    return model
 
 
 def _shapes_from_hidden(graph, needed: set, hidden) -> None:

@@ -1,4 +1,5 @@
-"""A build in stages: the budget's plan, checked before work; the built graph cut into stage graphs; one engine
+"""A build in stages: the budget's plan, checked before work; the export cut into stage graphs, one at a time
+(each fused and converted before the next is cut, so no step holds more than one stage's weights); one engine
 per stage, each built in a process of its own so that the memory of one build is returned before the next.
 
     BUILD_DIR/stages/00/  model.onnx  model.onnx.data  [model.engine  build.log  layers.json]
@@ -10,6 +11,7 @@ engines (the ONNX is what ONNX Runtime runs where no GPU is).
 from __future__ import annotations
 
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +20,17 @@ from ..core.dtypes import FLOATS
 from ..core.errors import TrtglmError, UsageError
 from ..core.memory import available_memory
 from .directory import STAGES_DIR
-from .stage_graphs import DATA_FILE, ONNX_FILE, LayerMap, StageGraph, cut, map_layers
-from .stage_plan import StagePlan, plan_stages, smallest_budget
+from .stage_graphs import StageGraph, map_layers
+from .stage_plan import StageCost, StagePlan, plan_stages, smallest_budget
+
 WEIGHT_BYTES = {**{name: d.bytes for name, d in FLOATS.items()}, "int8": 1, "fp8": 1, "int4": 0.5}
 
 
 def stage_plan(onnx_path: Path, budget: int | None, dtype: str, exported: str, explicit: bool) -> StagePlan | None:
     """The stages a build of `onnx_path` (the export) in `dtype` needs within `budget` bytes (None: no limit
-    known, one stage). Weights are scaled from the export's dtype to the build's. A graph whose weights are not
-    named by layer, or a default budget too small for any stage, is built whole; a budget the user set
-    (`explicit`) is kept or refused."""
+    known, one stage): each stage's conversion from the export's weights and its engine build over them in
+    `dtype`. A graph whose weights are not named by layer, or a default budget too small for any stage, is built
+    whole; a budget the user set (`explicit`) is kept or refused."""
     if budget is None:
         return None
     import onnx_ir as ir
@@ -40,12 +43,19 @@ def stage_plan(onnx_path: Path, budget: int | None, dtype: str, exported: str, e
         if explicit:
             raise
         return None
-    scale = WEIGHT_BYTES.get(dtype, 4) / WEIGHT_BYTES.get(exported, 4)
-    scaled = LayerMap(layers.layers, {}, [int(b * scale) for b in layers.layer_bytes],
-                      int(layers.head_bytes * scale), int(layers.tail_bytes * scale))
-    if not explicit and budget < smallest_budget(scaled):
+    cost = stage_cost(dtype, exported)
+    if not explicit and budget < smallest_budget(layers, cost):
         return None  # the memory available now is no budget the user chose: build whole, as without one
-    return plan_stages(scaled, budget)
+    return plan_stages(layers, budget, cost)
+
+
+def stage_cost(dtype: str, exported: str) -> StageCost:
+    """A stage's work in a build from `exported` weights to `dtype`: the conversion, where there is one, and the
+    engine build over the weights in `dtype`."""
+    from ..precision import conversion_peak
+
+    conversion = None if dtype == exported else partial(conversion_peak, dtype)
+    return StageCost(WEIGHT_BYTES.get(dtype, 4) / WEIGHT_BYTES.get(exported, 4), conversion)
 
 
 def default_budget() -> int | None:
@@ -66,39 +76,34 @@ def check_disk(out_dir: Path, weight_bytes: int, engines: bool) -> None:
                          hint="free disk space or write the build elsewhere")
 
 
-def cut_build(tmp: Path, plan: StagePlan, hidden_size: int) -> list[StageGraph]:
-    """Cut the build's graph (`tmp/model.onnx`) into its stages and remove the whole one."""
-    stages = cut(tmp / ONNX_FILE, tmp / STAGES_DIR, plan.ranges, hidden_size)
-    for name in (ONNX_FILE, DATA_FILE):
-        (tmp / name).unlink(missing_ok=True)
-    return stages
-
-
 class StageInputs:
-    """The hidden states each stage of the fp32 graph reads for every calibration window, computed stage by
-    stage (one stage's session at a time) and kept on disk under `root` (stage i, window w: i/w.npz)."""
+    """The hidden states each stage of the fp32 graph reads for every calibration window, on disk under `root`
+    (stage i, window w: i/w.npz): a stage's are computed from the stage before (`advance`) before that stage is
+    converted, and dropped once the stage that reads them is."""
 
-    def __init__(self, stages: list[StageGraph], calibration, root: Path):
+    def __init__(self, calibration, root: Path):
+        self.root = root
+        self.windows = calibration.windows
+        root.mkdir()
+
+    def advance(self, stage: StageGraph) -> None:
+        """Run the fp32 `stage` over every window: the inputs of the stage after it."""
         import onnxruntime as ort
 
         from ..core.graphs import describe_onnx
         from ..precision.calibration import _feeds
 
-        self.root = root
-        root.mkdir()
-        windows = calibration.windows
-        for i, stage in enumerate(stages[:-1]):
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            session = ort.InferenceSession(str(stage.path), opts, providers=["CPUExecutionProvider"])
-            inputs = describe_onnx(stage.path)["inputs"]
-            leaving = [name for name in stage.outputs if name.startswith("hidden.")]
-            (root / str(i + 1)).mkdir()
-            for w in range(len(windows)):
-                feeds = _feeds(inputs, windows[w:w + 1]) | self.of(i)(w)
-                values = session.run(leaving, feeds)
-                np.savez(root / str(i + 1) / f"{w}.npz", **dict(zip(leaving, values)))
-            del session
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(stage.path), opts, providers=["CPUExecutionProvider"])
+        inputs = describe_onnx(stage.path)["inputs"]
+        leaving = [name for name in stage.outputs if name.startswith("hidden.")]
+        out = self.root / str(stage.index + 1)
+        out.mkdir()
+        read = self.of(stage.index)
+        for w in range(len(self.windows)):
+            values = session.run(leaving, _feeds(inputs, self.windows[w:w + 1]) | read(w))
+            np.savez(out / f"{w}.npz", **dict(zip(leaving, values)))
 
     def of(self, stage: int):
         """Window index -> the hidden states stage `stage` reads (none for the first)."""
@@ -108,6 +113,9 @@ class StageInputs:
             with np.load(self.root / str(stage) / f"{window}.npz") as data:
                 return {name: data[name] for name in data.files}
         return load
+
+    def drop(self, stage: int) -> None:
+        shutil.rmtree(self.root / str(stage), ignore_errors=True)
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -47,15 +47,42 @@ class FusionReport:
 
 
 def expected_counts(num_layers: int, sandwich_norms: bool | None, fusions: frozenset[str] = DEFAULT_FUSIONS,
-                    separate_qkv: bool | None = None) -> dict[str, int | tuple[int, ...]]:
+                    separate_qkv: bool | None = None, final_norm: bool = True) -> dict[str, int | tuple[int, ...]]:
     """What a GLM decoder of L layers fuses into: norms 2L+1 (4L+1 with glm4's extra norms), L merged q/k/v
     projections (none where the checkpoint stores them merged, as chatglm does; either when unknown), a
-    rotary per query (and per key with rotary_keys), L key rotations folded into projections, L attention."""
-    norms = (2 * num_layers + 1, 4 * num_layers + 1)
+    rotary per query (and per key with rotary_keys), L key rotations folded into projections, L attention.
+    A stage of a staged build that ends before the last layer has no final norm (`final_norm` False)."""
+    norms = (2 * num_layers + final_norm, 4 * num_layers + final_norm)
     return {"rms_norm": norms if sandwich_norms is None else norms[int(sandwich_norms)],
             "qkv": num_layers if separate_qkv else 0 if separate_qkv is False else (0, num_layers),
             "rotary_keys_folded": num_layers,  # before rotary: a key left unfolded is one RotaryEmbedding too many
             "rotary": num_layers * (2 if "rotary_keys" in fusions else 1), "attention": num_layers}
+
+
+def total(reports: list[FusionReport]) -> FusionReport:
+    """The reports of a staged build's stages as one: counts added (nodes computed again in every stage that
+    needs them, the attention mask, counted in each)."""
+
+    def plus(a, b):  # an expected count may be a tuple of the counts allowed
+        if not isinstance(a, tuple) and not isinstance(b, tuple):
+            return a + b
+        a, b = (x if isinstance(x, tuple) else (x,) * len(y if isinstance(y, tuple) else (y,)) for x, y in
+                ((a, b), (b, a)))
+        return tuple(x + y for x, y in zip(a, b))
+
+    def add(dicts):
+        if any(d is None for d in dicts):
+            return None
+        out: dict = {}
+        for d in dicts:
+            for k, v in d.items():
+                out[k] = plus(out.get(k, 0), v)
+        return out
+
+    return FusionReport(add([r.rewrites for r in reports]), add([r.fused for r in reports]),
+                        add([r.expected for r in reports]), sum(r.nodes_before for r in reports),
+                        sum(r.nodes_after for r in reports), add([r.ops_before for r in reports]),
+                        add([r.ops_after for r in reports]))
 
 
 def rule_sets(max_positions: int, fusions: frozenset[str] = DEFAULT_FUSIONS):

@@ -25,7 +25,7 @@ import onnx
 from ..core.errors import UsageError
 from ..core.files import atomic_file
 from ..core.graphs import describe_onnx
-from ..core.memory import require
+from ..core.memory import BASE_BYTES, require
 from ..core.recipe import PrecisionSection
 from .calibration import CalibrationSet
 from .half import name_nodes, overflowing_nodes, position_only_nodes, to_half
@@ -40,9 +40,15 @@ FIXED_BYTES = 2.5e9
 PER_FP32_BYTE = {"fp16": 3.5, "bf16": 3.5, "int8": 4.3, "fp8": 4.3, "int4": 1.6}
 
 
+def conversion_peak(dtype: str, fp32_weight_bytes: int) -> int:
+    """The estimated peak memory of converting a graph of `fp32_weight_bytes` to `dtype`, libraries included."""
+    return int(BASE_BYTES + FIXED_BYTES + PER_FP32_BYTE[dtype] * fp32_weight_bytes)
+
+
 def check_memory(dtype: str, fp32_weight_bytes: int) -> None:
     require(FIXED_BYTES + PER_FP32_BYTE[dtype] * fp32_weight_bytes, f"converting this fp32 graph to {dtype}",
-            "convert on a larger machine, or export in fp16/bf16 and build in that dtype", UsageError)
+            "build in stages (--max-memory), convert on a larger machine, or export in fp16/bf16 and build in "
+            "that dtype", UsageError)
 
 
 @dataclass(frozen=True)
