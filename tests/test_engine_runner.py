@@ -162,24 +162,36 @@ def test_the_simulation_is_strict(builds, monkeypatch, cache_home):
 
     install(monkeypatch, builds["dynamic", "split"])
     engine, _ = open_backend(builds["dynamic", "split"], "trt")
-    context = engine.context
-    assert not context.set_input_shape("input_ids", (4, 3))  # past the profile's max batch
-    assert not context.set_input_shape("past_key_values.0.key", (1, 2, 5, 16))  # profile 0: no past
-    assert context.set_optimization_profile_async(1, engine.stream.handle)
-    assert not context.set_input_shape("input_ids", (1, 2))  # profile 1: one new token
-    assert not context.execute_async_v3(engine.stream.handle)  # inputs without shapes
-    assert any("has no shape" in e for e in context.errors)
-    small = cuda.mem_alloc(8)
-    with pytest.raises(cuda.SimulatedCudaError, match="overruns"):
-        cuda.memcpy_htod_async(small, np.zeros(4, np.int64), engine.stream)
-    with pytest.raises(cuda.SimulatedCudaError, match="in no allocation"):
-        cuda.DEVICE.view(int(small) + 4096, 1)
-    host = np.zeros(1, np.int64)
-    cuda.memcpy_dtoh_async(host, small, engine.stream)
-    cuda.memset_d8(small, 1, 8)
-    assert host[0] == 0  # not yet: the copy runs at synchronize
-    engine.stream.synchronize()
-    assert host[0] == 0x0101010101010101
+    with pytest.raises(cuda.SimulatedCudaError, match="no CUDA context is current"):
+        cuda.mem_alloc(8)  # the runner makes its device's context current around everything it does
+    with engine._on_device():
+        context = engine.context
+        assert not context.set_input_shape("input_ids", (4, 3))  # past the profile's max batch
+        assert not context.set_input_shape("past_key_values.0.key", (1, 2, 5, 16))  # profile 0: no past
+        assert context.set_optimization_profile_async(1, engine.stream.handle)
+        assert not context.set_input_shape("input_ids", (1, 2))  # profile 1: one new token
+        assert not context.execute_async_v3(engine.stream.handle)  # inputs without shapes
+        assert any("has no shape" in e for e in context.errors)
+        small = cuda.mem_alloc(8)
+        with pytest.raises(cuda.SimulatedCudaError, match="overruns"):
+            cuda.memcpy_htod_async(small, np.zeros(4, np.int64), engine.stream)
+        with pytest.raises(cuda.SimulatedCudaError, match="in no allocation"):
+            cuda.DEVICE.view(int(small) + 4096, 1)
+        host = np.zeros(1, np.int64)
+        cuda.memcpy_dtoh_async(host, small, engine.stream)
+        cuda.memset_d8(small, 1, 8)
+        assert host[0] == 0  # not yet: the copy runs at synchronize
+        engine.stream.synchronize()
+        assert host[0] == 0x0101010101010101
+        with pytest.raises(cuda.SimulatedCudaError, match="in no allocation of GPU 1"):
+            cuda.GPUS[1].view(int(small), 1)  # one GPU cannot read another's memory
+    other = cuda.Device(1).retain_primary_context()
+    other.push()
+    try:
+        with pytest.raises(cuda.SimulatedCudaError, match="invalid resource handle"):
+            cuda.memcpy_dtoh_async(host, small, engine.stream)  # a stream of GPU 0 while GPU 1 is current
+    finally:
+        cuda.Context.pop()
     engine.close()
 
 
@@ -252,4 +264,42 @@ def test_staged_engines_chain_like_onnx_runtime(builds, staged, kv_cache, monkey
             ort, [[3, 1, 4, 1, 5] + p for p in PROMPTS], max_new_tokens=6).tokens
     with pytest.raises(TrtglmError, match="4 rows exceed the engine's max_batch 3"):
         generate(engine, [[1, 2]] * 4, max_new_tokens=2)
+    engine.close()
+
+
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_stages_on_two_devices(staged, kv_cache, monkeypatch, cache_home):
+    """--devices 0,1: each stage's engine, buffers and stream on its own (simulated) GPU, which cannot read the
+    other's memory; the hidden states are copied from GPU 0 to GPU 1 at every step, and the tokens are ONNX
+    Runtime's over the same stage graphs."""
+    build_dir = staged[kv_cache]
+    install(monkeypatch, build_dir)
+    cuda.PEER_COPIES.clear()
+    engine, why = open_backend(build_dir, "trt", devices=[0, 1])
+    assert why == "TensorRT engine (2 stages on devices 0,1)"
+    first, second = engine.stages
+    assert (first.engine.gpu.index, second.engine.gpu.index) == (0, 1)
+    assert first.stream.gpu.index == 0 and second.stream.gpu.index == 1
+    assert {a.gpu.index for a in second._dev.values()} == {1} and "hidden.1" in second._dev
+    got = generate(engine, PROMPTS, max_new_tokens=8).tokens
+    assert got == generate(OrtBackend.from_build(build_dir), PROMPTS, max_new_tokens=8).tokens
+    steps = len(second.context.steps)
+    assert steps >= 8 and [(a, b) for a, b, _ in cuda.PEER_COPIES] == [(0, 1)] * steps
+    engine.close()
+
+
+def test_devices_are_checked(builds, staged, monkeypatch, cache_home):
+    install(monkeypatch, staged["dynamic"])
+    with pytest.raises(UsageError, match=r"no CUDA device 2 here \(devices here: 0-1\)"):
+        open_backend(staged["dynamic"], "trt", devices=[0, 2])
+    with pytest.raises(UsageError, match="names a device twice"):
+        open_backend(staged["dynamic"], "trt", devices=[1, 1])
+    with pytest.raises(UsageError, match="--backend ort runs ONNX Runtime on one device"):
+        open_backend(staged["dynamic"], "ort", devices=[0, 1])
+    whole = builds["dynamic", "single"]
+    install(monkeypatch, whole)
+    with pytest.raises(UsageError, match="this build is one engine, which runs on one device"):
+        open_backend(whole, "trt", devices=[0, 1])
+    engine, _ = open_backend(whole, "trt", devices=[1])  # one engine on the second GPU
+    assert engine.engine.gpu.index == 1 and len(generate(engine, PROMPTS, max_new_tokens=2).tokens[0]) == 2
     engine.close()

@@ -493,7 +493,8 @@ def test_eval_flags(built, tmp_path_factory, capsys, flags, data):
 
 BENCH_FLAGS = {"--batch": st.integers(-2, 10**9).map(str), "--input-len": st.integers(-2, 10**9).map(str),
                "--output-len": st.integers(-2, 10**9).map(str), "--backend": st.sampled_from(["auto", "ort", "trt"]),
-               "--cuda-graphs": st.just(None)}
+               "--cuda-graphs": st.just(None),
+               "--devices": st.one_of(st.sampled_from(["0", "0,1", "1,1", "-1", "7", "x", ""]), st.text(max_size=8))}
 
 
 @slow(12)
@@ -501,6 +502,8 @@ BENCH_FLAGS = {"--batch": st.integers(-2, 10**9).map(str), "--input-len": st.int
 @example({"--batch": "1000000"})
 @example({"--input-len": "64", "--output-len": "1"})
 @example({"--cuda-graphs": None})
+@example({"--devices": "0,1", "--backend": "ort"})
+@example({"--devices": "0,x"})
 def test_bench_flags(built, capsys, monkeypatch, flags):
     import trtglm.runtime.backends
 

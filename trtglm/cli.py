@@ -357,6 +357,23 @@ def _sampling_options(f):
     return f
 
 
+def _parse_devices(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        devices = [int(part) for part in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: CUDA device numbers separated by commas, such as 0,1") from None
+    if any(d < 0 for d in devices):
+        raise click.BadParameter(f"{value!r}: device numbers start at 0")
+    return devices
+
+
+_devices_option = click.option(
+    "--devices", callback=_parse_devices, default=None, metavar="0,1",
+    help="CUDA devices for the TensorRT engines (default: 0): a staged build's stages are spread over them, "
+         "consecutive stages per device, the hidden states copied between devices where stages meet.")
+
 _cuda_graphs_option = click.option(
     "--cuda-graphs", is_flag=True,
     help="Capture decode steps as CUDA graphs and replay them (a static-cache build: every decode step has the "
@@ -374,9 +391,10 @@ _cuda_graphs_option = click.option(
 @_sampling_options
 @click.option("--stream", is_flag=True, help="Print tokens as they come (first prompt).")
 @_cuda_graphs_option
+@_devices_option
 @json_option
 def run_cmd(build_dir, prompts, input_file, chat, prefix, backend, max_new_tokens, temperature, top_k, top_p,
-            repetition_penalty, seed, stream, cuda_graphs, as_json):
+            repetition_penalty, seed, stream, cuda_graphs, devices, as_json):
     """Generate text with a build: the TensorRT engine on a GPU, else ONNX Runtime over the same graph."""
     from pathlib import Path
 
@@ -399,7 +417,7 @@ def run_cmd(build_dir, prompts, input_file, chat, prefix, backend, max_new_token
     except ValueError as e:
         raise UsageError(str(e)) from None
     text = load_text(build_dir)
-    model, why = open_backend(build_dir, backend, cuda_graphs=cuda_graphs)
+    model, why = open_backend(build_dir, backend, cuda_graphs=cuda_graphs, devices=devices)
     with closing(model):  # the engine keeps what TensorRT-RTX compiled for this GPU
         click.echo(f"backend: {why}", err=True)
         if chat:
@@ -460,13 +478,14 @@ def _chat(model, text, sampling, max_new_tokens):
 @click.option("--input-len", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--output-len", type=click.IntRange(min=1), default=64, show_default=True)
 @_cuda_graphs_option
+@_devices_option
 @json_option
-def bench_cmd(build_dir, backend, batch, input_len, output_len, cuda_graphs, as_json):
+def bench_cmd(build_dir, backend, batch, input_len, output_len, cuda_graphs, devices, as_json):
     """Time to first token, decode tokens/s, p50/p99 per-token latency and peak memory (same JSON for every backend)."""
     from .runtime.backends import open_backend
     from .runtime.bench import run_bench
 
-    model, why = open_backend(build_dir, backend, cuda_graphs=cuda_graphs)
+    model, why = open_backend(build_dir, backend, cuda_graphs=cuda_graphs, devices=devices)
     click.echo(f"backend: {why}", err=True)
     with closing(model):
         r = run_bench(model, batch=batch, input_len=input_len, output_len=output_len)
@@ -488,12 +507,13 @@ def bench_cmd(build_dir, backend, batch, input_len, output_len, cuda_graphs, as_
               help="Windows of --seq-len tokens.")
 @click.option("--seq-len", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True)
+@_devices_option
 @json_option
-def eval_cmd(build_dir, reference, data, samples, seq_len, backend, as_json):
+def eval_cmd(build_dir, reference, data, samples, seq_len, backend, devices, as_json):
     """Accuracy of a build against its fp32 reference; exit 3 when outside the recipe's accuracy limits."""
     from .runtime.evaluate import GateFailed, evaluate
 
-    r = evaluate(build_dir, reference, data, samples=samples, seq_len=seq_len, backend=backend)
+    r = evaluate(build_dir, reference, data, samples=samples, seq_len=seq_len, backend=backend, devices=devices)
     if as_json:
         _echo_json(r)
     else:

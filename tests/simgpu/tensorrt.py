@@ -122,6 +122,7 @@ class Engine:
         self.profiles = [{name: [tuple(d) for d in dims] for name, dims in p.items()} for p in manifest["profiles"]]
         self._onnx = build_dir / "model.onnx"
         self._session = None
+        self.gpu = cuda.current()  # the engine's weights live on the GPU whose context was current
         module.DESERIALIZED.append(build_dir)
 
     @property
@@ -239,7 +240,7 @@ class Context:
         for name in self.engine._names:
             n = self._nbytes(name)
             try:
-                cuda.DEVICE.view(self.addresses[name], max(n, 1))
+                self.engine.gpu.view(self.addresses[name], max(n, 1))
             except cuda.SimulatedCudaError as e:
                 problems.append(f"{name}: {e}")
             spans[name] = (self.addresses[name], self.addresses[name] + n)
@@ -258,6 +259,9 @@ class Context:
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         stream = cuda.stream_of(stream_handle)
+        gpu = self.engine.gpu
+        if stream.gpu is not gpu:
+            raise cuda.SimulatedCudaError(f"an engine on GPU {gpu.index} run on a stream of GPU {stream.gpu.index}")
         self.errors = self._check()
         if self.errors:
             return False
@@ -273,13 +277,13 @@ class Context:
             for name in self.engine._inputs:
                 dtype = np.dtype(self.engine.get_tensor_dtype(name))
                 n = int(np.prod(shapes[name])) * dtype.itemsize
-                feeds[name] = cuda.DEVICE.view(addresses[name], n).copy().view(dtype).reshape(shapes[name])
+                feeds[name] = gpu.view(addresses[name], n).copy().view(dtype).reshape(shapes[name])
             results = self.engine.session().run(list(self.engine._outputs), feeds)
             for name, value in zip(self.engine._outputs, results):
                 if tuple(value.shape) != shapes[name]:
                     raise cuda.SimulatedCudaError(f"{name}: computed {value.shape}, promised {shapes[name]}")
                 data = np.ascontiguousarray(value, np.dtype(self.engine.get_tensor_dtype(name)))
-                cuda.DEVICE.view(addresses[name], data.nbytes)[:] = data.reshape(-1).view(np.uint8)
+                gpu.view(addresses[name], data.nbytes)[:] = data.reshape(-1).view(np.uint8)
 
         stream.enqueue(run)
         return True

@@ -322,12 +322,21 @@ def _cuda_usable(ort) -> bool:
     return gpu_compute_capability() is not None
 
 
+def _placement(engines) -> str:
+    """` on devices 0,0,1` (each stage's) where a staged build's stages run on more than one device."""
+    placed = [s.device for s in engines.stages]
+    return f" on devices {','.join(map(str, placed))}" if len(set(placed)) > 1 else ""
+
+
 def open_backend(build_dir: str | Path, kind: str = "auto", threads: int = 0,
-                 cuda_graphs: bool = False) -> tuple[Backend, str]:
+                 cuda_graphs: bool = False, devices: list[int] | None = None) -> tuple[Backend, str]:
     """The backend and a sentence saying which and why (auto: the engine when a GPU and TensorRT are there).
     `cuda_graphs`: decode steps captured as CUDA graphs, by TensorRT-RTX on the engine or by ONNX Runtime's CUDA
-    provider; both need a static KV cache."""
+    provider; both need a static KV cache. `devices`: the CUDA devices the engines run on (a staged build's
+    stages spread over them)."""
     build = BuildDir(build_dir)  # its manifest is read once, here, for every backend
+    if devices and kind == "ort":
+        raise UsageError("--devices places TensorRT engines; --backend ort runs ONNX Runtime on one device")
     if cuda_graphs and not _static_cache(build.manifest):
         raise UsageError("--cuda-graphs needs a build with a static KV cache (trtglm build --kv-cache static): a "
                          "dynamic cache changes shape at every step, so no captured step would recur")
@@ -335,8 +344,9 @@ def open_backend(build_dir: str | Path, kind: str = "auto", threads: int = 0,
     if kind in ("auto", "trt"):
         reason = unavailable_reason(build)
         if reason is None:
-            stages = f" ({len(build.stages)} stages)" if build.stages else ""
-            return open_engines(build, cuda_graphs=cuda_graphs), f"TensorRT engine{stages}{graphs}"
+            engines = open_engines(build, cuda_graphs=cuda_graphs, devices=devices)
+            stages = f" ({len(build.stages)} stages{_placement(engines)})" if build.stages else ""
+            return engines, f"TensorRT engine{stages}{graphs}"
         if kind == "trt":
             raise TrtglmError(f"--backend trt: {reason}")
         try:

@@ -25,7 +25,7 @@ class GateFailed(TrtglmError):
 
 
 def evaluate(build_dir: str | Path, reference: str | Path | None = None, data: str | Path | None = None,
-             samples: int = 16, seq_len: int = 256, backend: str = "auto") -> dict:
+             samples: int = 16, seq_len: int = 256, backend: str = "auto", devices: list[int] | None = None) -> dict:
     build_dir = Path(build_dir)
     manifest = BuildDir(build_dir).manifest
     if manifest["recipe"]["resolved"]["shapes"].get("logits") == "last":
@@ -36,7 +36,7 @@ def evaluate(build_dir: str | Path, reference: str | Path | None = None, data: s
     if manifest["precision"]["dtype"] == "bf16" and backend != "trt":
         raise TrtglmError("bf16 cannot run on ONNX Runtime's CPU provider: evaluate it on the engine with a GPU")
     ExportDir(reference).require_fp32_reference()
-    candidate, why = open_backend(build_dir, backend)
+    candidate, why = open_backend(build_dir, backend, devices=devices)
     with closing(candidate):
         result = {"backend": why, **compare(candidate, reference, load_text(build_dir), data, samples, seq_len)}
     limits = manifest["recipe"]["resolved"]["accuracy"]

@@ -7,6 +7,9 @@
     Static cache (`kv_cache: static`): one buffer set of max_seq_len slots, bound as both past and present
     (TensorRT's KV-cache-update layer writes the new tokens in place at `cache_position`; its documentation
     requires the output to share the cache input's device address).
+    Devices: each engine runs in the primary CUDA context of its device, made current around everything it does;
+    a staged build's stages may sit on several devices (`devices`), the hidden states copied from one device to
+    the next where a stage boundary crosses them (`memcpy_peer`), and read in place where it does not.
     TensorRT-RTX only (its IRuntimeConfig): CUDA graph capture of each step shape (`cuda_graphs=True`:
     WHOLE_GRAPH_CAPTURE, replayed when a shape recurs, as every decode step of a static cache does), and a
     runtime cache of the kernels it compiles for this GPU on first use, kept between sessions.
@@ -14,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -22,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.dtypes import BY_NUMPY
-from ..core.errors import TrtglmError
+from ..core.errors import TrtglmError, UsageError
 from ..core.files import atomic_file, cache_dir
 from ..engine.directory import ENGINE_FILE, BuildDir
 from ..engine.inspect import verify
@@ -119,10 +123,13 @@ def runtime_cache_file(manifest: dict, engine: str = ENGINE_FILE) -> Path:
 
 @dataclass(frozen=True)
 class DeviceTensor:
-    """Hidden states a stage left on the device for the next one: where, and their shape."""
+    """Hidden states a stage left on the device for the next one: where, their shape, and the device (its
+    context)."""
 
     address: int
     shape: tuple[int, ...]
+    device: int = 0
+    context: object = None
 
 
 @dataclass
@@ -136,16 +143,27 @@ class TrtBackend:
     """The engine as a `Backend`. Each step picks the optimization profile that admits its shapes (split
     profiles: prefill, then decode); a step no profile admits, or a batch past the engine's limits, is refused
     with one line before anything reaches the device. `stage`: one stage's engine of a staged build, which reads
-    and writes hidden states (`open_engines` chains them)."""
+    and writes hidden states (`open_engines` chains them); `device`: the CUDA device it runs on, and
+    `entry_device` the one its hidden states come from (another: they are copied over at each step)."""
 
     name = "trt"
     int8_gemm = None  # TensorRT's own int8 kernels
 
     def __init__(self, build_dir: str | Path, cuda_graphs: bool = False, stage: int | None = None,
-                 verified: bool = False):
-        import pycuda.autoinit  # noqa: F401 - creates the context
+                 verified: bool = False, device: int = 0, entry_device: int | None = None):
         import pycuda.driver as cuda
 
+        cuda.init()
+        self.device = device
+        self._context = cuda.Device(device).retain_primary_context()
+        self._context.push()
+        try:
+            self._load(cuda, build_dir, cuda_graphs, stage, verified, entry_device)
+        finally:
+            cuda.Context.pop()
+
+    def _load(self, cuda, build_dir, cuda_graphs: bool, stage: int | None, verified: bool,
+              entry_device: int | None) -> None:
         build = build_dir if isinstance(build_dir, BuildDir) else BuildDir(build_dir)
         if not verified:  # hashes, with clear messages; the engine is deserialized once, here
             verify(build.path, deserialize=False)
@@ -181,10 +199,12 @@ class TrtBackend:
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         self.static = CACHE_POSITION in self.buffers
         self._slots = self.buffers[self.past_names[0]].max_shape[2]  # static: the cache's fixed length
-        # a stage's hidden-state input is read where the stage before left it: no buffer of its own
+        # a stage's hidden-state input is read where the stage before left it (no buffer of its own), unless that
+        # is another device
+        here = entry_device is None or entry_device == self.device
         self._dev = {n: cuda.mem_alloc(b.nbytes) for n, b in self.buffers.items()
                      if not n.startswith(("past_key_values.", "present.")) and not (
-                         n in inputs and n.startswith("hidden."))}
+                         here and n in inputs and n.startswith("hidden."))}
         self._sets = [[cuda.mem_alloc(self.buffers[n].nbytes) for n in self.present_names]
                       for _ in range(1 if self.static else 2)]
         if self.static:  # empty slots are masked, but 0 x NaN of uninitialized memory would still be NaN
@@ -216,11 +236,24 @@ class TrtBackend:
             raise TrtglmError("TensorRT could not create an execution context for the engine")
         return context
 
+    @contextlib.contextmanager
+    def _on_device(self):
+        """This engine's device current for what runs inside."""
+        self._context.push()
+        try:
+            yield
+        finally:
+            self._cuda.Context.pop()
+
     def close(self) -> None:
         """Keep the kernels TensorRT-RTX compiled this session for the next one (written atomically), then release
         in dependency order: the context before the runtime cache it uses, both before the engine."""
         if self.context is None:
             return
+        with self._on_device():
+            self._close()
+
+    def _close(self) -> None:
         self.stream.synchronize()
         if self._runtime_cache is not None:
             with atomic_file(self._runtime_cache_file) as tmp:
@@ -290,6 +323,10 @@ class TrtBackend:
     def forward(self, input_ids, attention_mask, position_ids, cache: TrtCache):
         """One step; `input_ids` is a later stage's hidden states (name -> DeviceTensor) instead. Returns the
         logits (host), or a stage's hidden states left on the device, and the cache."""
+        with self._on_device():
+            return self._forward(input_ids, attention_mask, position_ids, cache)
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache: TrtCache):
         cuda = self._cuda
         hidden = input_ids if isinstance(input_ids, dict) else {}
         b, s = next(iter(hidden.values())).shape[:2] if hidden else input_ids.shape
@@ -305,8 +342,15 @@ class TrtBackend:
             feeds |= step_inputs(attention_mask, cache.length, self._slots)
         hosts = {name: np.ascontiguousarray(array, dtype=np.int64) for name, array in feeds.items()}
         out = self._other(cache.buffers)
-        addresses = {name: int(self._dev[name]) for name in [*hosts, *self.exit]} | {
-            name: tensor.address for name, tensor in hidden.items()}
+        addresses = {name: int(self._dev[name]) for name in [*hosts, *self.exit]}
+        for name, tensor in hidden.items():  # where the stage before left them, or copied here from its device
+            if tensor.device == self.device:
+                addresses[name] = tensor.address
+                continue
+            nbytes = math.prod(tensor.shape) * np.dtype(self.buffers[name].dtype).itemsize
+            cuda.memcpy_peer_async(self._dev[name], tensor.address, nbytes, self._context, tensor.context,
+                                   self.stream)
+            addresses[name] = int(self._dev[name])
         for i, (past, present) in enumerate(zip(self.past_names, self.present_names)):
             addresses[past], addresses[present] = int(cache.buffers[i]), int(out[i])
         for name, shape in shapes.items():
@@ -321,8 +365,8 @@ class TrtBackend:
                               f"{cache.length} cached, profile {profile})")
         if self.vocab_size is None:  # a stage's hidden states, read by the next stage once this one is done
             self.stream.synchronize()
-            return ({name: DeviceTensor(int(self._dev[name]), tuple(self.context.get_tensor_shape(name)))
-                     for name in self.exit}, TrtCache(b, cache.length + s, out))
+            return ({name: DeviceTensor(int(self._dev[name]), tuple(self.context.get_tensor_shape(name)), self.device,
+                                        self._context) for name in self.exit}, TrtCache(b, cache.length + s, out))
         shape = tuple(self.context.get_tensor_shape("logits"))  # [b, s, V], or [b, 1, V] with `logits: last`
         n = math.prod(shape)
         cuda.memcpy_dtoh_async(self._logits[:n], self._dev["logits"], self.stream)
@@ -331,6 +375,10 @@ class TrtBackend:
 
     def expand_cache(self, cache: TrtCache, batch: int) -> TrtCache:
         """A batch-1 cache (a prefix) tiled to `batch` rows in a working buffer set."""
+        with self._on_device():
+            return self._expand_cache(cache, batch)
+
+    def _expand_cache(self, cache: TrtCache, batch: int) -> TrtCache:
         cuda = self._cuda
         out = self._other(cache.buffers)
         row = self._kv * self._positions(cache.length) * self._d * self._elt
@@ -342,6 +390,10 @@ class TrtBackend:
 
     def snapshot(self, cache: TrtCache) -> TrtCache:
         """A copy in its own device memory, so later steps cannot overwrite it (prefix reuse)."""
+        with self._on_device():
+            return self._snapshot(cache)
+
+    def _snapshot(self, cache: TrtCache) -> TrtCache:
         cuda = self._cuda
         size = cache.batch * self._kv * self._positions(cache.length) * self._d * self._elt
         copies = []
@@ -375,15 +427,37 @@ def _describe(profiles: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def open_engines(build: BuildDir, cuda_graphs: bool = False):
-    """The build's engine, or a staged build's engines chained (hashes checked once for all of them)."""
+def open_engines(build: BuildDir, cuda_graphs: bool = False, devices: list[int] | None = None):
+    """The build's engine, or a staged build's engines chained (hashes checked once for all of them), on
+    `devices` (default: device 0): a staged build's consecutive stages per device, the largest device's share of
+    the engines as small as it can be."""
+    devices = check_devices(devices or [0])
     if not build.stages:
-        return TrtBackend(build, cuda_graphs=cuda_graphs)
-    from .staged import StagedBackend
+        if len(devices) > 1:
+            raise UsageError(f"--devices {','.join(map(str, devices))}: this build is one engine, which runs on "
+                             "one device", hint="build in stages (trtglm build --max-memory) to run on several")
+        return TrtBackend(build, cuda_graphs=cuda_graphs, device=devices[0])
+    from .staged import StagedBackend, place_stages
 
     verify(build.path, deserialize=False)
-    return StagedBackend([TrtBackend(build, cuda_graphs=cuda_graphs, stage=i, verified=True)
-                          for i in range(len(build.stages))])
+    placed = place_stages([s["engine"]["bytes"] for s in build.manifest["stages"]], devices)
+    return StagedBackend([TrtBackend(build, cuda_graphs=cuda_graphs, stage=i, verified=True, device=placed[i],
+                                     entry_device=placed[i - 1] if i else None) for i in range(len(placed))])
+
+
+def check_devices(devices: list[int]) -> list[int]:
+    """`devices` if each is a CUDA device here, once; else one line naming the problem."""
+    import pycuda.driver as cuda
+
+    cuda.init()
+    count = cuda.Device.count()
+    if len(set(devices)) != len(devices):
+        raise UsageError(f"--devices {','.join(map(str, devices))} names a device twice")
+    missing = [d for d in devices if not 0 <= d < count]
+    if missing:
+        have = "none" if count == 0 else "0" if count == 1 else f"0-{count - 1}"
+        raise UsageError(f"--devices: no CUDA device {', '.join(map(str, missing))} here (devices here: {have})")
+    return devices
 
 
 def _check_io(engine, manifest: dict, trt) -> None:
