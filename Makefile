@@ -7,7 +7,7 @@ DEMO   ?= out/demo
 # An AVX2 CPU without VNNI, less the features QEMU cannot emulate (it would warn about each)
 HASWELL := Haswell-noTSX,-pcid,-x2apic,-tsc-deadline,-invpcid
 
-.PHONY: demo test fuzz bench engines venv lock qemu clean
+.PHONY: demo test fuzz bench engines engines-glm-4-9b venv lock qemu clean
 
 venv: $(STAMP)
 
@@ -84,6 +84,21 @@ engines: $(STAMP)
 	    --target $$t --force || exit 1; \
 	  $(PY) -m trtglm verify out/engines/demo-glm4-int8-$$t || exit 1; \
 	done
+
+# GLM-4-9B-0414 in fp16 and int4 for sm89, in stages within the recipes' 12 GiB (downloads the checkpoint from the
+# Hugging Face hub; about 80 GB of disk), as the CI workflow's 9B jobs build them.
+GLM9B := zai-org/GLM-4-9B-0414
+engines-glm-4-9b: $(STAMP)
+	$(PY) -m trtglm export $(GLM9B) -o out/export-glm-4-9b-0414-fp16 --dtype fp16 --no-validate --force
+	$(PY) -m trtglm build out/export-glm-4-9b-0414-fp16 -o out/engines/glm-4-9b-0414-fp16-sm89 \
+	  --recipe recipes/glm-4-9b-0414-fp16.yaml --target sm89 --force
+	$(PY) -m trtglm verify out/engines/glm-4-9b-0414-fp16-sm89
+	rm -rf out/export-glm-4-9b-0414-fp16
+	$(PY) -m trtglm export $(GLM9B) -o out/export-glm-4-9b-0414-fp32 --dtype fp32 --no-validate --force
+	$(PY) -m trtglm build out/export-glm-4-9b-0414-fp32 -o out/engines/glm-4-9b-0414-int4-sm89 \
+	  --recipe recipes/glm-4-9b-0414-int4.yaml --target sm89 --force
+	$(PY) -m trtglm verify out/engines/glm-4-9b-0414-int4-sm89
+	rm -rf out/export-glm-4-9b-0414-fp32
 
 clean:
 	rm -rf $(VENV) out .bench .lock-venv

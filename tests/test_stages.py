@@ -259,3 +259,14 @@ def test_accuracy_gate_runs_on_the_chain_of_stages(deep, tmp_path):
         "builder": {"max_memory": one_layer_per_stage(deep, "int8")}})
     assert len(manifest["stages"]) == 5 and manifest["accuracy"]["gate"]["passed"]
     assert manifest["accuracy"]["tokens"] == 2 * 16
+
+
+def test_a_gate_past_the_budget_is_refused_before_work(deep):
+    from trtglm.engine.build import _check_gate_memory
+    from trtglm.engine.stage_plan import StagePlan
+
+    fits = StagePlan([(0, 2), (2, 5)], [1 << 20, 1 << 20], budget=1 << 30, peak=1 << 29)
+    _check_gate_memory(deep, fits)
+    past = StagePlan([(0, 2), (2, 5)], [1 << 30, 1 << 30], budget=1 << 30, peak=1 << 29)
+    with pytest.raises(UsageError, match=r"every stage in memory at once \(about 2\.0 GiB\), past the build's memory"):
+        _check_gate_memory(deep, past)

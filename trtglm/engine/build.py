@@ -25,6 +25,7 @@ from ..core.errors import TrtglmError, UsageError
 from ..core.files import atomic_dir, sha256
 from ..core.files import cache_dir as trtglm_cache
 from ..core.graphs import describe_onnx, graph_dtype, release_weights, save_streaming
+from ..core.memory import peak_rss, reset_peak_rss
 from ..core.progress import SILENT, Progress
 from ..core.recipe import Recipe, load_recipe
 from ..core.versions import source_digest, tool_versions
@@ -101,6 +102,8 @@ def plan_build(export_dir: str | Path, *, recipe: str | Path | None = None, over
         check_memory(dtype, source.data_bytes)
     calibration = _calibration(r, dtype, exported, meta, source.path)
     gate = _gate_reference(r, dtype, source.path, reference) if r.accuracy.gate else None
+    if gate is not None and stages is not None and len(stages.ranges) > 1:
+        _check_gate_memory(gate, stages)
     backend = None
     if not onnx_only:
         trt = import_backend(r.builder.backend)
@@ -130,8 +133,11 @@ def run_build(plan: BuildPlan, out_dir: str | Path, *, use_cache: bool = True, f
     cache = plan.cache_dir / plan.key if use_cache and not plan.onnx_only else None
     started = time.perf_counter()
     if cache is None or not (cache / MANIFEST_FILE).is_file():  # a cache hit links the files it has
-        check_disk(Path(out_dir), int(plan.source.data_bytes * WEIGHT_BYTES.get(plan.dtype, 4)
-                                      / WEIGHT_BYTES.get(plan.exported, 4)), engines=not plan.onnx_only)
+        scale = WEIGHT_BYTES.get(plan.dtype, 4) / WEIGHT_BYTES.get(plan.exported, 4)
+        # a staged conversion also holds one stage in the export's dtype until it is converted
+        transient = int(max(plan.stages.weight_bytes) / scale) if plan.staged and scale != 1 else 0
+        check_disk(Path(out_dir), int(plan.source.data_bytes * scale), engines=not plan.onnx_only,
+                   transient=transient)
     with atomic_dir(out_dir, force=force) as tmp:
         if cache is not None:
             from filelock import FileLock
@@ -235,6 +241,16 @@ def _gate_reference(r: Recipe, dtype: str, export_dir: Path, reference) -> Path:
         raise UsageError("the accuracy gate runs on ONNX Runtime's CPU provider, which cannot compute bf16",
                          hint="build without the gate and check the engine with `trtglm eval --backend trt` on a GPU")
     return ExportDir(Path(reference) if reference else export_dir).require_fp32_reference().path
+
+
+def _check_gate_memory(reference: Path, stages: StagePlan) -> None:
+    """The accuracy gate runs the fp32 reference and the chain of stages side by side, each whole in memory:
+    refused before any work where that is past the budget the stages keep."""
+    need = ExportDir(reference).data_bytes + sum(stages.weight_bytes)
+    if need > stages.budget:
+        raise UsageError(f"the accuracy gate holds the fp32 reference and every stage in memory at once (about "
+                         f"{need / 2**30:.1f} GiB), past the build's memory budget of {stages.budget / 2**30:.1f} GiB",
+                         hint="build with accuracy.gate: false and measure with `trtglm eval` where memory allows")
 
 
 def _cache_key(source: ExportDir, r: Recipe, backend: dict | None, onnx_only: bool, calibration,
@@ -347,11 +363,12 @@ def _staged_graphs(tmp: Path, plan: BuildPlan, progress: Progress) -> tuple:
     cut = plan_cut(plan.source.onnx, ranges, meta["config"]["hidden_size"] if meta else None)
     converting = plan.dtype != plan.exported
     inputs = StageInputs(plan.calibration, tmp / ".stage-inputs") if converting and plan.calibration else None
-    stages, reports, records = [], [], []
+    stages, reports, records, peaks = [], [], [], []
     with progress.step(f"{n} stages", total=n) as step:
         for i, (first, end) in enumerate(ranges):
             name = f"stage {i + 1} of {n} (layers {first}-{end - 1})"
             progress.update(step, completed=i, description=f"{name}: fusing")
+            reset_peak_rss()  # each step's own peak, for the manifest
             model = cut.stage(i)
             try:
                 reports.append(_fuse(model, plan, end - first, final_norm=i == n - 1))
@@ -360,7 +377,9 @@ def _staged_graphs(tmp: Path, plan: BuildPlan, progress: Progress) -> tuple:
             release_weights(model)
             stage = write_stage(model, tmp / STAGES_DIR / f"{i:02d}", i, (first, end))
             del model
+            peaks.append({"cut_and_fuse": peak_rss()})
             if converting:
+                reset_peak_rss()
                 if inputs and i < n - 1:
                     progress.update(step, description=f"{name}: the next stage's calibration inputs")
                     inputs.advance(stage)
@@ -370,6 +389,7 @@ def _staged_graphs(tmp: Path, plan: BuildPlan, progress: Progress) -> tuple:
 
                 progress.update(step, description=f"{name}: {plan.dtype}")
                 records.append(_convert(stage.path, plan, on_sample, inputs.of(i) if inputs else None))
+                peaks[-1]["convert"] = peak_rss()
                 if inputs:
                     inputs.drop(i)
             stages.append(stage)
@@ -393,8 +413,9 @@ def _staged_graphs(tmp: Path, plan: BuildPlan, progress: Progress) -> tuple:
         keep_last_position(stages[-1].path)
     described = [describe_onnx(s.path) for s in stages]
     entries = [s.to_dict() | {"inputs": [v["name"] for v in d["inputs"]], "outputs": [v["name"] for v in d["outputs"]],
-                              "io": _io(meta, d), "weight_bytes": (s.path.parent / DATA_FILE).stat().st_size}
-               for s, d in zip(stages, described)]  # as the steps after the cut left them (a static cache's inputs)
+                              "io": _io(meta, d), "weight_bytes": (s.path.parent / DATA_FILE).stat().st_size,
+                              "graph_peak_rss_bytes": p}
+               for s, d, p in zip(stages, described, peaks)]  # as the steps after the cut left them (a static cache's inputs)
     ops: dict[str, int] = {}
     for d in described:
         for op, count in d["initializer_dtypes"].items():

@@ -111,7 +111,7 @@ def make_profiles(input_names: list[str], kv_heads: int, head_dim: int, shapes: 
 
 @dataclass
 class Engine:
-    plan: bytes
+    plan: bytes | None  # None: written to the file build_engine was given
     backend: str
     version: str
     seconds: float
@@ -164,8 +164,9 @@ def _monitor(trt, on_step: Callable[[str, int, int], None] | None, cancelled: th
 def build_engine(onnx_path: str | Path, *, profiles: list[dict] | None = None, builder: BuilderSection | None = None,
                  dtype: str = "fp16", on_step: Callable[[str, int, int], None] | None = None,
                  targets: tuple[str, ...] | None = None, max_batch: int = 1, max_input_len: int = 128,
-                 max_seq_len: int = 256, timing_cache: Path | None = None) -> Engine:
-    """Parse, apply the post-parse hooks, configure from `builder`, build. Ctrl-C cancels cleanly."""
+                 max_seq_len: int = 256, timing_cache: Path | None = None, write_to: Path | None = None) -> Engine:
+    """Parse, apply the post-parse hooks, configure from `builder`, build. Ctrl-C cancels cleanly. With
+    `write_to`, the engine is serialized straight into that file (atomically; no copy of it in memory)."""
     builder_cfg = builder or BuilderSection(targets=targets or ("sm89",))
     trt = import_backend(builder_cfg.backend)
     check_targets(builder_cfg.targets, dtype, trt.__name__)
@@ -193,12 +194,17 @@ def build_engine(onnx_path: str | Path, *, profiles: list[dict] | None = None, b
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGINT, lambda *_: cancelled.set())
     try:
-        plan = b.build_serialized_network(network, config)
+        if write_to is None:
+            plan = b.build_serialized_network(network, config)
+        else:
+            plan = _build_to_file(trt, b, network, config, Path(write_to))
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     seconds = time.perf_counter() - started
     if cancelled.is_set():
+        if write_to is not None:
+            Path(write_to).unlink(missing_ok=True)
         raise BuildCancelled("build cancelled (Ctrl-C); nothing was written")
     messages = [m for _, m in log.messages]
     if plan is None:
@@ -207,8 +213,33 @@ def build_engine(onnx_path: str | Path, *, profiles: list[dict] | None = None, b
     if timing_cache is not None and builder_cfg.timing_cache and trt.__name__ != "tensorrt_rtx":
         _save_timing_cache(config, timing_cache)
     types = Counter(str(network.get_layer(i).type).split(".")[-1] for i in range(network.num_layers))
-    return Engine(bytes(plan), trt.__name__, trt.__version__, seconds, network.num_layers,
-                  _engine_layers(log.messages), dict(types), messages)
+    return Engine(None if write_to is not None else bytes(plan), trt.__name__, trt.__version__, seconds,
+                  network.num_layers, _engine_layers(log.messages), dict(types), messages)
+
+
+def _build_to_file(trt, b, network, config, path: Path) -> bool | None:
+    """The engine serialized into `path` as TensorRT writes it: True, or None where the build failed (nothing is
+    left at `path` then)."""
+
+    class Writer(trt.IStreamWriter):
+        def __init__(self, f):
+            trt.IStreamWriter.__init__(self)
+            self.f = f
+
+        def write(self, data) -> int:
+            return self.f.write(memoryview(data))
+
+    class Failed(Exception):
+        pass
+
+    try:
+        with atomic_file(path) as tmp:
+            with open(tmp, "wb") as f:
+                if not b.build_serialized_network_to_stream(network, config, Writer(f)):
+                    raise Failed
+    except Failed:
+        return None
+    return True
 
 
 def _hooks(trt, network, dtype: str) -> None:

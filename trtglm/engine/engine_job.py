@@ -10,6 +10,7 @@ from typing import Callable
 
 from ..core.errors import TrtglmError
 from ..core.files import cache_dir
+from ..core.memory import peak_rss
 from .builder import build_engine
 from .directory import ENGINE_FILE, ENGINE_ONNX_FILE, LAYERS_FILE, LOG_FILE, ONNX_FILE
 from .engine_graph import attention_form, write_engine_graph
@@ -32,13 +33,13 @@ def write_engine(directory: Path, profiles: list[dict], builder, dtype: str,
         else:  # nothing written out (auto): the layer, and why
             graph |= {k: lowered[k] for k in ("attention_ops", "why_kept") if k in lowered}
     engine = build_engine(directory / graph["file"], profiles=profiles, builder=builder, dtype=dtype,
-                          on_step=on_step, timing_cache=cache_dir() / f"timing-{builder.backend}.cache")
-    (directory / ENGINE_FILE).write_bytes(engine.plan)
+                          on_step=on_step, timing_cache=cache_dir() / f"timing-{builder.backend}.cache",
+                          write_to=directory / ENGINE_FILE)
     (directory / LOG_FILE).write_text("\n".join(engine.log) + "\n")
     (directory / LAYERS_FILE).write_text(json.dumps({"network_layer_types": engine.network_layer_types,
                                                      "engine_layers": engine.layers}, indent=1) + "\n")
     return {"backend": {"name": engine.backend, "version": engine.version}, "engine_graph": graph,
-            "engine": {"bytes": len(engine.plan), "network_layers": engine.network_layers,
+            "engine": {"bytes": (directory / ENGINE_FILE).stat().st_size, "network_layers": engine.network_layers,
                        "engine_layers": len(engine.layers), "kernels": len(engine.kernels),
                        "tensorrt_build_seconds": round(engine.seconds, 2)}}
 
@@ -52,12 +53,5 @@ def run_job(directory: Path, profiles: list[dict], builder, dtype: str) -> tuple
         return str(e), None
     except Exception as e:  # noqa: BLE001 - the parent reports it as the stage's error
         return f"{type(e).__name__}: {e} ({traceback.format_exc(limit=-1).strip().splitlines()[-1]})", None
-    summary["peak_rss_bytes"] = _peak_rss()
+    summary["peak_rss_bytes"] = peak_rss()
     return None, summary
-
-
-def _peak_rss() -> int | None:
-    try:
-        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    except (OSError, StopIteration, ValueError):  # not Linux
-        return None

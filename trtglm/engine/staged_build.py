@@ -62,10 +62,10 @@ def default_budget() -> int | None:
     return available_memory()
 
 
-def check_disk(out_dir: Path, weight_bytes: int, engines: bool) -> None:
-    """Refuse a build whose output cannot fit on the disk it is written to: the graph's weights, and as much
-    again for the engines."""
-    need = int(weight_bytes * (2 if engines else 1) * 1.05)
+def check_disk(out_dir: Path, weight_bytes: int, engines: bool, transient: int = 0) -> None:
+    """Refuse a build whose output cannot fit on the disk it is written to: the graph's weights, as much again
+    for the engines, and `transient` bytes written and removed on the way."""
+    need = int((weight_bytes * (2 if engines else 1) + transient) * 1.05)
     parent = Path(out_dir).resolve().parent
     while not parent.exists():
         parent = parent.parent

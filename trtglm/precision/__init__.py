@@ -89,7 +89,9 @@ def convert(job: Conversion) -> dict:
         elif dtype == "fp16":
             record["range_check"] = "skipped: the export has no tokenizer.json to calibrate with"
         if dtype in QUANTIZED:
-            model = _quantize(model, job, inputs, work, ranges, record)
+            quantized = _quantize(model, job, inputs, work, ranges, record)
+            del model  # a parsed model keeps every weight it ever held until it is freed: read the result anew
+            model = onnx.load(quantized)
         model = _half(model, "fp16" if dtype in QUANTIZED else dtype, precision, ranges if dtype == "fp16" else None,
                       record)
         onnx.save(model, work / onnx_path.name, save_as_external_data=True, location=data_file,
@@ -103,7 +105,8 @@ def convert(job: Conversion) -> dict:
 
 
 def _quantize(model: onnx.ModelProto, job: Conversion, inputs: list[dict], work: Path, ranges,
-              record: dict) -> onnx.ModelProto:
+              record: dict) -> Path:
+    """The quantized graph, written to `work`."""
     dtype, precision, calibration = job.dtype, job.precision, job.calibration
     nodes, skipped = linear_nodes(model, precision.quantization.lm_head)
     if not nodes:
@@ -113,7 +116,9 @@ def _quantize(model: onnx.ModelProto, job: Conversion, inputs: list[dict], work:
         block = precision.quantization.block_size
         _check_blocks(model, nodes, block)
         record["block_size"] = block
-        return quantize_weights_int4(model, nodes, block)
+        onnx.save(quantize_weights_int4(model, nodes, block), work / "q.onnx", save_as_external_data=True,
+                  location="q.onnx.data", all_tensors_to_one_file=True)
+        return work / "q.onnx"
     if calibration is None:
         raise UsageError(f"{dtype} needs calibration data")
     cache = job.cache_dir / f"{_key(job.graph_sha256, calibration, dtype)}.json"
@@ -121,7 +126,7 @@ def _quantize(model: onnx.ModelProto, job: Conversion, inputs: list[dict], work:
     record["calibration_cache"] = {"key": cache.stem, "hit": cache.is_file()}
     quantize_activations(job.onnx_path, work / "q.onnx", dtype, nodes, calibration.reader(inputs, job.on_calibration, job.stage_inputs),
                          calibration.method, cache, amax=ranges)
-    return onnx.load(work / "q.onnx")
+    return work / "q.onnx"
 
 
 def _half(model: onnx.ModelProto, dtype: str, precision, ranges, record: dict) -> onnx.ModelProto:

@@ -52,15 +52,66 @@ def to_half(model: onnx.ModelProto, dtype: str, *, fp32_ops=(), fp32_nodes=(), k
         convert_float_to_float16,
     )
 
+    from onnxruntime.transformers import float16
+
     name_nodes(model)
     originals = {t.name: t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT} if dtype == "bf16" else {}
     io = {v.name for v in [*model.graph.input, *model.graph.output]}
     _infer_types(model)
-    half = convert_float_to_float16(model, keep_io_types=[n for n in keep_fp32_io if n in io],
-                                    op_block_list=[*DEFAULT_OP_BLOCK_LIST, *fp32_ops], node_block_list=list(fp32_nodes),
-                                    disable_shape_infer=True)
+    # the converter's own weight conversion holds several full-size temporaries per weight (int64 indices of
+    # every positive value, four whole-array copies), and it reads a converted weight back into an array for its
+    # shape: both replaced by equivalents that hold one slice at a time and read the shape from the dims
+    patched = {"convert_tensor_float_to_float16": _tensor_to_float16,
+               "make_value_info_from_tensor": _value_info_of}
+    saved = {name: getattr(float16, name) for name in patched}
+    try:
+        for name, f in patched.items():
+            setattr(float16, name, f)
+        half = convert_float_to_float16(model, keep_io_types=[n for n in keep_fp32_io if n in io],
+                                        op_block_list=[*DEFAULT_OP_BLOCK_LIST, *fp32_ops],
+                                        node_block_list=list(fp32_nodes), disable_shape_infer=True)
+    finally:
+        for name, f in saved.items():
+            setattr(float16, name, f)
     half = _repair(half)
     return _fp16_to_bf16(half, originals) if dtype == "bf16" else half
+
+
+SLICE = 1 << 24  # elements converted at a time
+
+
+def to_float16(values: np.ndarray, min_positive: float = 5.96e-08, max_finite: float = 65504.0) -> np.ndarray:
+    """fp32 -> fp16 as ONNX Runtime's converter rounds: magnitudes below `min_positive` become it, finite ones
+    above `max_finite` become it (signs kept); 0, NaN and infinities unchanged. One slice at a time."""
+    flat = values.reshape(-1)
+    out = np.empty(flat.shape, np.float16)
+    for start in range(0, flat.size, SLICE):
+        x = np.array(flat[start:start + SLICE], np.float32)
+        x[(x > 0) & (x < min_positive)] = min_positive
+        x[(x < 0) & (x > -min_positive)] = -min_positive
+        x[(x > max_finite) & np.isfinite(x)] = max_finite
+        x[(x < -max_finite) & np.isfinite(x)] = -max_finite
+        out[start:start + SLICE] = x
+    return out.reshape(values.shape)
+
+
+def _tensor_to_float16(tensor: TensorProto, min_positive_val: float = 5.96e-08,
+                       max_finite_val: float = 65504.0) -> TensorProto:
+    if tensor.data_type != TensorProto.FLOAT:
+        return tensor
+    tensor.data_type = TensorProto.FLOAT16
+    if tensor.float_data:
+        half = to_float16(np.array(tensor.float_data, np.float32), min_positive_val, max_finite_val)
+        tensor.int32_data[:] = half.view(np.uint16).astype(np.int32).tolist()
+        tensor.float_data[:] = []
+    if tensor.raw_data:
+        half = to_float16(np.frombuffer(tensor.raw_data, np.float32), min_positive_val, max_finite_val)
+        tensor.raw_data = half.tobytes()
+    return tensor
+
+
+def _value_info_of(tensor: TensorProto) -> onnx.ValueInfoProto:
+    return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
 
 
 def _infer_types(model: onnx.ModelProto) -> None:
