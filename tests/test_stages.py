@@ -270,3 +270,37 @@ def test_a_gate_past_the_budget_is_refused_before_work(deep):
     past = StagePlan([(0, 2), (2, 5)], [1 << 30, 1 << 30], budget=1 << 30, peak=1 << 29)
     with pytest.raises(UsageError, match=r"every stage in memory at once \(about 2\.0 GiB\), past the build's memory"):
         _check_gate_memory(deep, past)
+
+
+def test_a_terminated_staged_build_leaves_nothing(deep, tmp_path):
+    """SIGTERM (a cancelled CI job) stops a build as Ctrl-C does: exit 143, one line, the output removed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "one stage written"
+    script = f"""
+import time
+import trtglm.engine.build as b
+from trtglm.cli import main
+write = b.write_stage
+def slow(*args, **kwargs):
+    out = write(*args, **kwargs)
+    open({str(marker)!r}, "w").close()
+    time.sleep(60)
+    return out
+b.write_stage = slow
+main(["build", {str(deep)!r}, "-o", {str(tmp_path / "out" / "b")!r}, "--onnx-only", "--max-memory",
+      {one_layer_per_stage(deep)!r}])
+"""
+    (tmp_path / "out").mkdir()
+    child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.1)
+    assert marker.exists(), child.stderr.read() if child.poll() is not None else "no stage was written"
+    child.send_signal(signal.SIGTERM)
+    err = child.communicate(timeout=60)[1]
+    assert child.returncode == 143 and err.strip().splitlines()[-1] == "trtglm: terminated", err
+    assert not list((tmp_path / "out").iterdir())

@@ -528,11 +528,41 @@ def eval_cmd(build_dir, reference, data, samples, seq_len, backend, devices, as_
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     logging.basicConfig(format="trtglm: %(message)s", level=logging.WARNING)  # the library's warnings, one line each
+    with _terminate_as_interrupt() as terminated:
+        _main(argv, debug, terminated)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a CI job cancelled, `kill`) stops a command as Ctrl-C does: outputs in progress are removed."""
+    import signal
+    import threading
+
+    terminated: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield terminated
+        return
+
+    def on_term(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield terminated
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None, debug: bool, terminated: list[int]) -> None:
+    def interrupted():
+        click.echo("trtglm: terminated" if terminated else "trtglm: interrupted", err=True)
+        sys.exit(143 if terminated else 130)
+
     try:
         cli.main(args=argv, prog_name="trtglm", standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("trtglm: interrupted", err=True)
-        sys.exit(130)
+        interrupted()
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
@@ -544,8 +574,7 @@ def main(argv: list[str] | None = None) -> None:
             click.echo(f"hint: {e.hint}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("trtglm: interrupted", err=True)
-        sys.exit(130)
+        interrupted()
     except Exception as e:  # a bug: still one line unless --debug
         if debug:
             raise

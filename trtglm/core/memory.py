@@ -83,17 +83,9 @@ def parse_size(text: str | int) -> int:
 
 
 def peak_rss() -> int | None:
-    """This process's peak resident memory since it started or since `reset_peak_rss` (VmHWM; None off Linux)."""
+    """This process's peak resident memory so far (VmHWM; None off Linux)."""
     try:
         return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     except (OSError, StopIteration, ValueError):
         return None
 
-
-def reset_peak_rss() -> None:
-    """Start `peak_rss` again from the memory resident now (Linux: /proc/self/clear_refs; elsewhere nothing)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass

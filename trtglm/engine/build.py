@@ -25,7 +25,7 @@ from ..core.errors import TrtglmError, UsageError
 from ..core.files import atomic_dir, sha256
 from ..core.files import cache_dir as trtglm_cache
 from ..core.graphs import describe_onnx, graph_dtype, release_weights, save_streaming
-from ..core.memory import peak_rss, reset_peak_rss
+from ..core.memory import peak_rss
 from ..core.progress import SILENT, Progress
 from ..core.recipe import Recipe, load_recipe
 from ..core.versions import source_digest, tool_versions
@@ -368,7 +368,6 @@ def _staged_graphs(tmp: Path, plan: BuildPlan, progress: Progress) -> tuple:
         for i, (first, end) in enumerate(ranges):
             name = f"stage {i + 1} of {n} (layers {first}-{end - 1})"
             progress.update(step, completed=i, description=f"{name}: fusing")
-            reset_peak_rss()  # each step's own peak, for the manifest
             model = cut.stage(i)
             try:
                 reports.append(_fuse(model, plan, end - first, final_norm=i == n - 1))
@@ -377,9 +376,8 @@ def _staged_graphs(tmp: Path, plan: BuildPlan, progress: Progress) -> tuple:
             release_weights(model)
             stage = write_stage(model, tmp / STAGES_DIR / f"{i:02d}", i, (first, end))
             del model
-            peaks.append({"cut_and_fuse": peak_rss()})
+            peaks.append({"cut_and_fuse": peak_rss()})  # the process's peak so far, after each step
             if converting:
-                reset_peak_rss()
                 if inputs and i < n - 1:
                     progress.update(step, description=f"{name}: the next stage's calibration inputs")
                     inputs.advance(stage)

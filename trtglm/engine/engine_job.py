@@ -44,14 +44,17 @@ def write_engine(directory: Path, profiles: list[dict], builder, dtype: str,
                        "tensorrt_build_seconds": round(engine.seconds, 2)}}
 
 
-def run_job(directory: Path, profiles: list[dict], builder, dtype: str) -> tuple[str | None, dict | None]:
-    """`write_engine` in a child process: (None, summary), or (the error's one line, None). Its peak memory is
-    the process's own (VmHWM: getrusage's maximum carries the parent's across the exec that started it)."""
+def run_job(result, directory: Path, profiles: list[dict], builder, dtype: str) -> None:
+    """`write_engine` in a child process, sending (None, summary) or (the error's one line, None) through the
+    connection `result`. Its peak memory is the process's own (VmHWM: getrusage's maximum carries the parent's
+    across the exec that started it)."""
     try:
         summary = write_engine(directory, profiles, builder, dtype)
+        summary["peak_rss_bytes"] = peak_rss()
+        outcome = None, summary
     except TrtglmError as e:
-        return str(e), None
+        outcome = str(e), None
     except Exception as e:  # noqa: BLE001 - the parent reports it as the stage's error
-        return f"{type(e).__name__}: {e} ({traceback.format_exc(limit=-1).strip().splitlines()[-1]})", None
-    summary["peak_rss_bytes"] = peak_rss()
-    return None, summary
+        outcome = f"{type(e).__name__}: {e} ({traceback.format_exc(limit=-1).strip().splitlines()[-1]})", None
+    result.send(outcome)
+    result.close()

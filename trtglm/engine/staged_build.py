@@ -135,8 +135,7 @@ def stage_profiles(profiles: list[dict], inputs: list[str], hidden: int) -> list
 def build_stage_engines(tmp: Path, stages: list[dict], profiles: list[dict], hidden: int, builder, dtype: str,
                         on_stage) -> list[dict]:
     """One engine per stage, each built in a fresh process; `on_stage(i, n)` before each. Returns each stage's
-    engine summary (written into its directory by the child)."""
-    import concurrent.futures
+    engine summary (written into its directory by the child). An interruption stops the child's build too."""
     import multiprocessing
 
     from .engine_job import run_job
@@ -146,9 +145,22 @@ def build_stage_engines(tmp: Path, stages: list[dict], profiles: list[dict], hid
     for i, stage in enumerate(stages):
         on_stage(i, len(stages))
         directory = tmp / STAGES_DIR / stage["dir"]
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-            error, summary = pool.submit(run_job, directory, stage_profiles(profiles, stage["inputs"], hidden),
-                                         builder, dtype).result()
+        receive, send = context.Pipe(duplex=False)
+        child = context.Process(target=run_job, args=(send, directory, stage_profiles(profiles, stage["inputs"], hidden),
+                                                      builder, dtype), daemon=True)
+        child.start()
+        send.close()
+        try:
+            error, summary = receive.recv()
+        except EOFError:  # it died without a word: killed (for memory, most often)
+            child.join()
+            error, summary = f"its build process ended with exit code {child.exitcode} and no result (killed for " \
+                             "memory? a smaller --max-memory makes smaller stages)", None
+        except BaseException:
+            child.terminate()
+            child.join()
+            raise
+        child.join()
         if error:
             raise TrtglmError(f"stage {i} (layers {stage['layers'][0]}-{stage['layers'][1] - 1}): {error}")
         results.append(summary)
