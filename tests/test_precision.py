@@ -458,3 +458,30 @@ def test_conversion_that_cannot_fit_in_memory_fails_before_any_work(e32, tmp_pat
     with pytest.raises(UsageError, match=r"converting this fp32 graph to int8 needs about .* GiB of memory"):
         build(e32, tmp_path / "b", onnx_only=True, overrides={"precision": {"dtype": "int8"}})
     assert not (tmp_path / "b").exists()
+
+
+def test_half_rounding_is_onnx_runtimes_one_slice_at_a_time(monkeypatch):
+    """The converter's fp32 -> fp16 weight rounding, replaced by one that holds a slice at a time: the same bits
+    as ONNX Runtime's own, for raw and float_data tensors, whatever the slice boundaries."""
+    import copy
+
+    from onnx import numpy_helper
+    from onnxruntime.transformers.float16 import (
+        convert_np_to_float16,
+        convert_tensor_float_to_float16,
+        make_value_info_from_tensor,
+    )
+
+    import trtglm.precision.half as half
+
+    monkeypatch.setattr(half, "SLICE", 7)
+    edges = [0.0, -0.0, 1e-9, -1e-9, 5.96e-8, 3e-8, -3e-8, 6e-8, 7e4, -7e4, 65504, 65520, np.inf, -np.inf, np.nan,
+             1.5, -2.25, 1e30, -1e30, 6.1e-5]
+    x = np.concatenate([np.array(edges, np.float32), np.random.default_rng(0).normal(0, 1e3, 101).astype(np.float32)])
+    np.testing.assert_array_equal(half.to_float16(x).view(np.uint16), convert_np_to_float16(x).view(np.uint16))
+    raw = numpy_helper.from_array(x.reshape(11, 11), "w")
+    listed = onnx.helper.make_tensor("v", onnx.TensorProto.FLOAT, [121], x.tolist())
+    for tensor in (raw, listed):
+        ours, theirs = half._tensor_to_float16(copy.deepcopy(tensor)), convert_tensor_float_to_float16(tensor)
+        assert ours == theirs
+        assert half._value_info_of(ours) == make_value_info_from_tensor(theirs)

@@ -179,6 +179,9 @@ def test_staged_engine_build_one_engine_per_stage(exports, tmp_path, capsys):
     main(["inspect", str(tmp_path / "b")])
     out = capsys.readouterr().out
     assert "stages: 2 within a budget" in out and "stage 1: layers 1-1" in out, out
+    assert "cut, fusion and precision, stage by stage in the build process: peak" in out
+    assert all(0 < s["graph_peak_rss_bytes"]["cut_and_fuse"] <= s["graph_peak_rss_bytes"]["convert"]
+               for s in manifest["stages"])  # fp16 from fp32: both steps measured, the peak so far
     main([*args, "-o", str(tmp_path / "again")])
     again = json.loads(capsys.readouterr().out)
     assert again["cache"]["hit"] and (tmp_path / "again" / "stages" / "01" / "model.engine").is_file()

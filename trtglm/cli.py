@@ -242,6 +242,9 @@ def _stage_lines(m: dict) -> list[str]:
         return []
     lines = [f"stages: {len(stages)} within a budget of {plan['budget_bytes'] / 2**30:.2f} GiB (estimated build "
              f"peak {plan['estimated_peak_bytes'] / 2**30:.2f} GiB)"]
+    graph = [v for s in stages for v in (s.get("graph_peak_rss_bytes") or {}).values() if v]
+    if graph:
+        lines.append(f"  cut, fusion and precision, stage by stage in the build process: peak {max(graph) / 2**30:.2f} GiB")
     for s in stages:
         first, end = s["layers"]
         engine = s.get("engine")
