@@ -303,3 +303,17 @@ def test_devices_are_checked(builds, staged, monkeypatch, cache_home):
     engine, _ = open_backend(whole, "trt", devices=[1])  # one engine on the second GPU
     assert engine.engine.gpu.index == 1 and len(generate(engine, PROMPTS, max_new_tokens=2).tokens[0]) == 2
     engine.close()
+
+
+def test_a_gpu_pack_runs_on_its_engines_alone(staged, tmp_path, monkeypatch, cache_home):
+    """`trtglm pack --for gpu` keeps the engines and drops the ONNX weights; the runner needs nothing else."""
+    from trtglm.engine.pack import pack
+
+    pack(staged["dynamic"], tmp_path / "gpu", "gpu")
+    assert not list((tmp_path / "gpu").rglob("*.onnx.data"))
+    install(monkeypatch, staged["dynamic"])  # the simulated runtime computes an engine with its build's graph
+    engine, why = open_backend(tmp_path / "gpu", "trt")
+    assert why == "TensorRT engine (2 stages)"
+    got = generate(engine, PROMPTS, max_new_tokens=6).tokens
+    assert got == generate(OrtBackend.from_build(staged["dynamic"]), PROMPTS, max_new_tokens=6).tokens
+    engine.close()

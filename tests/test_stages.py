@@ -11,7 +11,7 @@ import pytest
 
 from models import hf_model, left_padded, one_layer_per_stage, save_hf
 from trtglm.cli import main
-from trtglm.core.errors import UsageError
+from trtglm.core.errors import TrtglmError, UsageError
 from trtglm.core.memory import parse_size
 from trtglm.engine.build import build
 from trtglm.engine.stage_graphs import LayerMap
@@ -188,6 +188,28 @@ def test_staged_engine_build_one_engine_per_stage(exports, tmp_path, capsys):
     backend, why = open_backend(tmp_path / "b")
     assert isinstance(backend, StagedBackend) and "2 stages" in why
     assert len(generate(backend, PROMPTS, max_new_tokens=3).tokens[0]) == 3
+    # packs: the weights once, each with what one runtime needs, verified by their own manifests
+    main(["pack", str(tmp_path / "b"), "-o", str(tmp_path / "gpu"), "--for", "gpu"])
+    main(["pack", str(tmp_path / "b"), "-o", str(tmp_path / "cpu"), "--for", "cpu"])
+    assert "packed for cpu" in capsys.readouterr().out
+    held = {name: {str(p.relative_to(tmp_path / name)) for p in (tmp_path / name).rglob("*") if p.is_file()}
+            for name in ("gpu", "cpu")}
+    assert {"stages/00/model.engine", "stages/01/model.engine", "export.json"} <= held["gpu"]
+    assert not any(f.endswith((".onnx", ".onnx.data")) for f in held["gpu"])
+    assert {"stages/00/model.onnx.data", "stages/01/model.onnx", "export.json"} <= held["cpu"]
+    assert not any(f.endswith(".engine") for f in held["cpu"])
+    for name in ("gpu", "cpu"):
+        main(["verify", str(tmp_path / name)])
+    capsys.readouterr()
+    packed, why = open_backend(tmp_path / "cpu")  # no GPU here: ONNX Runtime over the stage graphs
+    assert "because the build is packed for the CPU" in why
+    assert generate(packed, PROMPTS, max_new_tokens=3).tokens == generate(backend, PROMPTS, max_new_tokens=3).tokens
+    with pytest.raises(TrtglmError, match="packed for GPUs .* holds the engines only"):
+        open_backend(tmp_path / "gpu")
+    with pytest.raises(UsageError, match="is itself packed for gpu"):
+        from trtglm.engine.pack import pack
+
+        pack(tmp_path / "gpu", tmp_path / "again-gpu", "gpu")
 
 
 def test_stages_are_placed_on_devices_in_order_with_the_least_largest_load():

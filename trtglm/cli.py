@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from contextlib import closing
+from pathlib import Path
 
 import click
 
@@ -198,7 +199,6 @@ def _recipe_overrides(options: dict) -> dict:
 def build_cmd(export_dir, out_dir, recipe, dtype, onnx_only, reference, cache_dir, no_cache, force, as_json,
               **recipe_flags):
     """Fuse the graph of a `trtglm export` directory and build a TensorRT engine from it."""
-    from pathlib import Path
 
     from .engine.build import build
     from .engine.inspect import graph_of
@@ -348,6 +348,27 @@ def verify_cmd(build_dir, as_json):
         click.echo("engine: " + ("loads on this GPU" if engine.get("ok") else f"not loaded ({engine['reason']})"))
 
 
+@cli.command("pack")
+@click.argument("build_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", "out_dir", type=click.Path(), required=True, help="The pack's directory.")
+@click.option("--for", "target", type=click.Choice(["gpu", "cpu"]), required=True,
+              help="gpu: the engines (the TensorRT runner); cpu: the ONNX graphs (ONNX Runtime).")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@json_option
+def pack_cmd(build_dir, out_dir, target, force, as_json):
+    """What one runtime needs from a build directory, its weights once (hard links where possible)."""
+    from .engine.pack import pack
+
+    manifest = pack(build_dir, out_dir, target, force=force)
+    if as_json:
+        _echo_json(manifest)
+        return
+    files = manifest["files"]["sha256"]
+    size = sum((Path(out_dir) / name).stat().st_size for name in files)
+    click.echo(f"{out_dir}: packed for {target} ({len(files)} files, {size / 1e6:.1f} MB): runs on "
+               f"{manifest['packed']['runs_on']}")
+
+
 def _sampling_options(f):
     for option in reversed([
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy."),
@@ -399,7 +420,6 @@ _cuda_graphs_option = click.option(
 def run_cmd(build_dir, prompts, input_file, chat, prefix, backend, max_new_tokens, temperature, top_k, top_p,
             repetition_penalty, seed, stream, cuda_graphs, devices, as_json):
     """Generate text with a build: the TensorRT engine on a GPU, else ONNX Runtime over the same graph."""
-    from pathlib import Path
 
     from .core.errors import UsageError
     from .model.tokenizer import load_text

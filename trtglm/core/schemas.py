@@ -79,6 +79,10 @@ class Stage(_Loose):
     profiles: list[dict[StrictStr, list[list[StrictInt]]]] | None = None
 
 
+class Packed(_Loose):
+    for_: Literal["gpu", "cpu"] = Field(alias="for")
+
+
 class Manifest(_Loose):
     format_version: StrictInt = Field(1, ge=1, le=FORMAT_VERSION)
     stage: Literal["onnx", "engine"]
@@ -92,6 +96,7 @@ class Manifest(_Loose):
     targets: list[StrictStr] | None = None
     profiles: list[dict[StrictStr, list[list[StrictInt]]]] | None = None
     stages: list[Stage] | None = None
+    packed: Packed | None = None  # `trtglm pack`: the part of a build one runtime needs
 
 
 def check(model: type[BaseModel], data: Any, where: str) -> dict:

@@ -58,6 +58,11 @@ class BuildDir:
         return [layer for f in files for layer in json.loads(f.read_text())["engine_layers"]]
 
     @property
+    def packed(self) -> str | None:
+        """What a pack of a build is for (`trtglm pack`: gpu, cpu), None for a whole build directory."""
+        return (self.manifest.get("packed") or {}).get("for")
+
+    @property
     def stages(self) -> list[Path]:
         """A staged build's stage directories in order (empty: the whole graph in one)."""
         return [self.path / STAGES_DIR / s["dir"] for s in self.manifest.get("stages") or []]

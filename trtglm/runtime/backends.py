@@ -130,6 +130,9 @@ class OrtBackend:
     def from_build(cls, build: "BuildDir | str | Path", threads: int = 0, **options):
         """The build's graph; a staged build's stage graphs chained (runtime/staged.py)."""
         build = build if isinstance(build, BuildDir) else BuildDir(build)
+        if build.packed == "gpu":
+            raise TrtglmError(f"{build.path} is packed for GPUs (trtglm pack --for gpu): it holds the engines only, "
+                              "and ONNX Runtime runs the graphs", hint="run the full build or its pack --for cpu")
         if build.stages:
             if options.get("cuda_graphs"):
                 raise UsageError("--cuda-graphs on ONNX Runtime runs a build of one graph; this build is in "

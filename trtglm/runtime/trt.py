@@ -81,6 +81,8 @@ def unavailable_reason(build: BuildDir | str | Path, cc: str | None | bool = Fal
     build = build if isinstance(build, BuildDir) else BuildDir(build)
     manifest = build.manifest
     engines = [d / ENGINE_FILE for d in build.stages] or [build.engine]
+    if build.packed == "cpu":
+        return "the build is packed for the CPU (trtglm pack --for cpu): it holds no engine"
     if not all(e.is_file() for e in engines):
         return "the build has no engine (it was built with --onnx-only)"
     cc = gpu_compute_capability() if cc is False else cc
