@@ -240,7 +240,7 @@ def _copy(src, dst):
 
 
 MANIFEST_KEYS = ["max_seq_len", "io", "recipe", "files", "precision", "stage", "fusion", "profiles", "backend",
-                 "source", "targets", "engine"]
+                 "source", "targets", "engine", "packed"]
 
 
 @given(st.sampled_from(MANIFEST_KEYS), JSON, st.booleans())
@@ -249,8 +249,11 @@ MANIFEST_KEYS = ["max_seq_len", "io", "recipe", "files", "precision", "stage", "
 @example("recipe", {"resolved": []}, False)
 @example("max_seq_len", None, True)
 @example("profiles", [{"\n": None}], False)
+@example("packed", {"for": "gpu"}, False)
+@example("packed", {"for": 1}, False)
 def test_manifest_mutations(built, tmp_path_factory, key, value, truncate):
     from trtglm.engine.inspect import inspect_path, verify
+    from trtglm.engine.pack import pack
     from trtglm.runtime.backends import open_backend
 
     b = _copy(built / "b", tmp_path_factory.mktemp("m") / "b")
@@ -261,6 +264,7 @@ def test_manifest_mutations(built, tmp_path_factory, key, value, truncate):
     refused_cleanly(lambda: inspect_path(b))
     refused_cleanly(lambda: verify(b))
     refused_cleanly(lambda: open_backend(b, "auto"))
+    refused_cleanly(lambda: pack(b, b.parent / "cpu", "cpu"))
 
 
 STAGE_KEYS = ["index", "layers", "dir", "inputs", "outputs", "weight_bytes", "io", "profiles"]
@@ -525,6 +529,8 @@ def test_inspect_any_file(tmp_path_factory, capsys, name, data):
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_bytes(data)
     target = f.parent if name.startswith("dir/") else f
-    for command in (["inspect", str(target)], ["verify", str(target)], ["run", str(target), "--prompt", "x"]):
+    for command in (["inspect", str(target)], ["verify", str(target)], ["run", str(target), "--prompt", "x"],
+                    ["pack", str(target), "-o", str(root / "packed"), "--for", "cpu"]):
         code, err = _cli(command, capsys)
         _refused_or_done(code, err)
+    assert not (root / "packed").exists()
