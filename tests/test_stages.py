@@ -140,6 +140,19 @@ def test_disk_too_small_is_refused_before_writing(exports, tmp_path, monkeypatch
     assert not list(tmp_path.iterdir())
 
 
+def test_disk_for_a_staged_conversion_counts_one_stage_as_exported(monkeypatch, tmp_path):
+    """int4 from fp32 in stages: the converted weights, their engines, and one fp32 stage until it is converted."""
+    import shutil
+
+    from trtglm.engine.staged_build import check_disk
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10 << 30))
+    check_disk(tmp_path / "b", 4 << 30, engines=True)  # 8 GiB and a margin
+    with pytest.raises(UsageError, match=r"about 10\.5 GiB of disk"):
+        check_disk(tmp_path / "b", 4 << 30, engines=True, transient=2 << 30)
+
+
 def test_a_failed_staged_build_leaves_nothing(exports, tmp_path, monkeypatch):
     import trtglm.engine.build as b
 
