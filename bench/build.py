@@ -1,7 +1,7 @@
 """Build benchmark: `trtglm build` with TensorRT-RTX on the CPU for random GLM-4-shaped models.
 
     python bench/build.py [--sizes 100M,400M,1.5B] [--budgets none,none,none] [--dtypes fp16,fp16,fp16]
-                          [--workdir .bench]
+                          [--calibration-samples 8] [--workdir .bench]
 
 For each size: a cold build (fusion + engine for SM89, no cache) within its memory budget (`--max-memory`;
 `none`: the whole graph in one engine, whatever the memory available) and a cache-hit rebuild, each in its
@@ -9,8 +9,8 @@ own process with its wall time and the peak RSS of the largest process (a staged
 processes of their own); stages; engine size; engine kernels per decoder layer in the prefill and decode
 profiles. `--sizes 9B --budgets 12G` is GLM-4-9B-0414's shape (18.8 GB of fp16 weights; the checkpoint is
 deleted once exported, so that export and build fit on a disk of about 60 GB). An fp16 or bf16 build starts
-from an export in that dtype; int8, int4 and fp8 from an fp32 export (calibrating on CALIBRATION_SAMPLES windows
-of 256 tokens, where the precision calibrates).
+from an export in that dtype; int8, int4 and fp8 from an fp32 export (calibrating on `--calibration-samples`
+windows of 256 tokens, where the precision calibrates: memory and time, not accuracy, are what this measures).
 """
 
 from __future__ import annotations
@@ -25,11 +25,9 @@ from common import checkpoint, config_of, measure, parameters, parse_args
 from trtglm.engine.builder import NOT_KERNELS
 from trtglm.engine.directory import BuildDir
 
-CALIBRATION_SAMPLES = 8
-
 
 def main() -> None:
-    args = parse_args(__doc__, "100M,400M,1.5B", budgets="", dtypes="")
+    args = parse_args(__doc__, "100M,400M,1.5B", budgets="", dtypes="", calibration_samples="8")
     work = args.workdir
     budgets = args.budgets.split(",") if args.budgets else ["none"] * len(args.sizes)
     dtypes = args.dtypes.split(",") if args.dtypes else ["fp16"] * len(args.sizes)
@@ -50,7 +48,7 @@ def main() -> None:
         cache = work / f"cache-{size}"
         shutil.rmtree(cache, ignore_errors=True)
         recipe = work / f"recipe-{dtype}.yaml"
-        recipe.write_text(f"precision:\n  dtype: {dtype}\ncalibration:\n  samples: {CALIBRATION_SAMPLES}\n"
+        recipe.write_text(f"precision:\n  dtype: {dtype}\ncalibration:\n  samples: {args.calibration_samples}\n"
                           "  seq_len: 256\n")
         build = [sys.executable, "-m", "trtglm", "build", str(export_dir), "--recipe", str(recipe),
                  "--max-input-len", "512", "--max-seq-len", "2048", "--cache-dir", str(cache), "--force", "--json",

@@ -55,7 +55,7 @@ def parse_args(doc: str, sizes: str, **options: str) -> argparse.Namespace:
     ap.add_argument("--sizes", default=sizes, help=f"comma-separated, from {', '.join(SHAPES)}")
     ap.add_argument("--workdir", default=".bench")
     for name, default in options.items():
-        ap.add_argument(f"--{name}", default=default)
+        ap.add_argument(f"--{name.replace('_', '-')}", default=default)
     args = ap.parse_args()
     args.workdir = Path(args.workdir)
     args.sizes = args.sizes.split(",")
