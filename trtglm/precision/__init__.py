@@ -37,7 +37,7 @@ CALIBRATED = ("int8", "fp8")
 # weights (the graph is held as protobuf and ONNX Runtime's tools copy it): an upper bound, with a margin, of
 # what `python bench/precision.py` measures.
 FIXED_BYTES = 2.5e9
-PER_FP32_BYTE = {"fp16": 3.5, "bf16": 3.5, "int8": 4.3, "fp8": 4.3, "int4": 1.6}
+PER_FP32_BYTE = {"fp16": 3.5, "bf16": 3.5, "int8": 2.9, "fp8": 4.3, "int4": 1.6}
 
 
 def conversion_peak(dtype: str, fp32_weight_bytes: int) -> int:
