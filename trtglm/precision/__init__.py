@@ -35,7 +35,7 @@ QUANTIZED = ("int8", "int4", "fp8")
 CALIBRATED = ("int8", "fp8")
 # Peak memory of the stage: a fixed part (calibration sessions, libraries) plus a part per byte of fp32
 # weights (the graph is held as protobuf and ONNX Runtime's tools copy it): an upper bound, with a margin, of
-# what `python bench/precision.py` measures.
+# what `python bench/precision.py` measures of whole graphs and bench/RESULTS.md of GLM-4-9B's stages.
 FIXED_BYTES = 2.5e9
 PER_FP32_BYTE = {"fp16": 3.5, "bf16": 3.5, "int8": 2.9, "fp8": 4.3, "int4": 1.6}
 
