@@ -75,6 +75,9 @@ def main() -> None:
                "budget": budget, "export_gb": sum(f.stat().st_size for f in export_dir.iterdir()) / 1e9,
                "stages": max(1, len(stages)), "build_s": cold["seconds"], "build_rss_gb": cold["peak_rss"] / 1e9,
                "stage_rss_gb": max((s["engine"]["peak_rss_bytes"] for s in stages), default=0) / 1e9,
+               # the build process's peak so far after each stage's graph steps (cut and fusion, conversion)
+               "graph_rss_gb": [round(max((s.get("graph_peak_rss_bytes") or {}).values(), default=0) / 1e9, 2)
+                                for s in stages],
                "tensorrt_s": manifest["engine"]["tensorrt_build_seconds"],
                "hit_s": hit["seconds"], "hit_rss_gb": hit["peak_rss"] / 1e9,
                "engine_mb": manifest["engine"]["bytes"] / 1e6,
