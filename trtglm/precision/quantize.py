@@ -75,7 +75,7 @@ def quantize_activations(src: Path, dst: Path, dtype: str, nodes: list[str], rea
                 name: TensorData(avg=np.float32(0), std=np.float32(amax[name]), lowest=np.float32(-amax[name]),
                                  highest=np.float32(amax[name])) for name in overrides}), cache_file)
         reader = None
-    with quiet():
+    with quiet(), _calibration_without_prepacking():
         quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, nodes_to_quantize=nodes,
                         op_types_to_quantize=["MatMul"], per_channel=True, activation_type=qtype, weight_type=qtype,
                         calibrate_method=calibrate, use_external_data_format=True,
@@ -96,6 +96,29 @@ def quantize_weights_int4(model: onnx.ModelProto, nodes: list[str], block_size: 
                                  op_types_to_quantize=("MatMul",), nodes_to_exclude=others)  # _include is ignored
         q.process()
     return q.model.model
+
+
+@contextlib.contextmanager
+def _calibration_without_prepacking():
+    """ONNX Runtime's calibrator runs its graph in a CPU session that prepacks every constant MatMul weight, a
+    second copy of each (bench/RESULTS.md: GLM-4-9B's last stage, with its lm_head): the same session without
+    prepacking."""
+    import onnxruntime
+    from onnxruntime.quantization.calibrate import CalibraterBase
+
+    def create_inference_session(self):
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        self.infer_session = onnxruntime.InferenceSession(self.augmented_model_path, sess_options=options,
+                                                          providers=self.execution_providers)
+
+    original = CalibraterBase.create_inference_session
+    CalibraterBase.create_inference_session = create_inference_session
+    try:
+        yield
+    finally:
+        CalibraterBase.create_inference_session = original
 
 
 @contextlib.contextmanager
