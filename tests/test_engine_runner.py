@@ -222,19 +222,16 @@ def test_compare_backends_through_the_simulation(builds, monkeypatch, cache_home
 @pytest.fixture(scope="module")
 def staged(builds, tmp_path_factory):
     """kv_cache -> an fp16 engine build of the same export in 2 stages (one layer each), split profiles."""
-    import onnx_ir as ir
-
-    from trtglm.engine.stage_graphs import map_layers
-    from trtglm.engine.stage_plan import smallest_budget
+    from models import one_layer_per_stage
 
     export_dir = builds["dynamic", "single"].parent / "e"
-    budget = smallest_budget(map_layers(ir.load(export_dir / "model.onnx")))
+    budget = one_layer_per_stage(export_dir)
     root = tmp_path_factory.mktemp("staged")
     for kv_cache in ("dynamic", "static"):
         build(export_dir, root / kv_cache, use_cache=False, overrides={
             "shapes": {"max_batch": 3, "max_input_len": 16, "max_seq_len": 64, "kv_cache": kv_cache,
                        "profiles": "split" if kv_cache == "static" else "single"},
-            "builder": {"max_memory": str(budget)}})
+            "builder": {"max_memory": budget}})
     return {kv_cache: root / kv_cache for kv_cache in ("dynamic", "static")}
 
 

@@ -206,7 +206,7 @@ def test_calibration_files(tmp_path_factory, data, suffix):
 def built(checkpoints, tmp_path_factory):
     import shutil
 
-    from models import add_tokenizer
+    from models import add_tokenizer, one_layer_per_stage
     from trtglm.engine.build import build
     from trtglm.export.exporter import export
 
@@ -216,18 +216,8 @@ def built(checkpoints, tmp_path_factory):
     export(str(root / "ckpt"), root / "e", validate=False, max_seq_len=64)
     build(root / "e", root / "b", onnx_only=True)
     build(root / "e", root / "ball", onnx_only=True, overrides={"shapes": {"logits": "all"}})
-    build(root / "e", root / "staged", onnx_only=True, overrides={"builder": {"max_memory": _one_layer(root / "e")}})
+    build(root / "e", root / "staged", onnx_only=True, overrides={"builder": {"max_memory": one_layer_per_stage(root / "e")}})
     return root
-
-
-def _one_layer(export_dir) -> str:
-    """A budget of one layer per stage for this export."""
-    import onnx_ir as ir
-
-    from trtglm.engine.stage_graphs import map_layers
-    from trtglm.engine.stage_plan import smallest_budget
-
-    return str(smallest_budget(map_layers(ir.load(export_dir / "model.onnx"))))
 
 
 def _copy(src, dst):

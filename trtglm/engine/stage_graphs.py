@@ -146,7 +146,8 @@ class StageGraph:
 
 @dataclass(frozen=True)
 class Cut:
-    """Where a graph is cut: the layers of each stage and the values each cut passes (names in `source`)."""
+    """Where a graph is cut: the layers of each stage and the values each cut passes (names in `source`). A
+    passed value whose type the graph does not record is [batch, sequence, hidden_size] in the KV cache's dtype."""
 
     source: Path
     ranges: list[tuple[int, int]]
@@ -186,13 +187,6 @@ def write_stage(model, out_dir: Path, index: int, layers: tuple[int, int]) -> St
     save_streaming(model, out_dir / ONNX_FILE, DATA_FILE)
     return StageGraph(index, layers, out_dir / ONNX_FILE, [v.name for v in graph.inputs],
                       [v.name for v in graph.outputs], weight_bytes)
-
-
-def cut(onnx_path: Path, out_root: Path, ranges: list[tuple[int, int]], hidden_size: int) -> list[StageGraph]:
-    """Write one graph per layer range under `out_root/<index>/` (model.onnx and its data file). A hidden state
-    whose type the graph does not record is [batch, sequence, hidden_size] in the KV cache's dtype."""
-    plan = plan_cut(onnx_path, ranges, hidden_size)
-    return [write_stage(plan.stage(i), out_root / f"{i:02d}", i, r) for i, r in enumerate(ranges)]
 
 
 def _stage(onnx_path: Path, layers: tuple[int, int], entering: list[str], leaving: list[str], hidden_size: int):
