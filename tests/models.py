@@ -12,6 +12,12 @@ TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_lay
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
             pad_token_id=None, eos_token_id=[1, 2], bos_token_id=None)
 
+# glm4_moe: 3 layers (the first dense), 8 experts top-2 in 4 groups of which 2 are kept, one shared expert,
+# q/k norms; transformers' defaults otherwise (no attention bias unless asked)
+TINY_MOE = dict(TINY, num_hidden_layers=3, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1, use_qk_norm=True,
+                attention_bias=True, routed_scaling_factor=1.5, norm_topk_prob=True, num_nextn_predict_layers=0)
+
 # build overrides for a graph with the logits of every position (the default is the last position only), for
 # comparisons of every position with the export or with transformers
 EVERY_POSITION = {"shapes": {"logits": "all"}}
@@ -43,6 +49,50 @@ def hf_model(family: str, seed: int = 0, **overrides):
             else:
                 p.normal_(0, 0.2)
     return model.eval()
+
+
+def hf_moe_model(seed: int = 0, **overrides):
+    """A random transformers glm4_moe model with a non-zero correction bias, large enough to change which experts
+    are chosen (so an exporter that drops it disagrees)."""
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    torch.manual_seed(seed)
+    model = Glm4MoeForCausalLM(Glm4MoeConfig(**{**TINY_MOE, **overrides}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.3)
+    return model.eval()
+
+
+def save_stacked_experts(path: Path) -> Path:
+    """Rewrite a saved glm4_moe checkpoint with transformers' in-memory stacked experts (`experts.gate_up_proj`
+    [E, 2I, H], `experts.down_proj` [E, H, I]) instead of one tensor per expert."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(path / "model.safetensors")
+    out, experts = {}, {}
+    for name, t in sd.items():
+        m = re.match(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight", name)
+        if m:
+            experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = t
+        else:
+            out[name] = t
+    for prefix, per in experts.items():
+        order = sorted(per)
+        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([per[e]["gate_proj"], per[e]["up_proj"]]) for e in order])
+        out[f"{prefix}.down_proj"] = torch.stack([per[e]["down_proj"] for e in order])
+    save_file(out, path / "model.safetensors")
+    return path
 
 
 def save_hf(model, path: Path, dtype=torch.float32, max_shard_size=None) -> Path:

@@ -55,15 +55,15 @@ def export(model: str, out_dir: str | Path, dtype: str = "fp32", opset: int = 23
 
 
 def _loader(ckpt: Checkpoint, dtype: str):
-    """A weight in the export dtype; linear layers transposed to [in, out] for MatMul."""
+    """A weight in the export dtype (the router's in fp32); linear layers transposed to [in, out] for MatMul."""
     import torch
     from onnx_ir.tensor_adapters import TorchTensor
 
     to = getattr(torch, FLOATS[dtype].numpy)
 
     def load(spec: WeightSpec):
-        t = ckpt.load(spec.name).to(to)
-        return TorchTensor(t.t().contiguous() if spec.linear else t, name=spec.name)
+        t = ckpt.load_weight(spec).to(torch.float32 if spec.fp32 else to)
+        return TorchTensor(t.transpose(-1, -2).contiguous() if spec.linear else t, name=spec.name)
 
     return load
 
@@ -103,6 +103,11 @@ def _metadata(ckpt: Checkpoint, tmp: Path, dtype: str, opset: int, max_seq_len: 
         "files": {"onnx": ONNX_FILE, "data": DATA_FILE, "sha256": outputs_hash,
                   "sidecars": sorted(f.name for f in ckpt.sidecar_files())},
         "source": {"model": ckpt.source, "path": str(ckpt.path), "sha256": source_files},
+        **({"moe": {"experts": ckpt.config.moe.num_experts, "top_k": ckpt.config.moe.top_k,
+                    "active_parameters": ckpt.num_active_parameters}} if ckpt.config.moe else {}),
+        "skipped_tensors": {"count": len(ckpt.skipped), "reason": (
+            f"the {ckpt.config.mtp_layers} multi-token-prediction layer(s) after the decoder's "
+            f"{ckpt.config.num_layers} (speculative decoding, not run by the decoder)") if ckpt.skipped else None},
         "validation": validation,
         "tools": tool_versions(),
         "host": platform.node(),

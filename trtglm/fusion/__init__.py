@@ -47,12 +47,14 @@ class FusionReport:
 
 
 def expected_counts(num_layers: int, sandwich_norms: bool | None, fusions: frozenset[str] = DEFAULT_FUSIONS,
-                    separate_qkv: bool | None = None, final_norm: bool = True) -> dict[str, int | tuple[int, ...]]:
-    """What a GLM decoder of L layers fuses into: norms 2L+1 (4L+1 with glm4's extra norms), L merged q/k/v
-    projections (none where the checkpoint stores them merged, as chatglm does; either when unknown), a
-    rotary per query (and per key with rotary_keys), L key rotations folded into projections, L attention.
-    A stage of a staged build that ends before the last layer has no final norm (`final_norm` False)."""
-    norms = (2 * num_layers + final_norm, 4 * num_layers + final_norm)
+                    separate_qkv: bool | None = None, final_norm: bool = True,
+                    qk_norms: bool = False) -> dict[str, int | tuple[int, ...]]:
+    """What a GLM decoder of L layers fuses into: norms 2L+1 (4L+1 with glm4's extra norms, 2L more with
+    glm4_moe's per-head query and key norms), L merged q/k/v projections (none where the checkpoint stores them
+    merged, as chatglm does; either when unknown), a rotary per query (and per key with rotary_keys), L key
+    rotations folded into projections, L attention. A stage of a staged build that ends before the last layer
+    has no final norm (`final_norm` False)."""
+    norms = tuple(n + 2 * num_layers * qk_norms for n in (2 * num_layers + final_norm, 4 * num_layers + final_norm))
     return {"rms_norm": norms if sandwich_norms is None else norms[int(sandwich_norms)],
             "qkv": num_layers if separate_qkv else 0 if separate_qkv is False else (0, num_layers),
             "rotary_keys_folded": num_layers,  # before rotary: a key left unfolded is one RotaryEmbedding too many
@@ -83,6 +85,14 @@ def total(reports: list[FusionReport]) -> FusionReport:
                         add([r.expected for r in reports]), sum(r.nodes_before for r in reports),
                         sum(r.nodes_after for r in reports), add([r.ops_before for r in reports]),
                         add([r.ops_after for r in reports]))
+
+
+def model_fusions(fusions: frozenset[str], config: dict) -> frozenset[str]:
+    """The fusions that apply to a model (its export's config): keys normalized per head between their
+    projection and their rotation (qk-norm) cannot have the rotation folded into the projection; without the
+    fold their rotation stays decomposed (a key RotaryEmbedding feeding the cache Concat is what TensorRT-RTX
+    cannot build, rotary.py), unless rotary_keys asks for it (a static cache has no Concat)."""
+    return fusions - {"rotary_keys_folded"} if config.get("qk_norm") else fusions
 
 
 def rule_sets(max_positions: int, fusions: frozenset[str] = DEFAULT_FUSIONS):

@@ -6,8 +6,10 @@ time, so the export never holds the model twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 import os
 import struct
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from typing import Any
 
 from ..core.errors import CheckpointError
 from .config import GlmConfig, normalize
-from .weights import IGNORED_SUFFIXES, WeightSpec, weight_specs
+from .weights import IGNORED_SUFFIXES, WeightSpec, stacked_as_stored, weight_specs
 
 # Files later stages need besides the weights: copied into every export.
 SIDECAR_FILES = (
@@ -43,6 +45,7 @@ class Checkpoint:
     config: GlmConfig
     tensors: dict[str, TensorInfo]
     specs: dict[str, WeightSpec]
+    skipped: list[str] = dataclasses.field(default_factory=list)  # tensors not part of the decoder (MTP layers)
 
     @property
     def files(self) -> list[Path]:
@@ -62,10 +65,30 @@ class Checkpoint:
         with safe_open(str(self.tensors[name].file), framework="pt") as handle:
             return handle.get_tensor(name)
 
+    def load_weight(self, spec: WeightSpec):
+        """A weight as its spec describes it (checkpoint layout, dtype as stored), assembled from its parts."""
+        import torch
+
+        if not spec.parts:
+            return self.load(spec.name)
+        groups = [torch.cat([self.load(n) for n in group]) if len(group) > 1 else self.load(group[0])
+                  for group in spec.parts]
+        return torch.stack(groups) if spec.stacked else groups[0]
+
     @property
     def num_parameters(self) -> int:
         return sum(math.prod(s.shape) for role, s in self.specs.items()
                    if not (role == "lm_head" and self.config.tie_word_embeddings))
+
+    @property
+    def num_active_parameters(self) -> int:
+        """Parameters a token goes through: of the routed experts only the top-k (the whole model if dense)."""
+        m = self.config.moe
+        if m is None:
+            return self.num_parameters
+        routed = sum(math.prod(s.shape) for s in self.specs.values() if s.role.endswith(("experts_gate_up",
+                                                                                         "experts_down")))
+        return self.num_parameters - routed + routed * m.top_k // m.num_experts
 
 
 
@@ -82,9 +105,20 @@ def open_checkpoint(model: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{config_file}: expected a JSON object")
     config = normalize(raw)
     tensors = _index(path)
-    specs = weight_specs(config)
-    _check_tensors(path, config, tensors, specs)
-    return Checkpoint(path, str(model), raw, config, tensors, specs)
+    specs = {role: stacked_as_stored(s) if s.stacked and s.name in tensors else s
+             for role, s in weight_specs(config).items()}
+    skipped = _beyond_decoder(config, tensors)
+    _check_tensors(path, config, {n: t for n, t in tensors.items() if n not in skipped}, specs)
+    return Checkpoint(path, str(model), raw, config, tensors, specs, skipped)
+
+
+def _beyond_decoder(config: GlmConfig, tensors: dict[str, TensorInfo]) -> list[str]:
+    """The tensors of multi-token-prediction layers (numbered after the decoder's), which the decoder does not
+    use."""
+    if not config.mtp_layers:
+        return []
+    mtp = range(config.num_layers, config.num_layers + config.mtp_layers)
+    return sorted(n for n in tensors if (m := re.match(r"model\.layers\.(\d+)\.", n)) and int(m.group(1)) in mtp)
 
 
 def resolve(model: str) -> Path:
@@ -180,9 +214,11 @@ def _tensor_entry(file: Path, name: str, meta) -> tuple[str, tuple[int, ...], in
 
 
 def _check_tensors(path: Path, config: GlmConfig, tensors: dict[str, TensorInfo], specs: dict[str, WeightSpec]):
-    expected = {s.name: s for s in specs.values()}
-    if config.tie_word_embeddings:
-        expected.pop(specs["lm_head"].name)
+    expected = {}  # checkpoint name -> the shape it must have
+    for role, s in specs.items():
+        if role == "lm_head" and config.tie_word_embeddings:
+            continue
+        expected.update({n: s.part_shape(group) for group in s.parts for n in group} if s.parts else {s.name: s.shape})
     problems = []
     missing = [n for n in expected if n not in tensors]
     if missing:
@@ -191,8 +227,8 @@ def _check_tensors(path: Path, config: GlmConfig, tensors: dict[str, TensorInfo]
                   and not (config.tie_word_embeddings and n == specs["lm_head"].name)]
     if unexpected:
         problems.append(f"unexpected {len(unexpected)} tensor(s): {_names(unexpected)}")
-    misshaped = [f"{n} is {list(tensors[n].shape)}, expected {list(s.shape)}"
-                 for n, s in expected.items() if n in tensors and tensors[n].shape != s.shape]
+    misshaped = [f"{n} is {list(tensors[n].shape)}, expected {list(shape)}"
+                 for n, shape in expected.items() if n in tensors and tensors[n].shape != shape]
     if misshaped:
         problems.append("misshaped: " + "; ".join(misshaped[:5]) + (" ..." if len(misshaped) > 5 else ""))
     bad_dtype = [n for n in expected if n in tensors and tensors[n].dtype not in ("F32", "F16", "BF16")]

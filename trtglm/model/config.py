@@ -1,10 +1,11 @@
 """GLM families: detect from config.json fields, normalize to one frozen config.
 
-Three checkpoint layouts describe the same decoder:
+Three checkpoint layouts describe the same dense decoder, a fourth a mixture of experts:
 
-    glm      GlmForCausalLM   (glm-4-9b-chat-hf)           model.layers.{i}.self_attn.q_proj ...
-    glm4     Glm4ForCausalLM  (GLM-4-9B-0414, GLM-Z1)      + post_self_attn / post_mlp norms
-    chatglm  remote-code      (ChatGLM2/3, glm-4-9b-chat)  transformer.encoder.layers.{i}.self_attention.query_key_value ...
+    glm       GlmForCausalLM     (glm-4-9b-chat-hf)           model.layers.{i}.self_attn.q_proj ...
+    glm4      Glm4ForCausalLM    (GLM-4-9B-0414, GLM-Z1)      + post_self_attn / post_mlp norms
+    chatglm   remote-code        (ChatGLM2/3, glm-4-9b-chat)  transformer.encoder.layers.{i}.self_attention.query_key_value ...
+    glm4_moe  Glm4MoeForCausalLM (GLM-4.5/4.6/4.7, -Air)      routed + shared experts, q/k norms, rotate-half rotary
 """
 
 from __future__ import annotations
@@ -16,7 +17,26 @@ from typing import Any
 
 from ..core.errors import CheckpointError, UnsupportedCheckpoint
 
-FAMILIES = ["glm (GlmForCausalLM)", "glm4 (Glm4ForCausalLM)", "chatglm (ChatGLM2/ChatGLM3/glm-4-9b-chat)"]
+FAMILIES = ["glm (GlmForCausalLM)", "glm4 (Glm4ForCausalLM)", "chatglm (ChatGLM2/ChatGLM3/glm-4-9b-chat)",
+            "glm4_moe (Glm4MoeForCausalLM: GLM-4.5/4.6/4.7, GLM-4.5-Air)"]
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """The routed experts of a mixture-of-experts layer, as transformers' Glm4MoeTopkRouter computes them:
+    sigmoid scores; experts chosen on scores + correction bias within the `topk_group` best of `n_group`
+    groups (a group's score: its two best); weights from the unbiased scores, normalized if `norm_topk_prob`,
+    times `routed_scaling_factor`. Shared experts are one MLP of `n_shared_experts` x `intermediate_size`."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    n_shared_experts: int
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+    first_k_dense: int  # the first layers are dense MLPs
 
 
 @dataclass(frozen=True)
@@ -35,6 +55,13 @@ class GlmConfig:
     attention_bias: bool
     max_position_embeddings: int
     tie_word_embeddings: bool = False
+    rotary_layout: str = "pairs"  # "pairs": interleaved (x0,x1) pairs; "half": rotate-half (glm4_moe)
+    qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before the rotary
+    moe: MoeConfig | None = None
+    mtp_layers: int = 0  # multi-token-prediction layers after the decoder: their tensors are not read
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe is not None and i >= self.moe.first_k_dense
 
     @property
     def sandwich_norms(self) -> bool:
@@ -58,6 +85,8 @@ def detect_family(cfg: dict[str, Any]) -> str:
     archs = cfg.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise CheckpointError(f"config.json: architectures must be a list of names, got {archs!r}")
+    if model_type == "glm4_moe" or "Glm4MoeForCausalLM" in archs:
+        return "glm4_moe"
     if model_type == "glm4" or "Glm4ForCausalLM" in archs:
         return "glm4"
     if model_type == "glm" or "GlmForCausalLM" in archs:
@@ -135,14 +164,40 @@ def normalize(cfg: dict[str, Any]) -> GlmConfig:
         theta, factor = _rope(cfg)
         head_dim = _int(cfg, "head_dim", sizes["hidden_size"] // heads)
         kv_heads, rotary_dim = _int(cfg, "num_key_value_heads", heads), int(head_dim * factor)
-        eps, bias, positions = _float(cfg, "rms_norm_eps", 1e-5), cfg.get("attention_bias", True), \
-            "max_position_embeddings"
+        eps, positions = _float(cfg, "rms_norm_eps", 1e-5), "max_position_embeddings"
+        bias = cfg.get("attention_bias", family != "glm4_moe")  # transformers' defaults differ by family
     out = GlmConfig(family=family, **sizes, num_kv_heads=kv_heads, head_dim=head_dim, rotary_dim=rotary_dim,
                     rope_theta=theta, rms_norm_eps=eps, attention_bias=bool(bias),
                     max_position_embeddings=_int(cfg, positions, 8192),
                     tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+    if family == "glm4_moe":
+        out = dataclasses.replace(out, rotary_layout="half", qk_norm=bool(cfg.get("use_qk_norm", False)),
+                                  moe=_moe(cfg),
+                                  mtp_layers=_int(cfg, "num_nextn_predict_layers", 0, minimum=0))
     _check(out)
     return out
+
+
+def _moe(cfg: dict[str, Any]) -> MoeConfig:
+    experts = _int(cfg, "n_routed_experts")
+    moe = MoeConfig(num_experts=experts, top_k=_int(cfg, "num_experts_per_tok"),
+                    intermediate_size=_int(cfg, "moe_intermediate_size"),
+                    n_shared_experts=_int(cfg, "n_shared_experts", 1, minimum=0),
+                    n_group=_int(cfg, "n_group", 1), topk_group=_int(cfg, "topk_group", 1),
+                    norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+                    routed_scaling_factor=_float(cfg, "routed_scaling_factor", 1.0),
+                    first_k_dense=_int(cfg, "first_k_dense_replace", 1, minimum=0))
+    if moe.top_k > experts:
+        raise CheckpointError(f"config.json: num_experts_per_tok {moe.top_k} exceeds n_routed_experts {experts}")
+    if experts % moe.n_group:
+        raise CheckpointError(f"config.json: {experts} experts do not divide into n_group {moe.n_group} groups")
+    if moe.n_group > 1 and (experts // moe.n_group < 2 or moe.topk_group > moe.n_group
+                            or moe.top_k > moe.topk_group * (experts // moe.n_group)):
+        raise CheckpointError(f"config.json: group-limited routing needs at least 2 experts per group, topk_group "
+                              f"<= n_group and num_experts_per_tok <= the experts of topk_group groups (got "
+                              f"{experts} experts, n_group {moe.n_group}, topk_group {moe.topk_group}, "
+                              f"top-{moe.top_k})")
+    return moe
 
 
 def _check(c: GlmConfig) -> None:

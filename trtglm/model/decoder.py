@@ -8,10 +8,13 @@ after the checkpoint's own parameters, read one at a time when the model is save
     attention_mask [B,P+S], position_ids [B,S]          past_key_values.{i}.key/value [B,KV,P,D]
                                                         present.{i}.key/value [B,KV,P+S,D]
     layer:  x + Attn(RMSNorm(x)) [+ post norm]  ->  x + MLP(RMSNorm(x)) [+ post norm]
+            Attn: q/k/v projections [+ per-head q/k RMSNorm], partial rotary (interleaved or rotate-half), GQA
+            MLP:  SiLU-gated, or from glm4_moe's first_k_dense layer on the routed + shared experts (moe.py)
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..core.dtypes import BY_NUMPY, FLOATS
+from . import moe
 from .config import GlmConfig
 from .weights import WeightSpec
 
@@ -59,6 +63,14 @@ class _Builder:
         self.opset = opset
         self.initializers: dict[str, ir.Value] = {}
         self._consts: dict[tuple, ir.Value] = {}
+        self.prefixes: dict[ir.Node, str] = {}  # node -> its name's prefix
+
+    @contextlib.contextmanager
+    def named(self, prefix: str):
+        """Nodes made inside get names starting with `prefix`."""
+        start = len(self.tape.nodes)
+        yield
+        self.prefixes.update((node, prefix) for node in self.tape.nodes[start:])
 
     def op(self, op_type: str, *inputs: ir.Value | None, name: str | None = None, **attrs) -> ir.Value:
         return self.tape.op(op_type, list(inputs), attributes=attrs or None, name=name)
@@ -81,9 +93,10 @@ class _Builder:
         return self.const(np.array(value, dtype=np.float32).astype(self.dtype.numpy()))
 
     def weight(self, spec: WeightSpec, load: Callable[[WeightSpec], ir.TensorProtocol]) -> ir.Value:
-        shape = spec.shape[::-1] if spec.linear else spec.shape
-        tensor = ir.LazyTensor(lambda: load(spec), dtype=self.dtype, shape=ir.Shape(shape), name=spec.name)
-        v = ir.Value(name=spec.name, type=ir.TensorType(self.dtype), shape=ir.Shape(shape), const_value=tensor)
+        shape = (*spec.shape[:-2], spec.shape[-1], spec.shape[-2]) if spec.linear else spec.shape
+        dtype = ir.DataType.FLOAT if spec.fp32 else self.dtype
+        tensor = ir.LazyTensor(lambda: load(spec), dtype=dtype, shape=ir.Shape(shape), name=spec.name)
+        v = ir.Value(name=spec.name, type=ir.TensorType(dtype), shape=ir.Shape(shape), const_value=tensor)
         self.initializers[spec.name] = v
         return v
 
@@ -116,7 +129,8 @@ def build_decoder(c: GlmConfig, specs: dict[str, WeightSpec], load: Callable[[We
             attn = _rms_norm(g, attn, L("post_attn_norm"), c.rms_norm_eps)
         x = g.op("Add", x, attn)
         h = _rms_norm(g, x, L("mlp_norm"), c.rms_norm_eps)
-        mlp = _mlp(g, c, h, L("gate_up"), L("down"))
+        mlp = moe.moe_mlp(g, c, h, L, _mlp) if c.is_moe_layer(i) else \
+            _mlp(g, c.intermediate_size, h, L("gate_up"), L("down"))
         if c.sandwich_norms:
             mlp = _rms_norm(g, mlp, L("post_mlp_norm"), c.rms_norm_eps)
         x = g.op("Add", x, mlp)
@@ -129,7 +143,7 @@ def build_decoder(c: GlmConfig, specs: dict[str, WeightSpec], load: Callable[[We
         value.type, value.shape = _value(spec).type, _value(spec).shape
     graph = ir.Graph(list(inputs.values()), outputs, nodes=g.tape.nodes,
                      initializers=list(g.initializers.values()), opset_imports={"": opset}, name="glm_decoder")
-    _name_nodes(graph)
+    _name_nodes(graph, g.prefixes)
     return ir.Model(graph, ir_version=IR_VERSION[opset], producer_name="trtglm")
 
 
@@ -138,13 +152,14 @@ def _value(spec: TensorSpec) -> ir.Value:
     return ir.Value(name=spec.name, type=ir.TensorType(dtype), shape=ir.Shape(spec.shape))
 
 
-def _name_nodes(graph: ir.Graph) -> None:
-    """Stable, unique node names (`/layers.3/MatMul_2`-style is not needed: op_type + index)."""
+def _name_nodes(graph: ir.Graph, prefixes: dict[ir.Node, str]) -> None:
+    """Stable, unique node names (`/layers.3/MatMul_2`-style is not needed: op_type + index), after a prefix
+    where the builder gave one."""
     counts: dict[str, int] = {}
     for node in graph:
         n = counts.get(node.op_type, 0)
         counts[node.op_type] = n + 1
-        node.name = f"{node.op_type}_{n}"
+        node.name = f"{prefixes.get(node, '')}{node.op_type}_{n}"
 
 
 def _rms_norm(g: _Builder, x: ir.Value, weight: ir.Value, eps: float) -> ir.Value:
@@ -156,27 +171,38 @@ def _rms_norm(g: _Builder, x: ir.Value, weight: ir.Value, eps: float) -> ir.Valu
 
 
 def _rope_tables(g: _Builder, c: GlmConfig, position_ids: ir.Value) -> tuple[ir.Value, ir.Value]:
-    """cos/sin [B,1,S,rot] for interleaved pairs: each frequency repeated twice, computed once per graph."""
+    """cos/sin [B,1,S,rot], computed once per graph: each frequency repeated twice for interleaved pairs, or
+    the frequencies twice over for rotate-half."""
     half = c.rotary_dim // 2
     inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, c.rotary_dim, 2, dtype=np.float32) / c.rotary_dim))
     pos = g.op("Unsqueeze", g.op("Cast", position_ids, to=ir.DataType.FLOAT), g.const([-1], np.int64))
     freqs = g.op("Mul", pos, g.const(inv_freq.astype(np.float32)))  # [B,S,rot/2]
     tables = []
     for fn in ("Cos", "Sin"):
-        t = g.op("Unsqueeze", g.op(fn, freqs), g.const([-1], np.int64))  # [B,S,rot/2,1]
-        t = g.op("Reshape", g.op("Concat", t, t, axis=-1), g.const([0, 0, 2 * half], np.int64))
+        if c.rotary_layout == "half":
+            t = g.op(fn, freqs)
+            t = g.op("Concat", t, t, axis=-1)  # [B,S,rot]
+        else:
+            t = g.op("Unsqueeze", g.op(fn, freqs), g.const([-1], np.int64))  # [B,S,rot/2,1]
+            t = g.op("Reshape", g.op("Concat", t, t, axis=-1), g.const([0, 0, 2 * half], np.int64))
         tables.append(g.cast(g.op("Unsqueeze", t, g.const([1], np.int64)), g.dtype))  # [B,1,S,rot]
     return tables[0], tables[1]
 
 
 def _apply_rope(g: _Builder, c: GlmConfig, x: ir.Value, cos: ir.Value, sin: ir.Value) -> ir.Value:
-    """x [B,H,S,D]: rotate pairs (x0,x1) -> (-x1,x0) in the first rotary_dim channels."""
+    """x [B,H,S,D]: in the first rotary_dim channels, rotate pairs (x0,x1) -> (-x1,x0), or halves
+    (x1,x2) -> (-x2,x1) for rotate-half."""
     rot = c.rotary_dim
     x_rot = x if rot == c.head_dim else g.op("Slice", x, g.const([0], np.int64), g.const([rot], np.int64),
                                               g.const([-1], np.int64))
-    pairs = g.op("Reshape", x_rot, g.const([0, 0, 0, rot // 2, 2], np.int64))
-    x1, x2 = g.ops("Split", pairs, g.const([1, 1], np.int64), num_outputs=2, axis=-1)
-    rotated = g.op("Reshape", g.op("Concat", g.op("Neg", x2), x1, axis=-1), g.const([0, 0, 0, rot], np.int64))
+    if c.rotary_layout == "half":
+        x1 = g.op("Slice", x_rot, g.const([0], np.int64), g.const([rot // 2], np.int64), g.const([-1], np.int64))
+        x2 = g.op("Slice", x_rot, g.const([rot // 2], np.int64), g.const([rot], np.int64), g.const([-1], np.int64))
+        rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
+    else:
+        pairs = g.op("Reshape", x_rot, g.const([0, 0, 0, rot // 2, 2], np.int64))
+        x1, x2 = g.ops("Split", pairs, g.const([1, 1], np.int64), num_outputs=2, axis=-1)
+        rotated = g.op("Reshape", g.op("Concat", g.op("Neg", x2), x1, axis=-1), g.const([0, 0, 0, rot], np.int64))
     out = g.op("Add", g.op("Mul", x_rot, cos), g.op("Mul", rotated, sin))
     if rot == c.head_dim:
         return out
@@ -217,11 +243,14 @@ def _attention(g: _Builder, c: GlmConfig, h: ir.Value, L, cos, sin, bias, past_k
         if c.attention_bias:
             q, k, v = (g.op("Add", t, L(f"{r}_bias")) for t, r in zip((q, k, v), "qkv"))
 
-    def heads(t, n):  # [B,S,n*D] -> [B,n,S,D]
-        return g.op("Transpose", g.op("Reshape", t, g.const([0, 0, n, D], np.int64)), perm=[0, 2, 1, 3])
+    def heads(t, n, norm=None):  # [B,S,n*D] -> [B,n,S,D], normalized per head first (qk-norm)
+        t = g.op("Reshape", t, g.const([0, 0, n, D], np.int64))
+        if norm is not None:
+            t = _rms_norm(g, t, norm, c.rms_norm_eps)
+        return g.op("Transpose", t, perm=[0, 2, 1, 3])
 
-    q = _apply_rope(g, c, heads(q, H), cos, sin)
-    k = _apply_rope(g, c, heads(k, KV), cos, sin)
+    q = _apply_rope(g, c, heads(q, H, L("q_norm") if c.qk_norm else None), cos, sin)
+    k = _apply_rope(g, c, heads(k, KV, L("k_norm") if c.qk_norm else None), cos, sin)
     present_k = g.op("Concat", past_k, k, axis=2)
     present_v = g.op("Concat", past_v, heads(v, KV), axis=2)
     k_all, v_all = (_repeat_kv(g, t, KV, H // KV) for t in (present_k, present_v))
@@ -246,8 +275,7 @@ def _repeat_kv(g: _Builder, x: ir.Value, kv_heads: int, n_rep: int) -> ir.Value:
     return g.op("Reshape", expanded, merged_shape)
 
 
-def _mlp(g: _Builder, c: GlmConfig, h: ir.Value, gate_up: ir.Value, down: ir.Value) -> ir.Value:
-    I = c.intermediate_size  # noqa: E741
+def _mlp(g: _Builder, I: int, h: ir.Value, gate_up: ir.Value, down: ir.Value) -> ir.Value:  # noqa: E741
     gate, up = g.ops("Split", g.op("MatMul", h, gate_up), g.const([I, I], np.int64), num_outputs=2, axis=-1)
     act = g.op("Mul", up, g.op("Mul", gate, g.op("Sigmoid", gate)))
     return g.op("MatMul", act, down)

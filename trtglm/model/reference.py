@@ -13,9 +13,22 @@ from .config import GlmConfig
 
 def hf_config(c: GlmConfig):
     """A transformers config for the same network (chatglm -> glm)."""
-    from transformers import Glm4Config
+    from transformers import Glm4Config, Glm4MoeConfig
     from transformers import GlmConfig as HfGlmConfig
 
+    if c.family == "glm4_moe":
+        m = c.moe
+        return Glm4MoeConfig(
+            vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+            head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps, attention_bias=c.attention_bias,
+            max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta,
+                             "partial_rotary_factor": c.rotary_dim / c.head_dim},
+            use_qk_norm=c.qk_norm, moe_intermediate_size=m.intermediate_size, n_routed_experts=m.num_experts,
+            num_experts_per_tok=m.top_k, n_shared_experts=m.n_shared_experts, n_group=m.n_group,
+            topk_group=m.topk_group, norm_topk_prob=m.norm_topk_prob, routed_scaling_factor=m.routed_scaling_factor,
+            first_k_dense_replace=m.first_k_dense, num_nextn_predict_layers=0, pad_token_id=None)
     cls = Glm4Config if c.family == "glm4" else HfGlmConfig
     return cls(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
@@ -33,6 +46,17 @@ def hf_state_dict(ckpt: Checkpoint, dtype: str):
     import torch
 
     c, to = ckpt.config, getattr(torch, FLOATS[dtype].numpy)
+    if c.family == "glm4_moe":  # the tensors as stored, experts stacked as transformers holds them in memory
+        out = {}
+        for role, s in ckpt.specs.items():
+            if role == "lm_head" and c.tie_word_embeddings:
+                continue
+            cast = torch.float32 if s.fp32 else to
+            if s.parts and not s.stacked:
+                out.update({n: ckpt.load(n).to(cast) for n in s.parts[0]})
+            else:
+                out[s.name] = ckpt.load_weight(s).to(cast)
+        return out
     if c.family != "chatglm":
         return {s.name: ckpt.load(s.name).to(to) for role, s in ckpt.specs.items()
                 if not (role == "lm_head" and c.tie_word_embeddings)}
@@ -63,9 +87,9 @@ def hf_state_dict(ckpt: Checkpoint, dtype: str):
 def load_reference(ckpt: Checkpoint, dtype: str):
     """transformers' model with the checkpoint's weights, built on the meta device (no double copy)."""
     import torch
-    from transformers import Glm4ForCausalLM, GlmForCausalLM
+    from transformers import Glm4ForCausalLM, Glm4MoeForCausalLM, GlmForCausalLM
 
-    cls = Glm4ForCausalLM if ckpt.config.family == "glm4" else GlmForCausalLM
+    cls = {"glm4": Glm4ForCausalLM, "glm4_moe": Glm4MoeForCausalLM}.get(ckpt.config.family, GlmForCausalLM)
     config = hf_config(ckpt.config)
     config._attn_implementation = "eager"
     with torch.device("meta"):

@@ -44,6 +44,26 @@ _NAMES = {
     },
 }
 _NAMES["glm4"] = _NAMES["glm"]
+_MOE_LAYER = "model.layers.{i}.mlp."
+_NAMES["glm4_moe"] = {
+    **{k: v for k, v in _NAMES["glm"].items() if "post_" not in k and k not in ("layers.{i}.gate_up", "layers.{i}.down")},
+    "layers.{i}.q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+    "layers.{i}.k_norm": "model.layers.{i}.self_attn.k_norm.weight",
+    # a dense layer's (and the shared experts') gate and up projections are read as one matrix
+    "layers.{i}.gate_up": "model.layers.{i}.mlp.gate_up_proj.weight",
+    "layers.{i}.down": "model.layers.{i}.mlp.down_proj.weight",
+    "layers.{i}.router": _MOE_LAYER + "gate.weight",
+    "layers.{i}.router_bias": _MOE_LAYER + "gate.e_score_correction_bias",
+    "layers.{i}.experts_gate_up": _MOE_LAYER + "experts.gate_up_proj",  # transformers' stacked [E, 2I, H]
+    "layers.{i}.experts_down": _MOE_LAYER + "experts.down_proj",  # [E, H, I]
+    "layers.{i}.shared_gate_up": _MOE_LAYER + "shared_experts.gate_up_proj.weight",
+    "layers.{i}.shared_down": _MOE_LAYER + "shared_experts.down_proj.weight",
+}
+# the checkpoint tensors read into one: (graph role suffix) -> part name templates, concatenated along axis 0
+_CONCAT = {"gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+           "shared_gate_up": ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight")}
+# released checkpoints store each expert apart: stacked along a new axis 0 (gate and up concatenated first)
+_PER_EXPERT = {"experts_gate_up": ("gate_proj.weight", "up_proj.weight"), "experts_down": ("down_proj.weight",)}
 
 # Tensors a checkpoint may carry that the graph recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")
@@ -52,9 +72,22 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")
 @dataclass(frozen=True)
 class WeightSpec:
     role: str
-    name: str
+    name: str  # the graph's name for it: the checkpoint's own, or transformers' name of what `parts` make
     shape: tuple[int, ...]
-    linear: bool  # an [out, in] matrix that the graph stores transposed as [in, out]
+    linear: bool  # an [out, in] matrix (or a stack of them) that the graph stores transposed as [in, out]
+    parts: tuple[tuple[str, ...], ...] = ()  # checkpoint tensors read into it (each group concatenated on axis 0)
+    stacked: bool = False  # the groups of `parts` stacked along a new axis 0 (one per expert)
+    fp32: bool = False  # kept in fp32 whatever the export's dtype (the router)
+
+    @property
+    def sources(self) -> list[str]:
+        """The checkpoint tensors this weight is read from."""
+        return [n for group in self.parts for n in group] if self.parts else [self.name]
+
+    def part_shape(self, group: tuple[str, ...]) -> tuple[int, ...]:
+        """The shape each tensor of a group of `parts` must have."""
+        shape = self.shape[1:] if self.stacked else self.shape
+        return (shape[0] // len(group), *shape[1:])
 
 
 def weight_specs(c: GlmConfig) -> dict[str, WeightSpec]:
@@ -83,14 +116,48 @@ def weight_specs(c: GlmConfig) -> dict[str, WeightSpec]:
             layer.update(q_bias=((q_out,), False), k_bias=((kv_out,), False), v_bias=((kv_out,), False))
     if c.sandwich_norms:
         layer.update(post_attn_norm=((h,), False), post_mlp_norm=((h,), False))
+    if c.qk_norm:
+        layer.update(q_norm=((d,), False), k_norm=((d,), False))
     for i in range(c.num_layers):
-        for role, spec in layer.items():
+        for role, spec in {**layer, **(_moe_layer(c) if c.is_moe_layer(i) else {})}.items():
             shapes[f"layers.{i}.{role}"] = spec
+        if c.is_moe_layer(i):
+            del shapes[f"layers.{i}.gate_up"], shapes[f"layers.{i}.down"]
     names = _NAMES[c.family]
     out = {}
     for role, (shape, linear) in shapes.items():
         template = role.split(".", 2)
         key = f"layers.{{i}}.{template[2]}" if role.startswith("layers.") else role
         name = names[key].format(i=template[1]) if role.startswith("layers.") else names[key]
-        out[role] = WeightSpec(role, name, shape, linear)
+        out[role] = _spec(c, role, name, shape, linear)
     return out
+
+
+def _moe_layer(c: GlmConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
+    m, h = c.moe, c.hidden_size
+    shared = m.n_shared_experts * m.intermediate_size
+    out = {"router": ((m.num_experts, h), True), "router_bias": ((m.num_experts,), False),
+           "experts_gate_up": ((m.num_experts, 2 * m.intermediate_size, h), True),
+           "experts_down": ((m.num_experts, h, m.intermediate_size), True)}
+    if shared:
+        out.update(shared_gate_up=((2 * shared, h), True), shared_down=((h, shared), True))
+    return out
+
+
+def _spec(c: GlmConfig, role: str, name: str, shape: tuple[int, ...], linear: bool) -> WeightSpec:
+    if c.family != "glm4_moe" or not role.startswith("layers."):
+        return WeightSpec(role, name, shape, linear)
+    _, i, part = role.split(".", 2)
+    layer = f"model.layers.{i}."
+    if part in _CONCAT:
+        return WeightSpec(role, name, shape, linear, parts=(tuple(layer + p for p in _CONCAT[part]),))
+    if part in _PER_EXPERT:
+        parts = tuple(tuple(f"{layer}mlp.experts.{e}.{p}" for p in _PER_EXPERT[part]) for e in range(shape[0]))
+        return WeightSpec(role, name, shape, linear, parts=parts, stacked=True)
+    return WeightSpec(role, name, shape, linear, fp32=part in ("router", "router_bias"))
+
+
+def stacked_as_stored(spec: WeightSpec) -> WeightSpec:
+    """The same experts read from transformers' own stacked tensor (`experts.gate_up_proj`) instead of one
+    tensor per expert."""
+    return WeightSpec(spec.role, spec.name, spec.shape, spec.linear, fp32=spec.fp32)

@@ -27,6 +27,7 @@ from ..core.files import atomic_file
 from ..core.graphs import describe_onnx
 from ..core.memory import BASE_BYTES, require
 from ..core.recipe import PrecisionSection
+from ..model.moe import ROUTER
 from .calibration import CalibrationSet
 from .half import name_nodes, overflowing_nodes, position_only_nodes, to_half
 from .quantize import linear_nodes, quantize_activations, quantize_weights_int4, quiet
@@ -133,9 +134,10 @@ def _half(model: onnx.ModelProto, dtype: str, precision, ranges, record: dict) -
     name_nodes(model)
     islands = overflowing_nodes(model, ranges) if ranges else []
     positions = position_only_nodes(model)
+    routers = [n.name for n in model.graph.node if n.name.startswith(ROUTER)]
     record["fp32_islands"] = {"ops": list(precision.fp32_ops), "position_only_nodes": len(positions),
-                              "overflowing_nodes": islands}
-    return to_half(model, dtype, fp32_ops=precision.fp32_ops, fp32_nodes=[*positions, *islands],
+                              "router_nodes": len(routers), "overflowing_nodes": islands}
+    return to_half(model, dtype, fp32_ops=precision.fp32_ops, fp32_nodes=[*positions, *routers, *islands],
                    keep_fp32_io=("logits",) if precision.logits_dtype == "fp32" else ())
 
 

@@ -1,0 +1,198 @@
+"""glm4_moe (GLM-4.5/4.6/4.7, GLM-4.5-Air) through every stage, each against transformers' own model."""
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import onnx.helper
+import pytest
+import torch
+from models import TINY_MOE, hf_moe_model, save_hf, save_stacked_experts
+from test_export import hf_logits, max_diff
+from test_runtime import hf_greedy
+
+from trtglm.core.errors import CheckpointError
+from trtglm.engine.build import build
+from trtglm.export.exporter import export
+from trtglm.export.validate import Steps, run_steps
+from trtglm.model.config import normalize
+from trtglm.runtime.backends import OrtBackend
+from trtglm.runtime.generate import generate
+
+# the default: 4 groups of 2 experts, 2 groups kept, q/k norms, attention bias, untied, scaling 1.5, one shared
+# expert, first layer dense; the other: one group, no q/k norms, tied embeddings, no attention bias, weights not
+# normalized, two shared experts, every layer routed
+VARIANTS = {
+    "groups": {},
+    "flat": dict(n_group=1, topk_group=1, use_qk_norm=False, tie_word_embeddings=True, attention_bias=False,
+                 norm_topk_prob=False, n_shared_experts=2, first_k_dense_replace=0, routed_scaling_factor=1.0),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_models():
+    return {name: hf_moe_model(seed=7 + i, **o) for i, (name, o) in enumerate(VARIANTS.items())}
+
+
+@pytest.fixture(scope="module")
+def moe_exports(moe_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    out = {}
+    for name, model in moe_models.items():
+        export(str(save_hf(model, root / f"{name}-ckpt")), root / name)
+        out[name] = root / name
+    return out
+
+
+STEPS = Steps.random(vocab=160, batch=3, prefill=7, decode=3, pad=3, seed=42)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fp32_export_matches_transformers(variant, moe_models, moe_exports):
+    ref = hf_logits(moe_models[variant], STEPS)
+    got = run_steps(OrtBackend(moe_exports[variant] / "model.onnx"), STEPS)
+    assert max_diff(ref, got, STEPS) < 1e-4
+    meta = json.loads((moe_exports[variant] / "export.json").read_text())
+    assert meta["family"] == "glm4_moe" and meta["validation"]["status"] == "passed"
+    assert meta["moe"]["experts"] == 8 and meta["moe"]["top_k"] == 2
+    assert meta["moe"]["active_parameters"] < meta["parameters"]
+
+
+def test_the_correction_bias_changes_the_routing(moe_models):
+    """The test model's correction bias chooses other experts than the scores alone: an export that dropped it
+    (as one other exporter does) would fail the comparison above."""
+    model = moe_models["groups"]
+    unbiased = copy.deepcopy(model)
+    for name, b in unbiased.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.zero_()
+    assert max_diff(hf_logits(model, STEPS), hf_logits(unbiased, STEPS), STEPS) > 1e-2
+
+
+def test_stacked_expert_tensors_read_as_per_expert_ones(moe_models, moe_exports, tmp_path):
+    """transformers' in-memory layout (experts.gate_up_proj [E,2I,H]) and the released checkpoints' (one tensor
+    per expert) give the same graph."""
+    ckpt = save_stacked_experts(save_hf(moe_models["groups"], tmp_path / "ckpt"))
+    export(str(ckpt), tmp_path / "e", validate=False)
+    a, b = (run_steps(OrtBackend(p / "model.onnx"), STEPS) for p in (moe_exports["groups"], tmp_path / "e"))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_multi_token_prediction_layers_are_skipped_and_said(moe_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = save_hf(moe_models["groups"], tmp_path / "ckpt")
+    tensors = load_file(ckpt / "model.safetensors")
+    mtp = {k.replace("model.layers.2.", "model.layers.3."): v.clone() for k, v in tensors.items() if "model.layers.2." in k}
+    mtp |= {"model.layers.3.eh_proj.weight": torch.zeros(64, 128), "model.layers.3.enorm.weight": torch.ones(64)}
+    save_file(tensors | mtp, ckpt / "model.safetensors")
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1}))
+    meta = export(str(ckpt), tmp_path / "e")
+    assert meta["skipped_tensors"]["count"] == len(mtp) and "multi-token-prediction" in meta["skipped_tensors"]["reason"]
+    assert meta["validation"]["status"] == "passed" and meta["config"]["num_layers"] == 3
+    # without the config field the same tensors are a mismatch, named
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"unexpected \d+ tensor\(s\): model.layers.3"):
+        export(str(ckpt), tmp_path / "e2")
+
+
+def test_fp16_export_keeps_the_router_in_fp32(moe_models, tmp_path):
+    ckpt = save_hf(moe_models["groups"], tmp_path / "ckpt", dtype=torch.float16)
+    meta = export(str(ckpt), tmp_path / "e", dtype="fp16")
+    assert meta["validation"]["status"] == "passed"
+    inits = {t.name: t.data_type for t in onnx.load(tmp_path / "e" / "model.onnx", load_external_data=False).graph.initializer}
+    router = {n: t for n, t in inits.items() if ".mlp.gate." in n}
+    assert len(router) == 4 and set(router.values()) == {onnx.TensorProto.FLOAT}
+    assert inits["model.layers.1.mlp.experts.gate_up_proj"] == onnx.TensorProto.FLOAT16
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fusion_reaches_its_counts_and_computes_the_same(variant, moe_exports, tmp_path):
+    m = build(moe_exports[variant], tmp_path / "b", onnx_only=True, overrides={"shapes": {"logits": "all"}})
+    layers, qk = TINY_MOE["num_hidden_layers"], VARIANTS[variant].get("use_qk_norm", True)
+    fused = m["fusion"]["fused"]
+    assert fused["rms_norm"] == 2 * layers + 1 + 2 * layers * qk and fused["attention"] == layers
+    assert fused["rotary"] == layers and fused["qkv"] == layers  # with and without attention biases
+    # q/k norms sit between the key projection and its rotation: the rotation cannot be folded into the projection
+    assert ("rotary_keys_folded" in m["fusion"]["fusions"]) == (not qk)
+    assert max_diff(run_steps(OrtBackend(moe_exports[variant] / "model.onnx"), STEPS),
+                    run_steps(OrtBackend(tmp_path / "b" / "model.onnx"), STEPS), STEPS) < 1e-5
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_generation_equals_transformers(variant, moe_models, moe_exports, tmp_path):
+    build(moe_exports[variant], tmp_path / "b", onnx_only=True)
+    prompts = [[5, 17, 99, 3, 42, 8, 150], [11, 12], [77, 1, 60, 61]]
+    ours = generate(OrtBackend.from_build(tmp_path / "b"), prompts, max_new_tokens=10).tokens
+    assert ours == hf_greedy(moe_models[variant], prompts, 10)
+
+
+def test_fp16_build_keeps_the_router_in_fp32(moe_exports, tmp_path):
+    m = build(moe_exports["groups"], tmp_path / "b", onnx_only=True,
+              overrides={"shapes": {"logits": "all"}, "precision": {"dtype": "fp16"}})
+    assert m["precision"]["fp32_islands"]["router_nodes"] > 0
+    graph = onnx.shape_inference.infer_shapes(onnx.load(tmp_path / "b" / "model.onnx", load_external_data=False)).graph
+    inits = {t.name: t.data_type for t in graph.initializer}
+    assert {inits[n] for n in inits if ".mlp.gate." in n} == {onnx.TensorProto.FLOAT}
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input]} | \
+        {t.name: t.data_type for t in graph.initializer}
+    routers = [n for n in graph.node if n.name.startswith("router/") and n.op_type == "MatMul"]
+    assert len(routers) == 2 and all(types[i] == onnx.TensorProto.FLOAT for n in routers for i in n.input)
+    fp32 = run_steps(OrtBackend(moe_exports["groups"] / "model.onnx"), STEPS)
+    fp16 = run_steps(OrtBackend(tmp_path / "b" / "model.onnx"), STEPS)
+    assert max_diff(fp32, fp16, STEPS) < 2e-2 * max(1.0, max(float(np.abs(x).max()) for x in fp32))
+
+
+def _chosen_experts_per_step(build_dir, steps):
+    """How many experts each MoE layer's step gathered: the TopK that chooses them, made a graph output."""
+    import onnxruntime as ort
+
+    model = onnx.load(build_dir / "model.onnx")
+    ids = [n.output[1] for n in model.graph.node if n.name.startswith("experts/") and n.op_type == "TopK"]
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(i) for i in ids)
+    onnx.save(model, build_dir / "probe.onnx", save_as_external_data=True, location="probe.data")
+    sess = ort.InferenceSession(str(build_dir / "probe.onnx"), providers=["CPUExecutionProvider"])
+    batch, kv, d = steps.input_ids[0].shape[0], TINY_MOE["num_key_value_heads"], TINY_MOE["head_dim"]
+    cache = {i.name: np.zeros((batch, kv, 0, d), np.float32) for i in sess.get_inputs()
+             if i.name.startswith("past_key_values.")}
+    counts = []
+    for ids_, mask, pos in zip(steps.input_ids, steps.attention_mask, steps.position_ids):
+        feeds = {"input_ids": ids_, "attention_mask": mask, "position_ids": pos, **cache}
+        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        counts.append([len(outs[i]) for i in ids])
+        cache = {k.replace("present.", "past_key_values."): v for k, v in outs.items() if k.startswith("present.")}
+    return counts
+
+
+def test_a_decode_step_reads_only_the_experts_its_rows_chose(moe_exports, tmp_path):
+    build(moe_exports["groups"], tmp_path / "b", onnx_only=True)
+    one_row = Steps.random(vocab=160, batch=1, prefill=9, decode=2, pad=0, seed=3)
+    counts = _chosen_experts_per_step(tmp_path / "b", one_row)
+    # prefill: 9 tokens x top-2 reach past the 8 experts: each read once; the last layer's MLP runs for the last
+    # position only (a build computes the logits of the last position, and the graph is cut to it before)
+    assert counts[0] == [8, 2]
+    assert counts[1:] == [[2, 2], [2, 2]]  # decode: top-2 of 8
+
+
+def test_group_limited_routing_is_checked():
+    base = {"model_type": "glm4_moe", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "moe_intermediate_size": 4, "n_routed_experts": 8,
+            "num_experts_per_tok": 2}
+    assert normalize(base | {"n_group": 4, "topk_group": 2}).moe.n_group == 4
+    with pytest.raises(CheckpointError, match="do not divide into n_group 3"):
+        normalize(base | {"n_group": 3})
+    with pytest.raises(CheckpointError, match="num_experts_per_tok 9 exceeds n_routed_experts 8"):
+        normalize(base | {"num_experts_per_tok": 9})
+    with pytest.raises(CheckpointError, match="group-limited routing"):
+        normalize(base | {"n_group": 4, "topk_group": 5})
+
+
+def test_engine_builds_for_sm89_and_sm120(moe_exports, tmp_path):
+    m = build(moe_exports["groups"], tmp_path / "b",
+              overrides={"shapes": {"max_batch": 2, "max_input_len": 32, "max_seq_len": 64},
+                         "precision": {"dtype": "fp16"},
+                         "builder": {"targets": "sm89,sm120"}})
+    assert m["stage"] == "engine" and m["targets"] == ["sm89", "sm120"]
+    assert (tmp_path / "b" / "model.engine").stat().st_size > 0
