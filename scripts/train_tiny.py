@@ -1,7 +1,9 @@
-"""Train the small GLM-4 model trtglm ships (models/tiny-glm4) and write trtglm/data/ (calibration and held-out text).
+"""Train the small GLM-4 model trtglm ships (models/tiny-glm4) and write trtglm/data/ (calibration and held-out text);
+with --moe, the small mixture-of-experts model (models/tiny-glm4-moe) on the same text and tokenizer.
 
     apt-get install bible-kjv        # the King James Bible (public domain) and its `bible` reader
     python scripts/train_tiny.py [--minutes 20 | --steps N] [--seed 0]
+    python scripts/train_tiny.py --moe --steps N     # after the dense model: reads its tokenizer
 
 The shipped model was trained with `--minutes 18` (1317 steps on the 2-core project machine): a
 time budget makes the step count depend on the machine; `--steps` fixes it.
@@ -11,6 +13,12 @@ Steps: corpus (every verse, references stripped, grouped by chapter) -> splits b
 text encodes) with GLM-4's special tokens and chat template -> Glm4ForCausalLM (grouped-query
 attention, partial interleaved rotary, the extra norms) trained from a fixed seed for a wall-clock
 budget -> fp16 safetensors + held-out perplexity against a unigram baseline + sample continuations.
+
+The MoE model is a Glm4MoeForCausalLM (8 routed experts, top-2 within 2 of 4 groups, a shared expert,
+q/k norms, rotate-half rotary, the first layer dense). Its experts are balanced without an auxiliary loss,
+as GLM-4.5 was: after each step every layer's e_score_correction_bias moves by a fixed amount toward the
+experts chosen less than average (and away from the others), so the trained bias changes which experts
+are chosen, which an export must reproduce.
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT, DATA = ROOT / "models" / "tiny-glm4", ROOT / "trtglm" / "data"
+OUT, MOE_OUT, DATA = ROOT / "models" / "tiny-glm4", ROOT / "models" / "tiny-glm4-moe", ROOT / "trtglm" / "data"
+BIAS_UPDATE = 1e-3  # the correction bias's step per training step
 SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
             "<|assistant|>", "<|observation|>"]
 CHAT_TEMPLATE = ("[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
@@ -50,10 +59,15 @@ def corpus() -> list[str]:
     return [" ".join(verses) for verses in chapters.values()]
 
 
-def write_splits(chapters: list[str]) -> dict[str, list[str]]:
+def split(chapters: list[str]) -> dict[str, list[str]]:
     splits = {"eval": [], "calibration": [], "train": []}
     for i, chapter in enumerate(chapters):
         splits["eval" if i % 20 == 0 else "calibration" if i % 20 == 1 else "train"].append(chapter)
+    return splits
+
+
+def write_splits(chapters: list[str]) -> dict[str, list[str]]:
+    splits = split(chapters)
     DATA.mkdir(exist_ok=True)
     digests = {}
     for name in ("calibration", "eval"):
@@ -102,12 +116,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--moe", action="store_true", help="the mixture-of-experts model, with the dense model's tokenizer")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
     rng = np.random.default_rng(args.seed)
-    splits = write_splits(corpus())
-    tokenizer = train_tokenizer(splits["train"])
+    if args.moe:
+        from transformers import AutoTokenizer
+
+        splits, tokenizer, out_dir = split(corpus()), AutoTokenizer.from_pretrained(OUT), MOE_OUT
+    else:
+        splits = write_splits(corpus())
+        tokenizer, out_dir = train_tokenizer(splits["train"]), OUT
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
     def stream(texts):
@@ -117,15 +137,8 @@ def main() -> None:
         return np.array(ids, np.int64)
 
     train, held = stream(splits["train"]), stream(splits["eval"])
-    from transformers import Glm4Config, Glm4ForCausalLM
-
-    config = Glm4Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=640, num_hidden_layers=4,
-                        num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
-                        rms_norm_eps=1e-5, attention_bias=True, tie_word_embeddings=False,
-                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
-                        pad_token_id=eos, eos_token_id=[eos, tokenizer.convert_tokens_to_ids("<|user|>"),
-                                                        tokenizer.convert_tokens_to_ids("<|observation|>")])
-    model = Glm4ForCausalLM(config)
+    model = build_model(tokenizer, eos, args.moe)
+    loads = track_routing(model) if args.moe else None
     params = sum(p.numel() for p in model.parameters())
     print(f"{params / 1e6:.2f}M parameters; train {len(train):,} tokens, eval {len(held):,}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
@@ -146,6 +159,8 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if loads is not None:
+            balance(model, loads)
         step += 1
         if step % 50 == 0:
             print(f"step {step} {elapsed / 60:.1f} min loss {loss.item():.3f} lr {lr:.2e}", flush=True)
@@ -159,14 +174,55 @@ def main() -> None:
             ids = torch.tensor([tokenizer.encode(p)])
             out = model.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=eos)
             samples[p] = tokenizer.decode(out[0, ids.shape[1]:])
-    shutil.rmtree(OUT, ignore_errors=True)
-    model.to(torch.float16).save_pretrained(OUT)
-    tokenizer.save_pretrained(OUT)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    model.to(torch.float16).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
     report = {"parameters": params, "steps": step, "tokens_seen": step * args.batch * args.seq_len,
               "minutes": round((time.time() - started) / 60, 1), "seed": args.seed,
               "eval_perplexity": ppl, "unigram_perplexity": unigram, "greedy_continuations": samples}
-    (OUT / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.moe:
+        biases = [b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+        report["correction_bias_absmax"] = max(float(b.abs().max()) for b in biases)
+    (out_dir / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
+
+
+def build_model(tokenizer, eos: int, moe: bool):
+    from transformers import Glm4Config, Glm4ForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=32, max_position_embeddings=1024, rms_norm_eps=1e-5,
+                  attention_bias=True, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+                  pad_token_id=eos, eos_token_id=[eos, tokenizer.convert_tokens_to_ids("<|user|>"),
+                                                  tokenizer.convert_tokens_to_ids("<|observation|>")])
+    if not moe:
+        return Glm4ForCausalLM(Glm4Config(intermediate_size=640, **common))
+    return Glm4MoeForCausalLM(Glm4MoeConfig(
+        intermediate_size=640, moe_intermediate_size=192, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1, norm_topk_prob=True,
+        routed_scaling_factor=1.0, use_qk_norm=True, num_nextn_predict_layers=0, **common))
+
+
+def track_routing(model) -> dict:
+    """router -> tokens per expert in the last forward pass."""
+    loads = {}
+
+    def hook(module, args, output):
+        loads[module] = torch.bincount(output[2].flatten(), minlength=module.num_experts)
+
+    for module in model.modules():
+        if type(module).__name__.endswith("TopkRouter"):
+            module.register_forward_hook(hook)
+    return loads
+
+
+def balance(model, loads: dict) -> None:
+    """Aux-loss-free load balancing: each expert's correction bias steps up if it was chosen less than the
+    average, down if more."""
+    with torch.no_grad():
+        for router, load in loads.items():
+            router.e_score_correction_bias += BIAS_UPDATE * torch.sign(load.float().mean() - load.float())
 
 
 def perplexity(model, ids: np.ndarray, seq_len: int) -> float:

@@ -8,7 +8,7 @@ import onnx
 import onnx.helper
 import pytest
 import torch
-from models import TINY_MOE, hf_moe_model, save_hf, save_stacked_experts
+from models import TINY_MOE, add_tokenizer, hf_moe_model, save_hf, save_stacked_experts
 from test_export import hf_logits, max_diff
 from test_runtime import hf_greedy
 
@@ -17,6 +17,7 @@ from trtglm.engine.build import build
 from trtglm.export.exporter import export
 from trtglm.export.validate import Steps, run_steps
 from trtglm.model.config import normalize
+from trtglm.precision.experts import QMAX, expert_gathers, quantize_experts
 from trtglm.runtime.backends import OrtBackend
 from trtglm.runtime.generate import generate
 
@@ -40,7 +41,7 @@ def moe_exports(moe_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
     out = {}
     for name, model in moe_models.items():
-        export(str(save_hf(model, root / f"{name}-ckpt")), root / name)
+        export(str(add_tokenizer(save_hf(model, root / f"{name}-ckpt"))), root / name)
         out[name] = root / name
     return out
 
@@ -130,9 +131,10 @@ def test_greedy_generation_equals_transformers(variant, moe_models, moe_exports,
 
 
 def test_fp16_build_keeps_the_router_in_fp32(moe_exports, tmp_path):
+    # a build shorter than the export: the fp16 range check's windows fit the build's rotary tables
     m = build(moe_exports["groups"], tmp_path / "b", onnx_only=True,
-              overrides={"shapes": {"logits": "all"}, "precision": {"dtype": "fp16"}})
-    assert m["precision"]["fp32_islands"]["router_nodes"] > 0
+              overrides={"shapes": {"logits": "all", "max_seq_len": 64}, "precision": {"dtype": "fp16"}})
+    assert m["precision"]["fp32_islands"]["router_nodes"] > 0 and "range_cache" in m["precision"]
     graph = onnx.shape_inference.infer_shapes(onnx.load(tmp_path / "b" / "model.onnx", load_external_data=False)).graph
     inits = {t.name: t.data_type for t in graph.initializer}
     assert {inits[n] for n in inits if ".mlp.gate." in n} == {onnx.TensorProto.FLOAT}
@@ -196,3 +198,56 @@ def test_engine_builds_for_sm89_and_sm120(moe_exports, tmp_path):
                          "builder": {"targets": "sm89,sm120"}})
     assert m["stage"] == "engine" and m["targets"] == ["sm89", "sm120"]
     assert (tmp_path / "b" / "model.engine").stat().st_size > 0
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantized_experts_compute_their_dequantized_weights(dtype, moe_exports, tmp_path):
+    """ONNX Runtime's DequantizeLinear of the stored experts (int4 packed two to a byte) gives back numpy's
+    q * scale, which is within half a step of each weight."""
+    model = onnx.load(moe_exports["groups"] / "model.onnx")
+    originals = {g.input[0]: onnx.numpy_helper.to_array(next(t for t in model.graph.initializer
+                                                            if t.name == g.input[0])) for g in expert_gathers(model)}
+    assert len(originals) == 4  # two MoE layers, gate_up and down
+    record = quantize_experts(model, dtype, block_size=16)
+    assert record["stacked_weights"] == 4
+    inits = {t.name: t for t in model.graph.initializer}
+    reference = onnx.load(moe_exports["groups"] / "model.onnx")
+    for name, w in originals.items():
+        q = onnx.numpy_helper.to_array(inits[f"{name}_quantized"]).astype(np.float32)
+        scale = onnx.numpy_helper.to_array(inits[f"{name}_scale"])
+        assert np.abs(q).max() <= QMAX[dtype] and inits[f"{name}_quantized"].data_type == (
+            onnx.TensorProto.INT8 if dtype == "int8" else onnx.TensorProto.INT4)
+        block = w.shape[1] // scale.shape[1]
+        dequantized = q * np.repeat(scale, block, axis=1)
+        assert np.abs(dequantized - w).max() <= np.repeat(scale, block, axis=1).max() / 2 + 1e-6
+        t = next(t for t in reference.graph.initializer if t.name == name)
+        t.CopyFrom(onnx.numpy_helper.from_array(dequantized.astype(np.float32), name))
+    onnx.save(model, tmp_path / "q.onnx", save_as_external_data=True, location="q.data")
+    onnx.save(reference, tmp_path / "r.onnx", save_as_external_data=True, location="r.data")
+    a, b = (run_steps(OrtBackend(tmp_path / f), STEPS) for f in ("q.onnx", "r.onnx"))
+    assert max_diff(a, b, STEPS) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def wide_experts(tmp_path_factory):
+    """One routed layer whose experts (1.57M parameters) outweigh the rest of the model and the engine's code."""
+    root = tmp_path_factory.mktemp("wide")
+    model = hf_moe_model(seed=1, moe_intermediate_size=1024, num_hidden_layers=2)
+    export(str(add_tokenizer(save_hf(model, root / "ckpt"))), root / "e", validate=False)
+    return root / "e", 8 * 3 * 64 * 1024
+
+
+def test_quantized_experts_stay_quantized_in_the_engine(wide_experts, tmp_path):
+    """TensorRT-RTX keeps the experts in int8 / int4 (not dequantized at build time): the engines shrink by
+    about the experts' bytes saved."""
+    export_dir, experts = wide_experts
+    small = {"shapes": {"max_batch": 2, "max_input_len": 32, "max_seq_len": 64}, "builder": {"targets": "sm89"},
+             "calibration": {"samples": 4, "seq_len": 32}}
+    sizes = {}
+    for dtype in ("fp16", "int8", "int4"):
+        m = build(export_dir, tmp_path / dtype, overrides={**small, "precision": {
+            "dtype": dtype, "quantization": {"block_size": 32}}})
+        assert dtype == "fp16" or m["precision"]["experts"]["parameters"] == experts
+        sizes[dtype] = (tmp_path / dtype / "model.engine").stat().st_size
+    assert sizes["fp16"] - sizes["int8"] > 0.75 * experts * 1, sizes  # 2 bytes -> 1
+    assert sizes["fp16"] - sizes["int4"] > 0.75 * experts * 1.5, sizes  # 2 bytes -> 0.5 (+ a scale per 32)

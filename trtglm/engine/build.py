@@ -199,13 +199,15 @@ def _resolve(r: Recipe, meta: dict | None, exported: str, export_dir: Path) -> t
         shapes = shapes.model_copy(update={"max_seq_len": limit,
                                            "max_input_len": min(shapes.max_input_len, limit)})
     precision = r.precision.model_copy(update={"dtype": dtype})
-    windows = {}  # calibration and accuracy windows run on the graph: at most its sequence length
+    windows = {}  # calibration and accuracy windows run on the graph: at most its sequence length (the fused
+    # rotary tables hold the build's max_seq_len positions)
     for name in ("calibration", "accuracy"):
         section = getattr(r, name)
-        if limit and section.seq_len > limit:
+        if section.seq_len > shapes.max_seq_len:
             if "seq_len" in section.model_fields_set:
-                raise UsageError(f"{name}.seq_len {section.seq_len} exceeds the export's max_seq_len {limit}")
-            windows[name] = section.model_copy(update={"seq_len": limit})
+                raise UsageError(f"{name}.seq_len {section.seq_len} exceeds the build's max_seq_len "
+                                 f"{shapes.max_seq_len}")
+            windows[name] = section.model_copy(update={"seq_len": shapes.max_seq_len})
     r = r.model_copy(update=windows)
     fusion = r.fusion
     if shapes.kv_cache == "static" and "fusions" not in fusion.model_fields_set:

@@ -3,6 +3,7 @@
     fused fp32 ─┬─ fp16 | bf16 ─────────────────────────────────────────── to_half (islands from ranges)
                 ├─ int8 | fp8 ─ calibrate + quantize_static (W8A8 QDQ) ─── to_half(fp16)
                 └─ int4 ─────── MatMulNBitsQuantizer (weight-only QDQ) ─── to_half(fp16)
+    stacked expert weights (MoE), int8 | int4: weight-only DQ before their Gather (experts.py)
 
 TensorRT 11 and TensorRT-RTX are strongly typed: these types, Casts and Q/DQ nodes ARE the precision;
 no builder flag adds any. Calibration (token windows of real text, prefill, empty cache) runs on the
@@ -29,6 +30,7 @@ from ..core.memory import BASE_BYTES, require
 from ..core.recipe import PrecisionSection
 from ..model.moe import ROUTER
 from .calibration import CalibrationSet
+from .experts import expert_gathers, quantize_experts
 from .half import name_nodes, overflowing_nodes, position_only_nodes, to_half
 from .quantize import linear_nodes, quantize_activations, quantize_weights_int4, quiet
 
@@ -93,6 +95,8 @@ def convert(job: Conversion) -> dict:
             quantized = _quantize(model, job, inputs, work, ranges, record)
             del model  # a parsed model keeps every weight it ever held until it is freed: read the result anew
             model = onnx.load(quantized)
+            if dtype in ("int8", "int4") and expert_gathers(model):
+                record["experts"] = quantize_experts(model, dtype, precision.quantization.block_size)
         model = _half(model, "fp16" if dtype in QUANTIZED else dtype, precision, ranges if dtype == "fp16" else None,
                       record)
         onnx.save(model, work / onnx_path.name, save_as_external_data=True, location=data_file,
