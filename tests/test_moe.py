@@ -251,3 +251,40 @@ def test_quantized_experts_stay_quantized_in_the_engine(wide_experts, tmp_path):
         sizes[dtype] = (tmp_path / dtype / "model.engine").stat().st_size
     assert sizes["fp16"] - sizes["int8"] > 0.75 * experts * 1, sizes  # 2 bytes -> 1
     assert sizes["fp16"] - sizes["int4"] > 0.75 * experts * 1.5, sizes  # 2 bytes -> 0.5 (+ a scale per 32)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int4"])
+def test_staged_build_cuts_between_moe_layers(dtype, moe_exports, tmp_path):
+    """One layer per stage: expert weights and routing nodes go with their layer, the stages pass one tensor, and
+    the chain computes what the whole graph does (int4: each stage's experts quantized on their own, to the
+    same weights and scales; the logits then differ by the fp16 rounding at the stage boundaries only, less than
+    int4 itself moves them)."""
+    import glob
+
+    from models import left_padded, one_layer_per_stage
+    from test_stages import PROMPTS, _initializers, assert_same_steps
+
+    overrides = {"precision": {"dtype": dtype, "quantization": {"block_size": 16}}}
+    build(moe_exports["groups"], tmp_path / "whole", onnx_only=True, overrides=overrides)
+    budget = one_layer_per_stage(moe_exports["groups"], dtype)
+    m = build(moe_exports["groups"], tmp_path / "staged", onnx_only=True,
+              overrides={**overrides, "builder": {"max_memory": budget}})
+    assert [s["layers"] for s in m["stages"]] == [[0, 1], [1, 2], [2, 3]]
+    assert all([n for n in s["inputs"] if n.startswith("hidden.")] == ([f"hidden.{s['layers'][0]}"] if s["layers"][0]
+                                                                       else []) for s in m["stages"])
+    whole, staged = OrtBackend.from_build(tmp_path / "whole"), OrtBackend.from_build(tmp_path / "staged")
+    if dtype == "fp32":
+        assert_same_steps(whole, staged)
+        return
+    assert m["precision"]["experts"]["stacked_weights"] == 4
+    a = _initializers([tmp_path / "whole" / "model.onnx"])
+    b = _initializers(sorted(glob.glob(str(tmp_path / "staged" / "stages" / "*" / "model.onnx"))))
+    names = [n for n in a if ".experts." in n and n.endswith(("_quantized", "_scale"))]
+    assert len(names) == 8
+    for name in names:
+        np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+    ids, mask, pos = left_padded(PROMPTS)
+    fp32 = OrtBackend(moe_exports["groups"] / "model.onnx")
+    logits = {name: backend.forward(ids, mask, pos, backend.new_cache(3))[0][:, -1]
+              for name, backend in (("whole", whole), ("staged", staged), ("fp32", fp32))}
+    assert np.abs(logits["staged"] - logits["whole"]).max() < np.abs(logits["whole"] - logits["fp32"]).max()

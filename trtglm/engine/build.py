@@ -404,6 +404,9 @@ def _staged_graphs(tmp: Path, plan: BuildPlan, progress: Progress) -> tuple:
         if "quantized_nodes" in precision:
             precision["quantized_nodes"] = sum(r["quantized_nodes"] for r in records)
             precision["kept_half"] = [name for r in records for name in r["kept_half"]]
+        experts = [r["experts"] for r in records if "experts" in r]
+        if experts:
+            precision["experts"] = experts[0] | {k: sum(e[k] for e in experts) for k in ("stacked_weights", "parameters")}
     accuracy = None
     if plan.gate:
         chain = StagedBackend([OrtBackend(s.path) for s in stages])
