@@ -1,6 +1,7 @@
 """Random-weight GLM checkpoints of any size, written shard by shard (for demos and benchmarks).
 
-Names and config follow transformers' glm/glm4 layout; memory stays at one shard.
+Names and config follow transformers' glm/glm4/glm4_moe layout (experts stacked, as transformers holds
+them in memory); memory stays at one shard.
 """
 
 from __future__ import annotations
@@ -25,6 +26,17 @@ def glm4_config(hidden: int, layers: int, heads: int, kv_heads: int, intermediat
     }
 
 
+def glm4_moe_config(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
+                    experts: int, top_k: int, expert_intermediate: int, head_dim: int | None = None,
+                    shared: int = 1, dense_layers: int = 1, max_positions: int = 4096) -> dict:
+    """A glm4_moe config (GLM-4.5's choices: q/k norms, attention biases, one expert group)."""
+    base = glm4_config(hidden, layers, heads, kv_heads, intermediate, vocab, head_dim, max_positions=max_positions)
+    return {**base, "model_type": "glm4_moe", "architectures": ["Glm4MoeForCausalLM"], "n_routed_experts": experts,
+            "num_experts_per_tok": top_k, "moe_intermediate_size": expert_intermediate, "n_shared_experts": shared,
+            "first_k_dense_replace": dense_layers, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+            "routed_scaling_factor": 1.0, "use_qk_norm": True, "num_nextn_predict_layers": 0}
+
+
 def write_random_checkpoint(path: str | Path, config: dict, dtype: str = "fp16", seed: int = 0,
                             shard_bytes: int = 1 << 30) -> Path:
     import torch
@@ -44,15 +56,18 @@ def write_random_checkpoint(path: str | Path, config: dict, dtype: str = "fp16",
             save_file(current, path / f"shard-{len(shards)}.safetensors")
             current, size = {}, 0
 
-    for spec in specs:
-        if spec.name.endswith("bias"):
-            t = torch.randn(spec.shape, generator=gen) * 0.1
-        elif len(spec.shape) == 1:
-            t = 1.0 + 0.1 * torch.randn(spec.shape, generator=gen)
+    tensors = [(n, spec.part_shape(group)) for spec in specs if spec.parts and not spec.stacked
+               for group in spec.parts for n in group]  # a dense glm4_moe MLP: gate and up apart
+    tensors += [(spec.name, spec.shape) for spec in specs if not spec.parts or spec.stacked]
+    for name, shape in tensors:
+        if name.endswith(("bias", "e_score_correction_bias")):
+            t = torch.randn(shape, generator=gen) * 0.1
+        elif len(shape) == 1:
+            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         else:
-            t = torch.randn(spec.shape, generator=gen) * 0.02
-        current[spec.name] = t.to(to)
-        size += current[spec.name].numel() * current[spec.name].element_size()
+            t = torch.randn(shape, generator=gen) * 0.02
+        current[name] = t.to(to)
+        size += current[name].numel() * current[name].element_size()
         if size >= shard_bytes:
             flush()
     flush()
