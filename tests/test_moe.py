@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -288,3 +289,67 @@ def test_staged_build_cuts_between_moe_layers(dtype, moe_exports, tmp_path):
     logits = {name: backend.forward(ids, mask, pos, backend.new_cache(3))[0][:, -1]
               for name, backend in (("whole", whole), ("staged", staged), ("fp32", fp32))}
     assert np.abs(logits["staged"] - logits["whole"]).max() < np.abs(logits["whole"] - logits["fp32"]).max()
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "models" / "tiny-glm4-moe"
+EVAL = Path(__file__).resolve().parent.parent / "trtglm" / "data" / "eval.jsonl"
+
+
+@pytest.fixture(scope="module")
+def shipped_moe(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shipped-moe") / "e32"
+    meta = export(str(SHIPPED), out, max_seq_len=256)  # validated against transformers on the trained weights
+    assert meta["validation"]["status"] == "passed"
+    return out
+
+
+def test_shipped_moe_generates_like_transformers(shipped_moe, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(SHIPPED)
+    prompts = [tok.encode(p) for p in ("In the beginning", "And the LORD said unto Moses,")]
+    build(shipped_moe, tmp_path / "b", onnx_only=True)
+    ours = generate(OrtBackend.from_build(tmp_path / "b"), prompts, max_new_tokens=16).tokens
+    assert ours == hf_greedy(model, prompts, 16)
+    training = json.loads((SHIPPED / "training.json").read_text())
+    assert training["eval_perplexity"] < training["unigram_perplexity"] / 5
+
+
+def test_shipped_moe_trained_correction_bias_changes_the_routing():
+    """The aux-loss-free balancing left a bias that picks other experts than the scores alone for part of real
+    text: the shipped model checks what an export that dropped it would get wrong."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trtglm.precision.calibration import read_texts
+
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED, dtype=torch.float32).eval()
+    ids = torch.tensor([AutoTokenizer.from_pretrained(SHIPPED).encode(read_texts(EVAL)[0])[:128]])
+    chosen = {}
+    hooks = [m.register_forward_hook(lambda m, a, out, i=i: chosen.__setitem__(i, out[2].sort(-1).values))
+             for i, m in enumerate(x for x in model.modules() if type(x).__name__.endswith("TopkRouter"))]
+    with torch.inference_mode():
+        model(input_ids=ids)
+        biased = dict(chosen)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    changed = np.mean([(biased[i] != chosen[i]).any(-1).float().mean().item() for i in biased])
+    assert changed > 0.05, changed
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8", "fp8", "int4"])
+def test_shipped_moe_meets_the_accuracy_goals(dtype, shipped_moe, tmp_path):
+    """Held-out perplexity, next-token agreement and logits cosine of each precision against the fp32 export, within
+    the precision's goals (the build's accuracy gate limits)."""
+    from trtglm.runtime.evaluate import evaluate
+
+    build(shipped_moe, tmp_path / "b", onnx_only=True, overrides={
+        "precision": {"dtype": dtype, "quantization": {"block_size": 64}},  # int4 blocks of the 192-wide experts
+        "calibration": {"samples": 16, "seq_len": 128}, "shapes": {"logits": "all"}})
+    r = evaluate(tmp_path / "b", shipped_moe, samples=8, seq_len=128, backend="ort")
+    assert r["gate"]["passed"], r["gate"]
+    assert 1 < r["reference_perplexity"] < 100

@@ -54,6 +54,41 @@ GLM4_9B = {"vocab_size": 151552, "num_layers": 40, "num_heads": 32, "num_kv_head
            "hidden_size": 4096}
 
 
+# zai-org/GLM-4.5-Air's published config.json
+GLM_45_AIR = {
+    "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "attention_bias": True,
+    "first_k_dense_replace": 1, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+    "intermediate_size": 10944, "max_position_embeddings": 131072, "moe_intermediate_size": 1408, "n_group": 1,
+    "n_routed_experts": 128, "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 96,
+    "num_experts_per_tok": 8, "num_hidden_layers": 46, "num_key_value_heads": 8, "num_nextn_predict_layers": 1,
+    "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-05, "rope_theta": 1000000, "routed_scaling_factor": 1.0,
+    "tie_word_embeddings": False, "topk_group": 1, "use_qk_norm": False, "vocab_size": 151552}
+
+
+def test_glm_45_air_int4_stages_fit_a_24_gib_build_machine():
+    """The staged plan of the recipe, from the model's config alone (its graph without weights): every stage's
+    conversion and engine build within 24 GiB, as the recipe's comment says; int8 and fp16 would not fit."""
+    from trtglm.engine.stage_graphs import map_layers
+    from trtglm.engine.stage_plan import plan_stages, smallest_budget
+    from trtglm.engine.staged_build import stage_cost
+    from trtglm.model.config import normalize
+    from trtglm.model.decoder import build_decoder
+    from trtglm.model.weights import weight_specs
+
+    r = load_recipe(Path(__file__).parent.parent / "recipes" / "glm-4.5-air-int4.yaml")
+    c = normalize(GLM_45_AIR)
+    graph = build_decoder(c, weight_specs(c), lambda spec: pytest.fail(f"{spec.name} was read"), dtype="fp32")
+    layers = map_layers(graph)
+    assert round(sum(layers.layer_bytes) + layers.head_bytes + layers.tail_bytes, -9) == 427e9  # fp32 export
+    from trtglm.core.memory import parse_size
+
+    plan = plan_stages(layers, parse_size(r.builder.max_memory), stage_cost("int4", "fp32"))
+    assert len(plan.ranges) == 45 and 22.0 < plan.peak / 2**30 < 22.1  # the largest stage: layers 0-1, the embedding
+    assert 20.5 < smallest_budget(layers, stage_cost("int4", "fp32")) / 2**30 < 20.6  # one layer per stage
+    for dtype in ("int8", "fp16"):
+        assert smallest_budget(layers, stage_cost(dtype, "fp32")) > 24 << 30
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_plans_within_tensorrts_limits(path):
     """The shapes of each recipe pass `trtglm build`'s own checks for its model (int32 element counts of logits,
@@ -65,9 +100,11 @@ def test_every_shipped_recipe_plans_within_tensorrts_limits(path):
     from trtglm.model.config import normalize
 
     r = load_recipe(path)
-    if r.model.name == "tiny-glm4":
-        config = dataclasses.asdict(normalize(json.loads((Path(__file__).parent.parent / "models" / "tiny-glm4" /
+    if r.model.name.startswith("tiny-glm4"):
+        config = dataclasses.asdict(normalize(json.loads((Path(__file__).parent.parent / "models" / r.model.name /
                                                           "config.json").read_text())))
+    elif r.model.name == "glm-4.5-air":
+        config = dataclasses.asdict(normalize(GLM_45_AIR))
     else:
         assert r.model.name.startswith("glm-4-9b"), r.model.name
         config = GLM4_9B

@@ -32,7 +32,7 @@ from ..model.moe import ROUTER
 from .calibration import CalibrationSet
 from .experts import expert_gathers, quantize_experts
 from .half import name_nodes, overflowing_nodes, position_only_nodes, to_half
-from .quantize import linear_nodes, quantize_activations, quantize_weights_int4, quiet
+from .quantize import calibration_without_weight_copies, linear_nodes, quantize_activations, quantize_weights_int4, quiet
 
 QUANTIZED = ("int8", "int4", "fp8")
 CALIBRATED = ("int8", "fp8")
@@ -177,7 +177,7 @@ def _ranges(job: Conversion, inputs: list[dict]):
     hit = cache.is_file()
     if not hit:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="trtglm-ranges-") as tmp, quiet():
+        with tempfile.TemporaryDirectory(prefix="trtglm-ranges-") as tmp, quiet(), calibration_without_weight_copies():
             calibrator = create_calibrator(job.onnx_path, [], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                            calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
             calibrator.collect_data(job.calibration.reader(inputs, job.on_calibration, job.stage_inputs))

@@ -44,8 +44,11 @@ def quantize_experts(model: onnx.ModelProto, dtype: str, block_size: int) -> dic
         name = gather.input[0]
         tensor = inits[name]
         block = tensor.dims[1] if dtype == "int8" else block_size
-        q, scale = _quantize(numpy_helper.to_array(tensor).astype(np.float32), block, QMAX[dtype])
+        w = _array(tensor)
         model.graph.initializer.remove(tensor)
+        del inits[name], tensor
+        q, scale = quantize(w, block, QMAX[dtype])
+        del w
         model.graph.initializer.extend([_tensor(q, f"{name}_quantized", dtype),
                                         numpy_helper.from_array(scale, f"{name}_scale")])
         dq = helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale"], [f"{name}_dequantized"],
@@ -58,12 +61,24 @@ def quantize_experts(model: onnx.ModelProto, dtype: str, block_size: int) -> dic
             ("" if dtype == "int8" else f" and block of {block_size}") + ", from the weights (weight-only)"}
 
 
-def _quantize(w: np.ndarray, block: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+def _array(tensor: TensorProto) -> np.ndarray:
+    """The fp32 weights, read once (a view of the bytes, not a second conversion)."""
+    if tensor.data_type == TensorProto.FLOAT and tensor.raw_data:
+        return np.frombuffer(tensor.raw_data, np.float32).reshape(tuple(tensor.dims))
+    return numpy_helper.to_array(tensor).astype(np.float32, copy=False)
+
+
+def quantize(w: np.ndarray, block: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """(q int8 [E,K,N] within +-qmax, scale fp32 [E,K/block,N]): q * scale (repeated over each block) ~ w. One expert
+    at a time: the temporaries are one expert's, not the stack's (GLM-4.5-Air: 5.9 GB of gate_up per layer)."""
     e, k, n = w.shape
-    blocks = w.reshape(e, k // block, block, n)
-    amax = np.abs(blocks).max(axis=2)  # [E, K/b, N]
-    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-    q = np.clip(np.rint(blocks / scale[:, :, None, :]), -qmax, qmax).astype(np.int8).reshape(e, k, n)
+    q = np.empty((e, k, n), np.int8)
+    scale = np.empty((e, k // block, n), np.float32)
+    for i in range(e):
+        blocks = w[i].reshape(k // block, block, n)
+        amax = np.abs(blocks).max(axis=1)
+        scale[i] = np.where(amax > 0, amax / qmax, 1.0)
+        q[i] = np.clip(np.rint(blocks / scale[i][:, None, :]), -qmax, qmax).reshape(k, n)
     return q, scale
 
 

@@ -75,7 +75,7 @@ def quantize_activations(src: Path, dst: Path, dtype: str, nodes: list[str], rea
                 name: TensorData(avg=np.float32(0), std=np.float32(amax[name]), lowest=np.float32(-amax[name]),
                                  highest=np.float32(amax[name])) for name in overrides}), cache_file)
         reader = None
-    with quiet(), _calibration_without_prepacking():
+    with quiet(), _calibration_without_prepacking(), calibration_without_weight_copies():
         quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, nodes_to_quantize=nodes,
                         op_types_to_quantize=["MatMul"], per_channel=True, activation_type=qtype, weight_type=qtype,
                         calibrate_method=calibrate, use_external_data_format=True,
@@ -96,6 +96,28 @@ def quantize_weights_int4(model: onnx.ModelProto, nodes: list[str], block_size: 
                                  op_types_to_quantize=("MatMul",), nodes_to_exclude=others)  # _include is ignored
         q.process()
     return q.model.model
+
+
+@contextlib.contextmanager
+def calibration_without_weight_copies():
+    """ONNX Runtime's calibrators record every input and output of the nodes they calibrate, for every window at
+    once: in a mixture-of-experts graph the expert MatMuls read a Gather of the stacked expert weights, a copy of
+    a layer's experts per window (GLM-4.5-Air: 8.7 GB). Those are weights, not activations: left out."""
+    from onnxruntime.quantization.calibrate import CalibraterBase
+
+    from .experts import expert_gathers
+
+    original = CalibraterBase.select_tensors_to_calibrate
+
+    def select_tensors_to_calibrate(self, model):
+        tensors, value_infos = original(self, model)
+        return tensors - {g.output[0] for g in expert_gathers(model)}, value_infos
+
+    CalibraterBase.select_tensors_to_calibrate = select_tensors_to_calibrate
+    try:
+        yield
+    finally:
+        CalibraterBase.select_tensors_to_calibrate = original
 
 
 @contextlib.contextmanager
