@@ -69,6 +69,7 @@ bench: $(STAMP)
 	$(PY) bench/ort_profile.py
 	$(PY) bench/kernels.py
 	$(PY) bench/accuracy.py
+	$(PY) bench/moe.py
 
 # The demo model's engine for every target of its recipe, as the CI workflow builds them.
 engines: $(STAMP)
