@@ -182,8 +182,8 @@ def _one_profile(path: Path, config: dict) -> list[dict]:
     import onnx
 
     names = [i.name for i in onnx.load(path, load_external_data=False).graph.input]
-    return make_profiles(names, config["num_key_value_heads"], config["head_dim"],
-                         ShapesSection(max_batch=1, max_input_len=512, max_seq_len=2048))
+    cache = {n: (config["num_key_value_heads"], config["head_dim"]) for n in names if n.startswith("past_key_values.")}
+    return make_profiles(names, cache, ShapesSection(max_batch=1, max_input_len=512, max_seq_len=2048))
 
 
 def _one_layer(names: list[str], layers: int) -> list[str]:

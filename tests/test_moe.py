@@ -353,3 +353,75 @@ def test_shipped_moe_meets_the_accuracy_goals(dtype, shipped_moe, tmp_path):
     r = evaluate(tmp_path / "b", shipped_moe, samples=8, seq_len=128, backend="ort")
     assert r["gate"]["passed"], r["gate"]
     assert 1 < r["reference_perplexity"] < 100
+
+
+# glm4_moe_lite (GLM-4.7-Flash): multi-head latent attention over the same experts
+LITE = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+            max_position_embeddings=256, attention_bias=True, routed_scaling_factor=1.8, pad_token_id=None,
+            eos_token_id=[1, 2])
+LITE_VARIANTS = {"bottleneck": {}, "direct": dict(q_lora_rank=None, attention_bias=False, rope_interleave=False,
+                                                  tie_word_embeddings=True, n_group=1)}
+
+
+def hf_lite_model(seed: int = 0, **overrides):
+    from transformers import Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM
+
+    torch.manual_seed(seed)
+    model = Glm4MoeLiteForCausalLM(Glm4MoeLiteConfig(**{**LITE, **overrides}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.5) if name.endswith("bias") else p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def lite(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lite")
+    out = {}
+    for i, (name, overrides) in enumerate(LITE_VARIANTS.items()):
+        model = hf_lite_model(seed=20 + i, **overrides)
+        export(str(add_tokenizer(save_hf(model, root / f"{name}-ckpt"))), root / name)
+        out[name] = (model, root / name)
+    return out
+
+
+@pytest.mark.parametrize("variant", LITE_VARIANTS)
+def test_lite_export_matches_transformers(variant, lite):
+    model, export_dir = lite[variant]
+    assert max_diff(hf_logits(model, STEPS), run_steps(OrtBackend(export_dir / "model.onnx"), STEPS), STEPS) < 1e-4
+    meta = json.loads((export_dir / "export.json").read_text())
+    assert meta["family"] == "glm4_moe_lite" and meta["validation"]["status"] == "passed"
+    # the cache: the latent (32) and the rotary key (8) per token and layer, against 4 heads x (16 + 8 + 12)
+    io = {s["name"]: s["shape"] for s in meta["io"]["inputs"]}
+    assert io["past_key_values.0.key"] == ["batch", 1, "past_sequence", 32]
+    assert io["past_key_values.0.value"] == ["batch", 1, "past_sequence", 8]
+    assert meta["kv_cache"]["bytes_per_token"] == 3 * 40 * 4 and meta["kv_cache"]["expanded_kv_bytes_per_token"] == 3 * 4 * 36 * 4
+
+
+@pytest.mark.parametrize("variant", LITE_VARIANTS)
+def test_lite_fuses_builds_and_generates_like_transformers(variant, lite, tmp_path):
+    model, export_dir = lite[variant]
+    m = build(export_dir, tmp_path / "b", onnx_only=True, overrides={"shapes": {"logits": "all"}})
+    bottleneck = LITE_VARIANTS[variant].get("q_lora_rank", 24) is not None
+    assert m["fusion"]["fused"] == {"rms_norm": 3 * (3 + bottleneck) + 1, "rotary": 6, "attention": 0, "qkv": 0}
+    assert max_diff(run_steps(OrtBackend(export_dir / "model.onnx"), STEPS),
+                    run_steps(OrtBackend(tmp_path / "b" / "model.onnx"), STEPS), STEPS) < 1e-5
+    prompts = [[5, 17, 99, 3, 42, 8, 150], [11, 12], [77, 1, 60, 61]]
+    build(export_dir, tmp_path / "last", onnx_only=True)
+    ours = generate(OrtBackend.from_build(tmp_path / "last"), prompts, max_new_tokens=10).tokens
+    assert ours == hf_greedy(model, prompts, 10)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int4"])
+def test_lite_engine_builds_for_sm89_and_sm120(dtype, lite, tmp_path):
+    m = build(lite["bottleneck"][1], tmp_path / "b", overrides={
+        "shapes": {"max_batch": 2, "max_input_len": 32, "max_seq_len": 64}, "builder": {"targets": "sm89,sm120"},
+        "precision": {"dtype": dtype, "quantization": {"block_size": 8}}})
+    assert m["stage"] == "engine" and m["targets"] == ["sm89", "sm120"]
+    if dtype == "int4":
+        assert m["precision"]["experts"]["stacked_weights"] == 4

@@ -41,7 +41,7 @@ class ModelShape(_Loose):
 
 class ExportMeta(_Loose):
     format_version: StrictInt = Field(1, ge=1, le=FORMAT_VERSION)
-    family: Literal["glm", "glm4", "chatglm", "glm4_moe"]
+    family: Literal["glm", "glm4", "chatglm", "glm4_moe", "glm4_moe_lite"]
     dtype: Literal["fp32", "fp16", "bf16"]
     max_seq_len: StrictInt = Field(gt=0)
     config: ModelShape

@@ -30,7 +30,7 @@ from ..core.progress import SILENT, Progress
 from ..core.recipe import Recipe, load_recipe
 from ..core.versions import source_digest, tool_versions
 from ..export.directory import DATA_FILE, ONNX_FILE, ExportDir
-from ..fusion import FusionError, FusionReport, expected_counts, fuse, model_fusions, total
+from ..fusion import FusionError, FusionReport, expected_counts, fuse, model_counts, model_fusions, total
 from ..model.tokenizer import load_text
 from ..precision import CALIBRATED, Conversion, check_memory, convert
 from ..precision.calibration import CalibrationSet
@@ -332,9 +332,7 @@ def _fuse(model, plan: BuildPlan, layers: int, final_norm: bool = True) -> Fusio
     fusions = frozenset(r.fusion.fusions)
     if meta:
         fusions = model_fusions(fusions, meta["config"])
-        expected = expected_counts(layers, meta["family"] == "glm4", fusions,
-                                   separate_qkv=meta["family"] != "chatglm", final_norm=final_norm,
-                                   qk_norms=bool(meta["config"].get("qk_norm")))
+        expected = model_counts(meta["config"], meta["family"], layers, fusions, final_norm)
     else:
         expected = expected_counts(layers, None, fusions, final_norm=final_norm) if layers else None
     return fuse(model, max_positions=r.shapes.max_seq_len, expected=expected, strict=r.fusion.strict,

@@ -63,22 +63,41 @@ def plan_shapes(io: dict, config: dict, shapes: ShapesSection, kv_bytes: int) ->
     b, inp, seq = shapes.max_batch, shapes.max_input_len, shapes.max_seq_len
     if not 0 < inp <= seq:
         raise TrtglmError(f"impossible shapes: max_input_len {inp} must be between 1 and max_seq_len {seq}")
-    vocab, layers = config["vocab_size"], config["num_layers"]
-    kv, d, hidden = config["num_kv_heads"], config["head_dim"], config["hidden_size"]
+    vocab, hidden = config["vocab_size"], config["hidden_size"]
+    cache = cache_dims(io, config)
+    widest = max(heads * d for heads, d in cache.values())
     rows = inp if shapes.logits == "all" else 1  # positions of logits per sequence
     for what, elements in (("logits [batch, input, vocab]", b * rows * vocab),
                            ("attention scores [batch, heads, input, total]", b * config["num_heads"] * inp * seq),
-                           ("KV cache [batch, kv_heads, total, head_dim]", b * kv * seq * d)):
+                           ("KV cache [batch, kv_heads, total, head_dim]", b * widest * seq)):
         if elements > INT32_MAX:
             raise TrtglmError(f"impossible shapes: {what} has {elements:,} elements, over TensorRT's int32 limit; "
                               "lower max_batch or max_input_len")
-    profiles = make_profiles([spec["name"] for spec in io["inputs"]], kv, d, shapes)
-    kv_cache = 2 * layers * b * kv * seq * d * kv_bytes
+    profiles = make_profiles([spec["name"] for spec in io["inputs"]], cache, shapes)
+    kv_cache = sum(b * heads * seq * d * kv_bytes for heads, d in cache.values())
     activations = b * (rows * vocab * 4 + inp * (4 * hidden * kv_bytes + config["num_heads"] * seq * kv_bytes))
     return Plan(profiles, kv_cache, activations)
 
 
-def make_profiles(input_names: list[str], kv_heads: int, head_dim: int, shapes: ShapesSection) -> list[dict]:
+def cache_dims(io: dict, config: dict) -> dict[str, tuple[int, int]]:
+    """(heads, head_dim) of each cache input [batch, heads, past, head_dim]: from the IO spec, or where that does not
+    say (a stage's IO), the config's KV heads and head_dim (MLA: its latent and rotary key)."""
+    out = {}
+    for spec in io["inputs"]:
+        if not spec["name"].startswith("past_key_values."):
+            continue
+        shape = spec.get("shape") or []
+        if len(shape) == 4 and isinstance(shape[1], int) and isinstance(shape[3], int):
+            out[spec["name"]] = (shape[1], shape[3])
+        elif config.get("mla"):
+            mla = config["mla"]
+            out[spec["name"]] = (1, mla["kv_lora_rank"] if spec["name"].endswith(".key") else mla["qk_rope_head_dim"])
+        else:
+            out[spec["name"]] = (config["num_kv_heads"], config["head_dim"])
+    return out
+
+
+def make_profiles(input_names: list[str], cache: dict[str, tuple[int, int]], shapes: ShapesSection) -> list[dict]:
     """min/opt/max shapes of every decoder input for each profile (see plan_shapes for single vs split). A static
     cache (an input `cache_position`, static_cache.py) has max_seq_len slots in every profile."""
     b, inp, seq = shapes.max_batch, shapes.max_input_len, shapes.max_seq_len
@@ -98,13 +117,13 @@ def make_profiles(input_names: list[str], kv_heads: int, head_dim: int, shapes: 
             elif name == CACHE_POSITION:
                 profile[name] = [(1,), (ob,), (b,)]
             elif static:  # attention_mask [B, slots], past [B, KV, slots, D]
-                rest = (seq,) if name == "attention_mask" else (kv_heads, seq, head_dim)
+                rest = (seq,) if name == "attention_mask" else (cache[name][0], seq, cache[name][1])
                 profile[name] = [(1, *rest), (ob, *rest), (b, *rest)]
             elif name == "attention_mask":
                 profile[name] = [(1, s_min + p_min), (ob, s_opt + p_opt), (b, s_max + p_max)]
             else:
-                profile[name] = [(1, kv_heads, p_min, head_dim), (ob, kv_heads, p_opt, head_dim),
-                                 (b, kv_heads, p_max, head_dim)]
+                heads, d = cache[name]
+                profile[name] = [(1, heads, p_min, d), (ob, heads, p_opt, d), (b, heads, p_max, d)]
         profiles.append(profile)
     return profiles
 
@@ -287,9 +306,9 @@ def _save_timing_cache(config, path: Path) -> None:
 def _default_profiles(network, max_batch: int, max_input: int, max_seq: int) -> list[dict]:
     """Split profiles read off the network's inputs (for graphs without export.json)."""
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    past = next(t for t in inputs if t.name.startswith("past_key_values."))
-    max_seq = past.shape[2] if past.shape[2] > 0 else max_seq  # a static cache has its slots in the graph
-    return make_profiles([t.name for t in inputs], past.shape[1], past.shape[3],
+    pasts = [t for t in inputs if t.name.startswith("past_key_values.")]
+    max_seq = pasts[0].shape[2] if pasts[0].shape[2] > 0 else max_seq  # a static cache has its slots in the graph
+    return make_profiles([t.name for t in inputs], {t.name: (t.shape[1], t.shape[3]) for t in pasts},
                          ShapesSection(max_batch=max_batch, max_input_len=max_input, max_seq_len=max_seq,
                                        profiles="split"))
 

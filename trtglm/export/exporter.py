@@ -82,6 +82,15 @@ def _save(graph, tmp: Path, progress: Progress) -> None:
         ir.save(graph, tmp / ONNX_FILE, external_data=DATA_FILE, callback=advance, max_in_flight_bytes=256 << 20)
 
 
+def _latent_cache(c, dtype: str) -> dict:
+    """What an MLA cache holds per token (all layers) against the expanded per-head keys and values."""
+    a, size = c.mla, FLOATS[dtype].bytes
+    latent = c.num_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * size
+    expanded = c.num_layers * c.num_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim) * size
+    return {"holds": "the normalized latent (key) and the rotated key (value) of each layer",
+            "bytes_per_token": latent, "expanded_kv_bytes_per_token": expanded}
+
+
 def _metadata(ckpt: Checkpoint, tmp: Path, dtype: str, opset: int, max_seq_len: int, validation: dict,
               progress: Progress) -> dict:
     inputs, outputs = io_spec(ckpt.config, dtype)
@@ -105,6 +114,7 @@ def _metadata(ckpt: Checkpoint, tmp: Path, dtype: str, opset: int, max_seq_len: 
         "source": {"model": ckpt.source, "path": str(ckpt.path), "sha256": source_files},
         **({"moe": {"experts": ckpt.config.moe.num_experts, "top_k": ckpt.config.moe.top_k,
                     "active_parameters": ckpt.num_active_parameters}} if ckpt.config.moe else {}),
+        **({"kv_cache": _latent_cache(ckpt.config, dtype)} if ckpt.config.mla else {}),
         "skipped_tensors": {"count": len(ckpt.skipped), "reason": (
             f"the {ckpt.config.mtp_layers} multi-token-prediction layer(s) after the decoder's "
             f"{ckpt.config.num_layers} (speculative decoding, not run by the decoder)") if ckpt.skipped else None},

@@ -91,8 +91,25 @@ def model_fusions(fusions: frozenset[str], config: dict) -> frozenset[str]:
     """The fusions that apply to a model (its export's config): keys normalized per head between their
     projection and their rotation (qk-norm) cannot have the rotation folded into the projection; without the
     fold their rotation stays decomposed (a key RotaryEmbedding feeding the cache Concat is what TensorRT-RTX
-    cannot build, rotary.py), unless rotary_keys asks for it (a static cache has no Concat)."""
+    cannot build into a fused Attention, rotary.py), unless rotary_keys asks for it (a static cache has no Concat).
+    Multi-head latent attention has no Attention op to fuse into: its rotary key becomes a RotaryEmbedding."""
+    if config.get("mla"):
+        return fusions - {"rotary_keys_folded"} | ({"rotary_keys"} if "rotary" in fusions else set())
     return fusions - {"rotary_keys_folded"} if config.get("qk_norm") else fusions
+
+
+def model_counts(config: dict, family: str, layers: int, fusions: frozenset[str],
+                 final_norm: bool = True) -> dict[str, int | tuple[int, ...]]:
+    """expected_counts for `layers` of an export's decoder (its export.json config and family). MLA: per layer
+    the two norms, the latent's norm and the query bottleneck's (if any), no q/k/v triple to merge, the query's
+    and the key's rotary, and no Attention op (the absorbed form: two score GEMMs, written out for Myelin)."""
+    mla = config.get("mla")
+    if mla:
+        norms = layers * (3 + (mla.get("q_lora_rank") is not None)) + final_norm
+        return {"rms_norm": norms, "qkv": 0, "rotary_keys_folded": layers,
+                "rotary": layers * (2 if "rotary_keys" in fusions else 1), "attention": 0}
+    return expected_counts(layers, family == "glm4", fusions, separate_qkv=family != "chatglm",
+                           final_norm=final_norm, qk_norms=bool(config.get("qk_norm")))
 
 
 def rule_sets(max_positions: int, fusions: frozenset[str] = DEFAULT_FUSIONS):

@@ -6,11 +6,13 @@ Three checkpoint layouts describe the same dense decoder, a fourth a mixture of 
     glm4      Glm4ForCausalLM    (GLM-4-9B-0414, GLM-Z1)      + post_self_attn / post_mlp norms
     chatglm   remote-code        (ChatGLM2/3, glm-4-9b-chat)  transformer.encoder.layers.{i}.self_attention.query_key_value ...
     glm4_moe  Glm4MoeForCausalLM (GLM-4.5/4.6/4.7, -Air)      routed + shared experts, q/k norms, rotate-half rotary
+    glm4_moe_lite  Glm4MoeLiteForCausalLM (GLM-4.7-Flash)     the same experts, multi-head latent attention (MLA)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +20,23 @@ from typing import Any
 from ..core.errors import CheckpointError, UnsupportedCheckpoint
 
 FAMILIES = ["glm (GlmForCausalLM)", "glm4 (Glm4ForCausalLM)", "chatglm (ChatGLM2/ChatGLM3/glm-4-9b-chat)",
-            "glm4_moe (Glm4MoeForCausalLM: GLM-4.5/4.6/4.7, GLM-4.5-Air)"]
+            "glm4_moe (Glm4MoeForCausalLM: GLM-4.5/4.6/4.7, GLM-4.5-Air)",
+            "glm4_moe_lite (Glm4MoeLiteForCausalLM: GLM-4.7-Flash)"]
+
+MLA_NORM_EPS = 1e-6  # transformers builds the q_a and kv_a norms with their default eps, not rms_norm_eps
+
+
+@dataclass(frozen=True)
+class MlaConfig:
+    """Multi-head latent attention: queries through a rank-`q_lora_rank` bottleneck (or one projection when None),
+    keys and values from a `kv_lora_rank` latent shared by every head plus one `qk_rope_head_dim` rotary key.
+    The KV cache holds the normalized latent (as the `key` of a layer) and the rotated key (as its `value`)."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,7 @@ class GlmConfig:
     rotary_layout: str = "pairs"  # "pairs": interleaved (x0,x1) pairs; "half": rotate-half (glm4_moe)
     qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before the rotary
     moe: MoeConfig | None = None
+    mla: MlaConfig | None = None
     mtp_layers: int = 0  # multi-token-prediction layers after the decoder: their tensors are not read
 
     def is_moe_layer(self, i: int) -> bool:
@@ -85,6 +104,8 @@ def detect_family(cfg: dict[str, Any]) -> str:
     archs = cfg.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise CheckpointError(f"config.json: architectures must be a list of names, got {archs!r}")
+    if model_type == "glm4_moe_lite" or "Glm4MoeLiteForCausalLM" in archs:
+        return "glm4_moe_lite"
     if model_type == "glm4_moe" or "Glm4MoeForCausalLM" in archs:
         return "glm4_moe"
     if model_type == "glm4" or "Glm4ForCausalLM" in archs:
@@ -165,7 +186,7 @@ def normalize(cfg: dict[str, Any]) -> GlmConfig:
         head_dim = _int(cfg, "head_dim", sizes["hidden_size"] // heads)
         kv_heads, rotary_dim = _int(cfg, "num_key_value_heads", heads), int(head_dim * factor)
         eps, positions = _float(cfg, "rms_norm_eps", 1e-5), "max_position_embeddings"
-        bias = cfg.get("attention_bias", family != "glm4_moe")  # transformers' defaults differ by family
+        bias = cfg.get("attention_bias", family not in ("glm4_moe", "glm4_moe_lite"))  # transformers' defaults
     out = GlmConfig(family=family, **sizes, num_kv_heads=kv_heads, head_dim=head_dim, rotary_dim=rotary_dim,
                     rope_theta=theta, rms_norm_eps=eps, attention_bias=bool(bias),
                     max_position_embeddings=_int(cfg, positions, 8192),
@@ -174,8 +195,31 @@ def normalize(cfg: dict[str, Any]) -> GlmConfig:
         out = dataclasses.replace(out, rotary_layout="half", qk_norm=bool(cfg.get("use_qk_norm", False)),
                                   moe=_moe(cfg),
                                   mtp_layers=_int(cfg, "num_nextn_predict_layers", 0, minimum=0))
+    if family == "glm4_moe_lite":
+        out = _lite(cfg, out)
     _check(out)
     return out
+
+
+def _lite(cfg: dict[str, Any], out: GlmConfig) -> GlmConfig:
+    """glm4_moe_lite: MLA attention, one latent "KV head", the rotary part of each query and key rotated whole."""
+    q_rank = cfg.get("q_lora_rank", 768)
+    mla = MlaConfig(q_lora_rank=None if q_rank is None else _int(cfg, "q_lora_rank"),
+                    kv_lora_rank=_int(cfg, "kv_lora_rank", 512), qk_nope_head_dim=_int(cfg, "qk_nope_head_dim", 192),
+                    qk_rope_head_dim=_int(cfg, "qk_rope_head_dim", 64), v_head_dim=_int(cfg, "v_head_dim", 256))
+    if _rope(cfg)[1] != 1.0 and "partial_rotary_factor" in {**cfg, **(cfg.get("rope_parameters") or {})}:
+        raise UnsupportedCheckpoint("glm4_moe_lite with partial_rotary_factor != 1", FAMILIES)
+    types = cfg.get("mlp_layer_types") or ["dense"] + ["sparse"] * (out.num_layers - 1)
+    dense = sum(1 for _ in itertools.takewhile(lambda t: t == "dense", types))
+    if len(types) != out.num_layers or set(types) - {"dense", "sparse"} or "dense" in types[dense:]:
+        raise UnsupportedCheckpoint(f"mlp_layer_types {types} (dense layers first, then sparse, one per layer)",
+                                    FAMILIES)
+    moe = _moe({"n_routed_experts": 64, "num_experts_per_tok": 4, "moe_intermediate_size": 1536,
+                "routed_scaling_factor": 1.8, **cfg, "first_k_dense_replace": dense})
+    return dataclasses.replace(out, head_dim=mla.qk_nope_head_dim + mla.qk_rope_head_dim, num_kv_heads=1,
+                               rotary_dim=mla.qk_rope_head_dim,
+                               rotary_layout="pairs" if cfg.get("rope_interleave", True) else "half",
+                               moe=moe, mla=mla, mtp_layers=_int(cfg, "num_nextn_predict_layers", 0, minimum=0))
 
 
 def _moe(cfg: dict[str, Any]) -> MoeConfig:

@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..core.dtypes import BY_NUMPY, FLOATS
-from . import moe
+from . import mla, moe
 from .config import GlmConfig
 from .weights import WeightSpec
 
@@ -43,14 +43,14 @@ class TensorSpec:
 
 def io_spec(c: GlmConfig, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
     kv_dtype = FLOATS[dtype].numpy
-    kv = (c.num_kv_heads, c.head_dim)
+    dims = mla.cache_dims(c) if c.mla else ((c.num_kv_heads, c.head_dim),) * 2  # (heads, head_dim) of key, value
     inputs = [TensorSpec("input_ids", "int64", (B, S)), TensorSpec("attention_mask", "int64", (B, T)),
               TensorSpec("position_ids", "int64", (B, S))]
     outputs = [TensorSpec("logits", "float32", (B, S, c.vocab_size))]
     for i in range(c.num_layers):
-        for kind in ("key", "value"):
-            inputs.append(TensorSpec(f"past_key_values.{i}.{kind}", kv_dtype, (B, *kv[:1], P, kv[1])))
-            outputs.append(TensorSpec(f"present.{i}.{kind}", kv_dtype, (B, *kv[:1], T, kv[1])))
+        for kind, (heads, d) in zip(("key", "value"), dims):
+            inputs.append(TensorSpec(f"past_key_values.{i}.{kind}", kv_dtype, (B, heads, P, d)))
+            outputs.append(TensorSpec(f"present.{i}.{kind}", kv_dtype, (B, heads, T, d)))
     return inputs, outputs
 
 
@@ -122,8 +122,11 @@ def build_decoder(c: GlmConfig, specs: dict[str, WeightSpec], load: Callable[[We
     for i in range(c.num_layers):
         L = lambda role: W[f"layers.{i}.{role}"]  # noqa: E731
         h = _rms_norm(g, x, L("attn_norm"), c.rms_norm_eps)
-        attn, k, v = _attention(g, c, h, L, cos, sin, bias,
-                                inputs[f"past_key_values.{i}.key"], inputs[f"past_key_values.{i}.value"])
+        past = inputs[f"past_key_values.{i}.key"], inputs[f"past_key_values.{i}.value"]
+        if c.mla:
+            attn, k, v = mla.mla_attention(g, c, h, L, cos, sin, bias, *past, _rms_norm, _apply_rope)
+        else:
+            attn, k, v = _attention(g, c, h, L, cos, sin, bias, *past)
         presents += [k, v]
         if c.sandwich_norms:
             attn = _rms_norm(g, attn, L("post_attn_norm"), c.rms_norm_eps)
@@ -189,11 +192,12 @@ def _rope_tables(g: _Builder, c: GlmConfig, position_ids: ir.Value) -> tuple[ir.
     return tables[0], tables[1]
 
 
-def _apply_rope(g: _Builder, c: GlmConfig, x: ir.Value, cos: ir.Value, sin: ir.Value) -> ir.Value:
+def _apply_rope(g: _Builder, c: GlmConfig, x: ir.Value, cos: ir.Value, sin: ir.Value,
+                width: int | None = None) -> ir.Value:
     """x [B,H,S,D]: in the first rotary_dim channels, rotate pairs (x0,x1) -> (-x1,x0), or halves
     (x1,x2) -> (-x2,x1) for rotate-half."""
-    rot = c.rotary_dim
-    x_rot = x if rot == c.head_dim else g.op("Slice", x, g.const([0], np.int64), g.const([rot], np.int64),
+    rot, width = c.rotary_dim, width or c.head_dim  # width: the last axis of x
+    x_rot = x if rot == width else g.op("Slice", x, g.const([0], np.int64), g.const([rot], np.int64),
                                               g.const([-1], np.int64))
     if c.rotary_layout == "half":
         x1 = g.op("Slice", x_rot, g.const([0], np.int64), g.const([rot // 2], np.int64), g.const([-1], np.int64))
@@ -204,9 +208,9 @@ def _apply_rope(g: _Builder, c: GlmConfig, x: ir.Value, cos: ir.Value, sin: ir.V
         x1, x2 = g.ops("Split", pairs, g.const([1, 1], np.int64), num_outputs=2, axis=-1)
         rotated = g.op("Reshape", g.op("Concat", g.op("Neg", x2), x1, axis=-1), g.const([0, 0, 0, rot], np.int64))
     out = g.op("Add", g.op("Mul", x_rot, cos), g.op("Mul", rotated, sin))
-    if rot == c.head_dim:
+    if rot == width:
         return out
-    x_pass = g.op("Slice", x, g.const([rot], np.int64), g.const([c.head_dim], np.int64), g.const([-1], np.int64))
+    x_pass = g.op("Slice", x, g.const([rot], np.int64), g.const([width], np.int64), g.const([-1], np.int64))
     return g.op("Concat", out, x_pass, axis=-1)
 
 

@@ -13,9 +13,24 @@ from .config import GlmConfig
 
 def hf_config(c: GlmConfig):
     """A transformers config for the same network (chatglm -> glm)."""
-    from transformers import Glm4Config, Glm4MoeConfig
+    from transformers import Glm4Config, Glm4MoeConfig, Glm4MoeLiteConfig
     from transformers import GlmConfig as HfGlmConfig
 
+    if c.family == "glm4_moe_lite":
+        m, a = c.moe, c.mla
+        return Glm4MoeLiteConfig(
+            vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_heads,
+            rms_norm_eps=c.rms_norm_eps, attention_bias=c.attention_bias,
+            max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+            rope_interleave=c.rotary_layout == "pairs", q_lora_rank=a.q_lora_rank, kv_lora_rank=a.kv_lora_rank,
+            qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim,
+            moe_intermediate_size=m.intermediate_size, n_routed_experts=m.num_experts, num_experts_per_tok=m.top_k,
+            n_shared_experts=m.n_shared_experts, n_group=m.n_group, topk_group=m.topk_group,
+            norm_topk_prob=m.norm_topk_prob, routed_scaling_factor=m.routed_scaling_factor,
+            mlp_layer_types=["dense" if not c.is_moe_layer(i) else "sparse" for i in range(c.num_layers)],
+            pad_token_id=None)
     if c.family == "glm4_moe":
         m = c.moe
         return Glm4MoeConfig(
@@ -46,7 +61,7 @@ def hf_state_dict(ckpt: Checkpoint, dtype: str):
     import torch
 
     c, to = ckpt.config, getattr(torch, FLOATS[dtype].numpy)
-    if c.family == "glm4_moe":  # the tensors as stored, experts stacked as transformers holds them in memory
+    if c.moe is not None:  # the tensors as stored, experts stacked as transformers holds them in memory
         out = {}
         for role, s in ckpt.specs.items():
             if role == "lm_head" and c.tie_word_embeddings:
@@ -87,9 +102,10 @@ def hf_state_dict(ckpt: Checkpoint, dtype: str):
 def load_reference(ckpt: Checkpoint, dtype: str):
     """transformers' model with the checkpoint's weights, built on the meta device (no double copy)."""
     import torch
-    from transformers import Glm4ForCausalLM, Glm4MoeForCausalLM, GlmForCausalLM
+    from transformers import Glm4ForCausalLM, Glm4MoeForCausalLM, Glm4MoeLiteForCausalLM, GlmForCausalLM
 
-    cls = {"glm4": Glm4ForCausalLM, "glm4_moe": Glm4MoeForCausalLM}.get(ckpt.config.family, GlmForCausalLM)
+    cls = {"glm4": Glm4ForCausalLM, "glm4_moe": Glm4MoeForCausalLM,
+           "glm4_moe_lite": Glm4MoeLiteForCausalLM}.get(ckpt.config.family, GlmForCausalLM)
     config = hf_config(ckpt.config)
     config._attn_implementation = "eager"
     with torch.device("meta"):

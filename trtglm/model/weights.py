@@ -59,6 +59,16 @@ _NAMES["glm4_moe"] = {
     "layers.{i}.shared_gate_up": _MOE_LAYER + "shared_experts.gate_up_proj.weight",
     "layers.{i}.shared_down": _MOE_LAYER + "shared_experts.down_proj.weight",
 }
+_ATTN = "model.layers.{i}.self_attn."
+_NAMES["glm4_moe_lite"] = {
+    **{k: v for k, v in _NAMES["glm4_moe"].items() if not k.split(".")[-1].startswith(("q", "k", "v"))},
+    "layers.{i}.q": _ATTN + "q_proj.weight",  # without a query bottleneck (q_lora_rank null)
+    "layers.{i}.q_a": _ATTN + "q_a_proj.weight", "layers.{i}.q_a_bias": _ATTN + "q_a_proj.bias",
+    "layers.{i}.q_a_norm": _ATTN + "q_a_layernorm.weight", "layers.{i}.q_b": _ATTN + "q_b_proj.weight",
+    "layers.{i}.kv_a": _ATTN + "kv_a_proj_with_mqa.weight", "layers.{i}.kv_a_bias": _ATTN + "kv_a_proj_with_mqa.bias",
+    "layers.{i}.kv_a_norm": _ATTN + "kv_a_layernorm.weight", "layers.{i}.kv_b": _ATTN + "kv_b_proj.weight",
+    "layers.{i}.o_bias": _ATTN + "o_proj.bias",
+}
 # the checkpoint tensors read into one: (graph role suffix) -> part name templates, concatenated along axis 0
 _CONCAT = {"gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
            "shared_gate_up": ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight")}
@@ -106,7 +116,9 @@ def weight_specs(c: GlmConfig) -> dict[str, WeightSpec]:
         "gate_up": ((2 * c.intermediate_size, h), True),
         "down": ((h, c.intermediate_size), True),
     }
-    if c.fused_qkv:
+    if c.mla is not None:
+        layer.update(_mla_layer(c))
+    elif c.fused_qkv:
         layer["qkv"] = ((q_out + 2 * kv_out, h), True)
         if c.attention_bias:
             layer["qkv_bias"] = ((q_out + 2 * kv_out,), False)
@@ -133,6 +145,24 @@ def weight_specs(c: GlmConfig) -> dict[str, WeightSpec]:
     return out
 
 
+def _mla_layer(c: GlmConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
+    a, h, heads = c.mla, c.hidden_size, c.num_heads
+    qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+    out = {"o": ((h, heads * a.v_head_dim), True),
+           "kv_a": ((a.kv_lora_rank + a.qk_rope_head_dim, h), True), "kv_a_norm": ((a.kv_lora_rank,), False),
+           "kv_b": ((heads * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank), True)}
+    if a.q_lora_rank is None:
+        out["q"] = ((heads * qk, h), True)
+    else:
+        out.update(q_a=((a.q_lora_rank, h), True), q_a_norm=((a.q_lora_rank,), False),
+                   q_b=((heads * qk, a.q_lora_rank), True))
+    if c.attention_bias:
+        out.update(kv_a_bias=((a.kv_lora_rank + a.qk_rope_head_dim,), False), o_bias=((h,), False))
+        if a.q_lora_rank is not None:
+            out["q_a_bias"] = ((a.q_lora_rank,), False)
+    return out
+
+
 def _moe_layer(c: GlmConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
     m, h = c.moe, c.hidden_size
     shared = m.n_shared_experts * m.intermediate_size
@@ -145,7 +175,7 @@ def _moe_layer(c: GlmConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
 
 
 def _spec(c: GlmConfig, role: str, name: str, shape: tuple[int, ...], linear: bool) -> WeightSpec:
-    if c.family != "glm4_moe" or not role.startswith("layers."):
+    if c.moe is None or not role.startswith("layers."):
         return WeightSpec(role, name, shape, linear)
     _, i, part = role.split(".", 2)
     layer = f"model.layers.{i}."

@@ -22,8 +22,9 @@ METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
 def linear_nodes(model: onnx.ModelProto, include_lm_head: bool) -> tuple[list[str], list[str]]:
-    """(MatMul nodes with a constant weight to quantize, the lm_head nodes left out)."""
-    consts = {t.name for t in model.graph.initializer}
+    """(MatMul nodes with a constant 2-D weight to quantize, the lm_head nodes left out)."""
+    consts = {t.name for t in model.graph.initializer if len(t.dims) == 2}  # [in, out] matrices (not MLA's per-head
+    # absorbed [heads, in, out] stacks)
     producers = {o: n for n in model.graph.node for o in n.output}
     heads = set()
     for out in model.graph.output:
