@@ -65,20 +65,52 @@ GLM_45_AIR = {
     "tie_word_embeddings": False, "topk_group": 1, "use_qk_norm": False, "vocab_size": 151552}
 
 
-def test_glm_45_air_int4_stages_fit_a_24_gib_build_machine():
-    """The staged plan of the recipe, from the model's config alone (its graph without weights): every stage's
-    conversion and engine build within 24 GiB, as the recipe's comment says; int8 and fp16 would not fit."""
+# zai-org/GLM-4.7-Flash's config.json (transformers' Glm4MoeLiteConfig defaults are its values)
+GLM_47_FLASH = {
+    "architectures": ["Glm4MoeLiteForCausalLM"], "model_type": "glm4_moe_lite", "vocab_size": 154880,
+    "hidden_size": 2048, "intermediate_size": 10240, "moe_intermediate_size": 1536, "num_hidden_layers": 47,
+    "num_attention_heads": 20, "num_key_value_heads": 20, "n_shared_experts": 1, "n_routed_experts": 64,
+    "routed_scaling_factor": 1.8, "kv_lora_rank": 512, "q_lora_rank": 768, "qk_rope_head_dim": 64, "v_head_dim": 256,
+    "qk_nope_head_dim": 192, "n_group": 1, "topk_group": 1, "num_experts_per_tok": 4, "norm_topk_prob": True,
+    "max_position_embeddings": 202752, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "rope_interleave": True,
+    "attention_bias": False, "num_nextn_predict_layers": 1,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}
+MOE_CONFIGS = {"glm-4.5-air": GLM_45_AIR, "glm-4.7-flash": GLM_47_FLASH}
+
+
+def _layer_map(config: dict):
+    """The export's layers and their fp32 bytes, from the model's config alone (its graph without weights)."""
     from trtglm.engine.stage_graphs import map_layers
-    from trtglm.engine.stage_plan import plan_stages, smallest_budget
-    from trtglm.engine.staged_build import stage_cost
     from trtglm.model.config import normalize
     from trtglm.model.decoder import build_decoder
     from trtglm.model.weights import weight_specs
 
+    c = normalize(config)
+    return map_layers(build_decoder(c, weight_specs(c), lambda spec: pytest.fail(f"{spec.name} was read"),
+                                    dtype="fp32"))
+
+
+def test_glm_47_flash_int4_stages_fit_a_24_gib_build_machine():
+    from trtglm.core.memory import parse_size
+    from trtglm.engine.stage_plan import plan_stages, smallest_budget
+    from trtglm.engine.staged_build import stage_cost
+
+    r = load_recipe(Path(__file__).parent.parent / "recipes" / "glm-4.7-flash-int4.yaml")
+    layers = _layer_map(GLM_47_FLASH)
+    assert round(sum(layers.layer_bytes) + layers.head_bytes + layers.tail_bytes, -9) == 120e9  # fp32 export
+    plan = plan_stages(layers, parse_size(r.builder.max_memory), stage_cost("int4", "fp32"))
+    assert len(plan.ranges) == 10 and 21.8 < plan.peak / 2**30 < 21.9
+    assert 8.5 < smallest_budget(layers, stage_cost("int4", "fp32")) / 2**30 < 8.6
+
+
+def test_glm_45_air_int4_stages_fit_a_24_gib_build_machine():
+    """The staged plan of the recipe, from the model's config alone (its graph without weights): every stage's
+    conversion and engine build within 24 GiB, as the recipe's comment says; int8 and fp16 would not fit."""
+    from trtglm.engine.stage_plan import plan_stages, smallest_budget
+    from trtglm.engine.staged_build import stage_cost
+
     r = load_recipe(Path(__file__).parent.parent / "recipes" / "glm-4.5-air-int4.yaml")
-    c = normalize(GLM_45_AIR)
-    graph = build_decoder(c, weight_specs(c), lambda spec: pytest.fail(f"{spec.name} was read"), dtype="fp32")
-    layers = map_layers(graph)
+    layers = _layer_map(GLM_45_AIR)
     assert round(sum(layers.layer_bytes) + layers.head_bytes + layers.tail_bytes, -9) == 427e9  # fp32 export
     from trtglm.core.memory import parse_size
 
@@ -103,8 +135,8 @@ def test_every_shipped_recipe_plans_within_tensorrts_limits(path):
     if r.model.name.startswith("tiny-glm4"):
         config = dataclasses.asdict(normalize(json.loads((Path(__file__).parent.parent / "models" / r.model.name /
                                                           "config.json").read_text())))
-    elif r.model.name == "glm-4.5-air":
-        config = dataclasses.asdict(normalize(GLM_45_AIR))
+    elif r.model.name in MOE_CONFIGS:
+        config = dataclasses.asdict(normalize(MOE_CONFIGS[r.model.name]))
     else:
         assert r.model.name.startswith("glm-4-9b"), r.model.name
         config = GLM4_9B
