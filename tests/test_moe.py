@@ -13,7 +13,7 @@ from models import TINY_MOE, add_tokenizer, hf_moe_model, save_hf, save_stacked_
 from test_export import hf_logits, max_diff
 from test_runtime import hf_greedy
 
-from trtglm.core.errors import CheckpointError
+from trtglm.core.errors import CheckpointError, UsageError
 from trtglm.engine.build import build
 from trtglm.export.exporter import export
 from trtglm.export.validate import Steps, run_steps
@@ -425,3 +425,33 @@ def test_lite_engine_builds_for_sm89_and_sm120(dtype, lite, tmp_path):
     assert m["stage"] == "engine" and m["targets"] == ["sm89", "sm120"]
     if dtype == "int4":
         assert m["precision"]["experts"]["stacked_weights"] == 4
+
+
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+@pytest.mark.parametrize("family", ["glm4_moe", "glm4_moe_lite"])
+def test_engine_runner_generates_like_onnx_runtime(family, kv_cache, moe_exports, lite, tmp_path, monkeypatch):
+    """fp16 engines of both families (TensorRT-RTX on the CPU) run by the engine backend through the simulated
+    TensorRT and pycuda (tests/simgpu): the tokens of ONNX Runtime over the same build."""
+    from simgpu import install
+
+    from trtglm.runtime.backends import open_backend
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source = moe_exports["groups"] if family == "glm4_moe" else lite["bottleneck"][1]
+    build_dir = tmp_path / "b"
+    if family == "glm4_moe_lite" and kv_cache == "static":  # refused before any work
+        with pytest.raises(UsageError, match="kv_cache: static is not available for multi-head latent attention"):
+            build(source, build_dir, overrides={"shapes": {"kv_cache": "static"}})
+        assert not build_dir.exists()
+        return
+    build(source, build_dir, use_cache=False, overrides={
+        "shapes": {"max_batch": 3, "max_input_len": 16, "max_seq_len": 64, "kv_cache": kv_cache},
+        "precision": {"dtype": "fp16"}})
+    install(monkeypatch, build_dir, "tensorrt_rtx")
+    engine, why = open_backend(build_dir, "trt")
+    assert why == "TensorRT engine"
+    ort = OrtBackend.from_build(build_dir)
+    prompts = [[5, 17, 99, 3, 42, 8, 150], [11, 12], [77, 1, 60, 61]]
+    for batch in ([prompts[0]], prompts):
+        assert generate(engine, batch, max_new_tokens=10).tokens == generate(ort, batch, max_new_tokens=10).tokens
+    engine.close()

@@ -198,6 +198,9 @@ def _resolve(r: Recipe, meta: dict | None, exported: str, export_dir: Path) -> t
             raise UsageError(f"max_seq_len {shapes.max_seq_len} exceeds the export's max_seq_len {limit}")
         shapes = shapes.model_copy(update={"max_seq_len": limit,
                                            "max_input_len": min(shapes.max_input_len, limit)})
+    if shapes.kv_cache == "static" and (meta or {}).get("config", {}).get("mla"):
+        raise UsageError("kv_cache: static is not available for multi-head latent attention (glm4_moe_lite): the "
+                         "static cache rewrites fused Attention ops, and MLA has none", hint="use kv_cache: dynamic")
     precision = r.precision.model_copy(update={"dtype": dtype})
     windows = {}  # calibration and accuracy windows run on the graph: at most its sequence length (the fused
     # rotary tables hold the build's max_seq_len positions)

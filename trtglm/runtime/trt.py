@@ -215,7 +215,8 @@ class TrtBackend:
         self._logits = cuda.pagelocked_empty(math.prod(self.buffers["logits"].max_shape), np.float32) \
             if self.vocab_size else None
         self._elt = BY_NUMPY[self.buffers[self.past_names[0]].dtype].bytes
-        self._kv, self._d = self.buffers[self.past_names[0]].max_shape[1], self.buffers[self.past_names[0]].max_shape[3]
+        # (heads, head_dim) of each cache tensor, in past_names' order: a layer's key and value may differ (MLA)
+        self._dims = [(self.buffers[n].max_shape[1], self.buffers[n].max_shape[3]) for n in self.past_names]
 
     def _execution_context(self, cuda_graphs: bool):
         trt, engine = self._trt, self.engine
@@ -299,8 +300,8 @@ class TrtBackend:
         shapes["attention_mask"] = (batch, self._positions(past + tokens))
         if self.static:
             shapes[CACHE_POSITION] = (batch,)
-        for name in self.past_names:
-            shapes[name] = (batch, self._kv, positions, self._d)
+        for name, (heads, d) in zip(self.past_names, self._dims):
+            shapes[name] = (batch, heads, positions, d)
         return shapes
 
     def _profile_for(self, shapes: dict[str, tuple[int, ...]]) -> int | None:
@@ -383,8 +384,8 @@ class TrtBackend:
     def _expand_cache(self, cache: TrtCache, batch: int) -> TrtCache:
         cuda = self._cuda
         out = self._other(cache.buffers)
-        row = self._kv * self._positions(cache.length) * self._d * self._elt
-        for src, dst in zip(cache.buffers, out):
+        for src, dst, (heads, d) in zip(cache.buffers, out, self._dims):
+            row = heads * self._positions(cache.length) * d * self._elt
             for r in range(batch):
                 cuda.memcpy_dtod_async(int(dst) + r * row, src, row, self.stream)
         self.stream.synchronize()
@@ -397,9 +398,9 @@ class TrtBackend:
 
     def _snapshot(self, cache: TrtCache) -> TrtCache:
         cuda = self._cuda
-        size = cache.batch * self._kv * self._positions(cache.length) * self._d * self._elt
         copies = []
-        for src in cache.buffers:
+        for src, (heads, d) in zip(cache.buffers, self._dims):
+            size = cache.batch * heads * self._positions(cache.length) * d * self._elt
             dst = cuda.mem_alloc(max(size, 1))
             cuda.memcpy_dtod_async(dst, src, size, self.stream)
             copies.append(dst)
