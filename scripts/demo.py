@@ -4,7 +4,8 @@ trained on the King James Bible by scripts/train_tiny.py).
 export (validated against transformers) -> build (fusion + fp16 TensorRT engine for RTX GPUs, built on
 this CPU with TensorRT-RTX) -> verify -> generate: on the engine when a GPU is there, else with ONNX
 Runtime over the same built graph (the backend line says which). Then the fp32 export -> an int8
-engine (calibrated, gated on held-out text inside the build) -> eval -> generate.
+engine (calibrated, gated on held-out text inside the build) -> eval -> generate. Then the shipped
+mixture-of-experts model (models/tiny-glm4-moe) -> an int4 engine (experts int4, router fp32, gated) -> generate.
 """
 
 import shutil
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-glm4"
+MOE = MODEL.parent / "tiny-glm4-moe"
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "out/demo")
 export_only = "--export-only" in sys.argv
 
@@ -35,3 +37,7 @@ if not export_only:
     trtglm("build", str(out / "export-fp32"), "-o", str(out / "build-int8"), "--recipe", "recipes/demo-glm4-int8.yaml")
     trtglm("eval", str(out / "build-int8"), "--samples", "16")
     trtglm("run", str(out / "build-int8"), "--prompt", "In the beginning", "--max-new-tokens", "40")
+    trtglm("export", str(MOE), "-o", str(out / "export-moe"), "--dtype", "fp32")
+    trtglm("build", str(out / "export-moe"), "-o", str(out / "build-moe-int4"), "--recipe",
+           "recipes/demo-glm4-moe-int4.yaml")
+    trtglm("run", str(out / "build-moe-int4"), "--prompt", "And the LORD said unto Moses,", "--max-new-tokens", "40")

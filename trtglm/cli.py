@@ -266,6 +266,10 @@ def _precision_lines(m: dict) -> list[str]:
         islands = p["fp32_islands"]["overflowing_nodes"]
         lines.append(f"precision: {p['from']} -> {p['dtype']}"
                      + (f", {p['quantized_nodes']} linear layers quantized" if "quantized_nodes" in p else "")
+                     + (f" and {p['experts']['parameters'] / 1e6:.1f}M expert weights ({p['experts']['stacked_weights']}"
+                        " stacks, weight-only)" if "experts" in p else "")
+                     + (f", router fp32 ({p['fp32_islands']['router_nodes']} nodes)"
+                        if p["fp32_islands"].get("router_nodes") else "")
                      + (f", {len(islands)} fp32 islands from calibrated ranges" if islands else "")
                      + (f", calibrated on {c['samples']} x {c['seq_len']} tokens ({c['method']})" if c else "")
                      + (f"; fp16 range check {p['range_check']}" if "range_check" in p else ""))
