@@ -154,6 +154,37 @@ def test_config_mutations(change):
     refused_cleanly(lambda: normalize(mutate(TINY_CONFIG, change)))
 
 
+MOE_CONFIG = json.load(open(os.path.join(ROOT, "models", "tiny-glm4-moe", "config.json")))
+LITE_CONFIG = {"model_type": "glm4_moe_lite", "vocab_size": 160, "hidden_size": 64, "intermediate_size": 96,
+               "moe_intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "q_lora_rank": 24,
+               "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12,
+               "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
+               "mlp_layer_types": ["dense", "sparse", "sparse"], "rope_interleave": True,
+               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+
+
+@given(mutations(MOE_CONFIG))
+@example(((("n_group",), 3, "replace")))
+@example(((("num_experts_per_tok",), 0, "replace")))
+@example(((("first_k_dense_replace",), -1, "replace")))
+@example(((("routed_scaling_factor",), "2", "replace")))
+def test_moe_config_mutations(change):
+    from trtglm.model.config import normalize
+
+    refused_cleanly(lambda: normalize(mutate(MOE_CONFIG, change)))
+
+
+@given(mutations(LITE_CONFIG))
+@example(((("mlp_layer_types",), 5, "replace")))
+@example(((("mlp_layer_types",), ["sparse", "dense", "sparse"], "replace")))
+@example(((("q_lora_rank",), "768", "replace")))
+@example(((("rope_parameters",), {"partial_rotary_factor": 0.5}, "replace")))
+def test_lite_config_mutations(change):
+    from trtglm.model.config import normalize
+
+    refused_cleanly(lambda: normalize(mutate(LITE_CONFIG, change)))
+
+
 # ---------------------------------------------------------------- safetensors headers
 
 def _safetensors(header: bytes, body: bytes = b"\0" * 64) -> bytes:
@@ -438,6 +469,22 @@ def test_configs_against_their_tensors(tmp_path_factory, change):
     ckpt.mkdir()
     os.symlink(os.path.join(ROOT, "models", "tiny-glm4", "model.safetensors"), ckpt / "model.safetensors")
     (ckpt / "config.json").write_text(json.dumps(mutate(TINY_CONFIG, change)))
+    refused_cleanly(lambda: open_checkpoint(ckpt))
+
+
+@given(mutations(MOE_CONFIG))
+@example(((("n_routed_experts",), 4, "replace")))
+@example(((("first_k_dense_replace",), 0, "replace")))
+@example(((("num_nextn_predict_layers",), 1, "replace")))
+@example(((("use_qk_norm",), False, "replace")))
+def test_moe_configs_against_their_tensors(tmp_path_factory, change):
+    """The shipped MoE model's config.json edited against its tensors (experts, dense layers, MTP, q/k norms)."""
+    from trtglm.model.checkpoint import open_checkpoint
+
+    ckpt = tmp_path_factory.mktemp("cfg") / "ckpt"
+    ckpt.mkdir()
+    os.symlink(os.path.join(ROOT, "models", "tiny-glm4-moe", "model.safetensors"), ckpt / "model.safetensors")
+    (ckpt / "config.json").write_text(json.dumps(mutate(MOE_CONFIG, change)))
     refused_cleanly(lambda: open_checkpoint(ckpt))
 
 

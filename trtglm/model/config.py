@@ -203,13 +203,15 @@ def normalize(cfg: dict[str, Any]) -> GlmConfig:
 
 def _lite(cfg: dict[str, Any], out: GlmConfig) -> GlmConfig:
     """glm4_moe_lite: MLA attention, one latent "KV head", the rotary part of each query and key rotated whole."""
-    q_rank = cfg.get("q_lora_rank", 768)
-    mla = MlaConfig(q_lora_rank=None if q_rank is None else _int(cfg, "q_lora_rank"),
+    bottleneck = "q_lora_rank" not in cfg or cfg["q_lora_rank"] is not None  # null: one query projection
+    mla = MlaConfig(q_lora_rank=_int(cfg, "q_lora_rank", 768) if bottleneck else None,
                     kv_lora_rank=_int(cfg, "kv_lora_rank", 512), qk_nope_head_dim=_int(cfg, "qk_nope_head_dim", 192),
                     qk_rope_head_dim=_int(cfg, "qk_rope_head_dim", 64), v_head_dim=_int(cfg, "v_head_dim", 256))
     if _rope(cfg)[1] != 1.0 and "partial_rotary_factor" in {**cfg, **(cfg.get("rope_parameters") or {})}:
         raise UnsupportedCheckpoint("glm4_moe_lite with partial_rotary_factor != 1", FAMILIES)
     types = cfg.get("mlp_layer_types") or ["dense"] + ["sparse"] * (out.num_layers - 1)
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        raise CheckpointError(f"config.json: mlp_layer_types must be a list of \"dense\" and \"sparse\", got {types!r}")
     dense = sum(1 for _ in itertools.takewhile(lambda t: t == "dense", types))
     if len(types) != out.num_layers or set(types) - {"dense", "sparse"} or "dense" in types[dense:]:
         raise UnsupportedCheckpoint(f"mlp_layer_types {types} (dense layers first, then sparse, one per layer)",
