@@ -5,8 +5,10 @@ MLP dense) and against transformers, and TensorRT-RTX kernels per layer.
     python bench/moe.py [--workdir .bench] [--prompt 32] [--new 32] [--rounds 3]
 
 Prints, side by side in one run (rounds interleaved, medians):
-- ONNX Runtime decode tok/s (fp32 build, batch 1) of the MoE model, of its dense equivalent, and transformers
-  `generate` of the MoE model (eager experts, fp32); the greedy tokens of the MoE build equal transformers';
+- ONNX Runtime decode tok/s and time to first token (fp32 build, batch 1) of the MoE model in both forms (the
+  graph's own gathered experts, which TensorRT builds, and ONNX Runtime's MoE op in their place, which the
+  ONNX Runtime backend runs by default), of its dense equivalent, and transformers `generate` of the MoE model
+  (eager experts, fp32); the greedy tokens of both MoE forms equal transformers';
 - weight bytes a decode step reads (the shared weights, the embedding's one row, the top-4 of each layer's 16
   experts) against the dense equivalent's (every weight);
 - TensorRT-RTX (sm89, fp16) kernels per layer: engines of 2 and 3 layers of each shape, the difference.
@@ -113,26 +115,33 @@ def main() -> None:
         export(str(ckpt), root / "e", validate=False, max_seq_len=2048)
         build(root / "e", root / "b", onnx_only=True)
         builds[label] = (ckpt, root / "b")
-    runners = {"ONNX Runtime, MoE (fp32)": ort_runner(OrtBackend.from_build(builds["MoE"][1]), [prompt], args.new),
+    runners = {"ONNX Runtime, MoE (fp32), MoE op": ort_runner(OrtBackend.from_build(builds["MoE"][1]), [prompt],
+                                                              args.new),
+               "ONNX Runtime, MoE (fp32), gathered form": ort_runner(
+                   OrtBackend.from_build(builds["MoE"][1], moe_op=False), [prompt], args.new),
                "ONNX Runtime, dense equivalent (fp32)": ort_runner(
                    OrtBackend.from_build(builds["dense equivalent"][1]), [prompt], args.new),
                "transformers generate, MoE (fp32, eager experts)": transformers_runner(builds["MoE"][0], prompt,
                                                                                        args.new)}
     results = interleaved(runners, args.rounds)
-    same = results["ONNX Runtime, MoE (fp32)"]["tokens"] == results["transformers generate, MoE (fp32, eager experts)"][
-        "tokens"]
+    reference = results["transformers generate, MoE (fp32, eager experts)"]["tokens"]
+    same = all(r["tokens"] == reference for label, r in results.items() if "MoE (fp32)," in label)
     sizes = {label: read_per_token(c) for label, c in configs.items()}
     print(f"\nprompt {args.prompt} tokens, {args.new} new, batch 1, median of {args.rounds} interleaved rounds; "
-          f"MoE greedy tokens equal transformers': {same}\n")
+          f"MoE greedy tokens (both forms) equal transformers': {same}\n")
     print("| runner | parameters | read per decode token | decode tok/s | TTFT ms |")
     print("|---|---|---|---|---|")
     for label, r in results.items():
         total, read = sizes["dense equivalent" if "dense" in label else "MoE"]
         print(f"| {label} | {total / 1e6:.0f}M | {read * 4 / 1e6:.0f} MB | {r['decode_tok_s']:.1f} | "
               f"{r['ttft_ms']:.0f} |")
-    moe, dense = results["ONNX Runtime, MoE (fp32)"], results["ONNX Runtime, dense equivalent (fp32)"]
+    moe, dense = results["ONNX Runtime, MoE (fp32), MoE op"], results["ONNX Runtime, dense equivalent (fp32)"]
+    gathered = results["ONNX Runtime, MoE (fp32), gathered form"]
     print(f"\nbytes read per token, MoE / dense: {sizes['MoE'][1] / sizes['dense equivalent'][1]:.2f}; decode tok/s, "
-          f"MoE / dense: x{moe['decode_tok_s'] / dense['decode_tok_s']:.2f}; ONNX Runtime / transformers (MoE): "
+          f"MoE op / dense: x{moe['decode_tok_s'] / dense['decode_tok_s']:.2f}, gathered form / dense: "
+          f"x{gathered['decode_tok_s'] / dense['decode_tok_s']:.2f}; MoE op / gathered form: decode "
+          f"x{moe['decode_tok_s'] / gathered['decode_tok_s']:.2f}, time to first token "
+          f"x{moe['ttft_ms'] / gathered['ttft_ms']:.2f}; ONNX Runtime (MoE op) / transformers: "
           f"x{moe['decode_tok_s'] / results['transformers generate, MoE (fp32, eager experts)']['decode_tok_s']:.2f}")
     print("\n| TensorRT-RTX 1.7, sm89, fp16 | kernels per layer |\n|---|---|")
     for label, make in (("MoE layer (16 experts, top-4, shared expert)", moe_config),

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from .config import GlmConfig
 
 ROUTER = "router/"  # node name prefixes
-EXPERTS = "experts/"  # the choice of the experts a step reads
+EXPERTS = "experts/"  # the choice of the experts a step reads, and the sum of their outputs
 
 
 def moe_mlp(g, c: GlmConfig, h: ir.Value, L, mlp) -> ir.Value:
@@ -54,7 +54,8 @@ def moe_mlp(g, c: GlmConfig, h: ir.Value, L, mlp) -> ir.Value:
     # it may overflow (inf * 0 = NaN)
     weighted = g.op("Where", g.op("Greater", w, g.const(0.0, np.float32)), g.op("Mul", out, g.cast(w, g.dtype)),
                     g.compute_const(0.0))
-    routed = g.op("ReduceSum", weighted, g.const([0], np.int64), keepdims=0)  # [N,H]
+    with g.named(EXPERTS):  # the block's end, for ONNX Runtime's MoE op (runtime/moe_op.py)
+        routed = g.op("ReduceSum", weighted, g.const([0], np.int64), keepdims=0)  # [N,H]
     routed = g.op("Reshape", routed, g.op("Shape", h))
     if not m.n_shared_experts:
         return routed

@@ -21,6 +21,7 @@ from ..engine.static_cache import CACHE_POSITION, step_inputs
 from ..engine.tensorrt import gpu_compute_capability
 from .cache_window import window
 from .integer_gemm import NO_QDQ_FUSION, lower, select_form
+from .moe_op import lower_moe
 from .trt import open_engines, unavailable_reason
 from .staged import StagedBackend
 
@@ -68,7 +69,7 @@ class OrtBackend:
 
     def __init__(self, onnx_path: str | Path, *, max_seq_len: int | None = None, threads: int = 0,
                  device: str = "auto", optimize: bool = True, low_memory: bool = False, profile: str | Path | None = None,
-                 cuda_graphs: bool = False, int8_gemm: str | None = None):
+                 cuda_graphs: bool = False, int8_gemm: str | None = None, moe_op: bool = True):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -96,8 +97,9 @@ class OrtBackend:
 
         graph = ir.load(onnx_path)  # the weights stay in the data file
         # a replayed step keeps the shapes it was captured with: no attention window that grows with the cache
-        model, self.int8_gemm = _session_graph(graph, Path(onnx_path), opts, cpu=len(providers) == 1,
-                                               window_cache=not cuda_graphs, int8_gemm=int8_gemm)
+        model, self.int8_gemm, self.moe_blocks = _session_graph(
+            graph, Path(onnx_path), opts, cpu=len(providers) == 1, window_cache=not cuda_graphs, int8_gemm=int8_gemm,
+            moe_op=moe_op)
         self.session = ort.InferenceSession(model, opts, providers=providers)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         inputs = self.session.get_inputs()
@@ -280,16 +282,20 @@ def _activation_widths(model, vocab) -> tuple[int, int]:
 
 
 def _session_graph(model, onnx_path: Path, opts, cpu: bool, window_cache: bool = True,
-                   int8_gemm: str | None = None) -> tuple[str | bytes, str | None]:
+                   int8_gemm: str | None = None, moe_op: bool = True) -> tuple[str | bytes, str | None, int]:
     """What ONNX Runtime runs of `onnx_path`, rewritten in memory (the build's model.onnx is TensorRT's graph and
     stays as it is), and the integer GEMM form of its int8 MatMuls with why (None: it has none). A static
     cache's attention reads only the filled slots (cache_window.py). On the CPU, W8A8 graphs (int8/fp8 Q/DQ,
     fp16 around) have no GEMM: it would dequantize every weight at every step. Their int8 MatMuls become
     integer GEMMs in the form exact on this CPU (integer_gemm.py: 1 byte per weight read); the weight DQs of
-    the others (fp8) are folded at load, the same values computed once into fp32."""
+    the others (fp8) are folded at load, the same values computed once into fp32. Mixture-of-experts blocks run
+    as ONNX Runtime's MoE op (moe_op.py; `moe_op=False` keeps the graph's gathered form); the third value is how
+    many."""
     import onnx_ir as ir
 
     changed = window(model) if window_cache else 0
+    moe_blocks = lower_moe(model) if moe_op else 0
+    changed += moe_blocks
     form = None
     if cpu and any(node.op_type == "QuantizeLinear" for node in model.graph):
         opts.add_session_config_entry(*NO_QDQ_FUSION)
@@ -300,9 +306,9 @@ def _session_graph(model, onnx_path: Path, opts, cpu: bool, window_cache: bool =
         if lowered or chosen == "dequantize":
             form = f"{chosen}" + (f" ({why})" if not int8_gemm else " (forced)")
     if not changed:
-        return str(onnx_path), form
+        return str(onnx_path), form, moe_blocks
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(onnx_path.parent))
-    return ir.to_proto(model).SerializeToString(), form
+    return ir.to_proto(model).SerializeToString(), form, moe_blocks
 
 
 def _ort_line(backend: OrtBackend, graphs: str) -> str:

@@ -1,0 +1,135 @@
+"""A build's mixture-of-experts blocks as ONNX Runtime's MoE op (com.microsoft), for ONNX Runtime only.
+
+    flat [N,H] ─ TopK-gathered experts (model/moe.py) ─ ReduceSum ─> routed [N,H]
+    R [N,E]: each token's routing weight per expert (0 where not chosen), from the build's own fp32 router
+
+    ==>  flat ─ MoE(router_probs = log R where R > 0 else -1e30, k, SwiGLU with alpha 1 and beta 0,
+                    normalize_routing_weights) ─ · ΣR ─> routed
+
+The op sends each token through its top-k experts only (the gathered form sends every token through every
+gathered expert) and reads the weights in place (no gather copies). It routes by softmax over router_probs,
+top-k, renormalized: with log R over the chosen experts and -1e30 elsewhere, the top-k are the chosen ones and
+their softmax is R / ΣR, so multiplying by ΣR gives back the router's own weights. The routing itself (the
+correction bias, the groups, the scaling) stays in the graph, computed as transformers computes it; the op only
+applies it. Its SwiGLU with alpha 1 and beta 0 is silu(gate) * up; its fused first projection holds gate and up
+rows interleaved ([E, 2I, H]), the second [E, H, I].
+
+Blocks whose experts are quantized (DequantizeLinear before the Gather) are left as they are, and so is a graph
+whose rewritten experts would be over 1.5 GB (they are embedded in the in-memory model, which protobuf limits
+to 2 GB). The build's model.onnx (TensorRT's graph) is never changed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as passes
+
+from ..model.moe import EXPERTS
+
+MS_DOMAIN = "com.microsoft"
+EMBED_LIMIT = 1_500_000_000  # bytes of rewritten expert weights embedded in the in-memory model
+
+
+def lower_moe(model: ir.Model) -> int:
+    """Rewrite every MoE block of `model` (onnx-ir) into ONNX Runtime's MoE op; returns how many."""
+    blocks = [b for b in (_block(topk, end) for topk, end in _pairs(model.graph)) if b is not None]
+    if not blocks or sum(b.weight_bytes for b in blocks) > EMBED_LIMIT:
+        return 0
+    for b in blocks:
+        _replace(model.graph, b)
+    model.opset_imports.setdefault(MS_DOMAIN, 1)
+    passes.RemoveUnusedNodesPass()(model)  # the gathered form, and the stacked weights it read
+    return len(blocks)
+
+
+def _pairs(graph: ir.Graph) -> list[tuple[ir.Node, ir.Node]]:
+    """(the TopK that chooses a layer's experts, the ReduceSum that sums their outputs), in graph order."""
+    out, topk = [], None
+    for node in graph:
+        if not node.name.startswith(EXPERTS):
+            continue
+        if node.op_type == "TopK":
+            topk = node
+        elif node.op_type == "ReduceSum" and topk is not None:
+            out.append((topk, node))
+            topk = None
+    return out
+
+
+class _Block:
+    def __init__(self, flat, routing, gate_up, down, top_k, end):
+        self.flat, self.routing, self.gate_up, self.down, self.top_k, self.end = flat, routing, gate_up, down, top_k, end
+        self.weight_bytes = gate_up.const_value.nbytes + down.const_value.nbytes
+
+
+def _block(topk: ir.Node, end: ir.Node) -> _Block | None:
+    ids = topk.outputs[1]
+    gathers = [u.node for u in ids.uses() if u.node.op_type == "Gather" and u.idx == 1]
+    weights = [g for g in gathers if g.attributes.get_int("axis", 0) == 0]
+    routes = [g for g in gathers if g.attributes.get_int("axis", 0) == 1]
+    if len(weights) != 2 or len(routes) != 1 or any(
+            not g.inputs[0].is_initializer() or g.inputs[0].const_value is None for g in weights):
+        return None  # quantized experts (a DequantizeLinear before the Gather), or not this block's form
+    matmuls = {}
+    for g in weights:
+        uses = [u.node for u in g.outputs[0].uses()]
+        if len(uses) != 1 or uses[0].op_type != "MatMul" or uses[0].inputs[1] is not g.outputs[0]:
+            return None
+        matmuls[g] = uses[0]
+    gate_up = next((g for g in weights if matmuls[g].inputs[0].producer() is None
+                    or matmuls[g].inputs[0].producer().op_type != "Mul"), None)
+    if gate_up is None:
+        return None
+    down = next(g for g in weights if g is not gate_up)
+    top_k = _top_k(topk)
+    if top_k is None:
+        return None
+    return _Block(matmuls[gate_up].inputs[0], routes[0].inputs[0], gate_up.inputs[0], down.inputs[0], top_k, end)
+
+
+def _top_k(topk: ir.Node) -> int | None:
+    """k, from the TopK's count: Min(tokens * k, E)."""
+    minimum = topk.inputs[1].producer()
+    mul = minimum.inputs[0].producer() if minimum is not None and minimum.op_type == "Min" else None
+    if mul is None or mul.op_type != "Mul" or mul.inputs[1].const_value is None:
+        return None
+    return int(mul.inputs[1].const_value.numpy().reshape(-1)[0])
+
+
+def _replace(graph: ir.Graph, b: _Block) -> None:
+    gu, down = b.gate_up.const_value.numpy(), b.down.const_value.numpy()  # [E,H,2I], [E,I,H]
+    e, _, two_i = gu.shape
+    i = two_i // 2
+    interleaved = np.stack([gu[:, :, :i].transpose(0, 2, 1), gu[:, :, i:].transpose(0, 2, 1)], axis=2)
+    fc1 = ir.tensor(np.ascontiguousarray(interleaved.reshape(e, two_i, -1)), name=f"{b.gate_up.name}.moe_fc1")
+    fc2 = ir.tensor(np.ascontiguousarray(down.transpose(0, 2, 1)), name=f"{b.down.name}.moe_fc2")
+    values = {}
+    for t in (fc1, fc2):
+        values[t.name] = ir.Value(name=t.name, type=ir.TensorType(t.dtype), shape=t.shape, const_value=t)
+        graph.register_initializer(values[t.name])
+    tape = ir.tape.Tape()
+    dtype = b.gate_up.const_value.dtype  # the experts' compute type (the export's values carry no types)
+    routing = b.routing  # [N,E], computed in fp32 by the router: read before a half-precision graph's Cast
+    if routing.producer() is not None and routing.producer().op_type == "Cast":
+        routing = routing.producer().inputs[0]
+    chosen = tape.op("Greater", [routing, _const(tape, np.float32(0))])
+    log = tape.op("Log", [tape.op("Max", [routing, _const(tape, np.float32(1e-30))])])
+    probs = tape.op("Where", [chosen, log, _const(tape, np.float32(-1e30))])
+    total = tape.op("ReduceSum", [routing, _const(tape, np.array([-1], np.int64))], attributes={"keepdims": 1})
+    if dtype != ir.DataType.FLOAT:
+        probs, total = (tape.op("Cast", [v], attributes={"to": int(dtype)}) for v in (probs, total))
+    moe = tape.op("MoE", [b.flat, probs, values[fc1.name], None, values[fc2.name]], domain=MS_DOMAIN,
+                  attributes={"k": b.top_k, "activation_type": "swiglu", "swiglu_fusion": 1,
+                              "activation_alpha": 1.0, "activation_beta": 0.0, "swiglu_limit": 1e30,
+                              "normalize_routing_weights": 1})
+    routed = tape.op("Mul", [moe, total])
+    routed.shape, routed.type = b.end.outputs[0].shape, b.end.outputs[0].type
+    graph.insert_after(b.end, tape.nodes)
+    ir.convenience.replace_all_uses_with(b.end.outputs[0], routed)
+    for node in tape.nodes:
+        node.name = f"moe_op/{node.op_type}_{id(node)}"
+
+
+def _const(tape, value) -> ir.Value:
+    return tape.op("Constant", [], attributes={"value": ir.tensor(np.asarray(value))})
