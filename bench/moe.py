@@ -8,7 +8,7 @@ Prints, side by side in one run (rounds interleaved, medians):
 - ONNX Runtime decode tok/s and time to first token (fp32 build, batch 1) of the MoE model in both forms (the
   graph's own gathered experts, which TensorRT builds, and ONNX Runtime's MoE op in their place, which the
   ONNX Runtime backend runs by default), of its dense equivalent, and transformers `generate` of the MoE model
-  (eager experts, fp32); the greedy tokens of both MoE forms equal transformers';
+  (fp32); the greedy tokens of both MoE forms equal transformers';
 - weight bytes a decode step reads (the shared weights, the embedding's one row, the top-4 of each layer's 16
   experts) against the dense equivalent's (every weight);
 - TensorRT-RTX (sm89, fp16) kernels per layer: engines of 2 and 3 layers of each shape, the difference.
@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from trtglm.engine.build import build
 from trtglm.export.exporter import export
@@ -32,7 +31,7 @@ from trtglm.model.weights import weight_specs
 from trtglm.runtime.backends import OrtBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime import arguments, interleaved, ort_runner  # noqa: E402
+from runtime import arguments, interleaved, ort_runner, transformers_runner  # noqa: E402
 
 WIDTHS = dict(hidden=1024, heads=16, kv_heads=2, head_dim=64, vocab=32000)
 EXPERTS, TOP_K, EXPERT_WIDTH = 16, 4, 512
@@ -62,30 +61,6 @@ def read_per_token(config: dict) -> tuple[int, int]:
             n = n * c.moe.top_k // c.moe.num_experts
         read += n
     return total, read
-
-
-def transformers_runner(ckpt: Path, prompt: list[int], new: int):
-    import time
-
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    ids = torch.tensor([prompt])
-
-    def run() -> dict:
-        with torch.inference_mode():
-            model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-            t = time.perf_counter()
-            model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-            ttft = time.perf_counter() - t
-            t = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-            total = time.perf_counter() - t
-        return {"ttft_ms": 1000 * ttft, "decode_tok_s": (new - 1) / (total - ttft),
-                "tokens": out[0, len(prompt):].tolist()}
-
-    return run
 
 
 def kernels_per_layer(work: Path, make, label: str) -> float:
@@ -121,10 +96,10 @@ def main() -> None:
                    OrtBackend.from_build(builds["MoE"][1], moe_op=False), [prompt], args.new),
                "ONNX Runtime, dense equivalent (fp32)": ort_runner(
                    OrtBackend.from_build(builds["dense equivalent"][1]), [prompt], args.new),
-               "transformers generate, MoE (fp32, eager experts)": transformers_runner(builds["MoE"][0], prompt,
+               "transformers generate, MoE (fp32)": transformers_runner(builds["MoE"][0], prompt,
                                                                                        args.new)}
     results = interleaved(runners, args.rounds)
-    reference = results["transformers generate, MoE (fp32, eager experts)"]["tokens"]
+    reference = results["transformers generate, MoE (fp32)"]["tokens"]
     same = all(r["tokens"] == reference for label, r in results.items() if "MoE (fp32)," in label)
     sizes = {label: read_per_token(c) for label, c in configs.items()}
     print(f"\nprompt {args.prompt} tokens, {args.new} new, batch 1, median of {args.rounds} interleaved rounds; "
@@ -142,7 +117,7 @@ def main() -> None:
           f"x{gathered['decode_tok_s'] / dense['decode_tok_s']:.2f}; MoE op / gathered form: decode "
           f"x{moe['decode_tok_s'] / gathered['decode_tok_s']:.2f}, time to first token "
           f"x{moe['ttft_ms'] / gathered['ttft_ms']:.2f}; ONNX Runtime (MoE op) / transformers: "
-          f"x{moe['decode_tok_s'] / results['transformers generate, MoE (fp32, eager experts)']['decode_tok_s']:.2f}")
+          f"x{moe['decode_tok_s'] / results['transformers generate, MoE (fp32)']['decode_tok_s']:.2f}")
     print("\n| TensorRT-RTX 1.7, sm89, fp16 | kernels per layer |\n|---|---|")
     for label, make in (("MoE layer (16 experts, top-4, shared expert)", moe_config),
                         ("dense layer (the dense equivalent)", dense_config)):

@@ -50,9 +50,9 @@ def _timed(fn) -> float:
 
 
 def transformers_runner(ckpt: Path, prompt: list[int], new: int):
-    from transformers import Glm4ForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = Glm4ForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
     model.generation_config.eos_token_id = None
     ids = torch.tensor([prompt])
 

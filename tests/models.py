@@ -39,25 +39,12 @@ def hf_model(family: str, seed: int = 0, **overrides):
 
     cfg_cls, model_cls = {"glm": (GlmConfig, GlmForCausalLM), "glm4": (Glm4Config, Glm4ForCausalLM)}[family]
     torch.manual_seed(seed)
-    model = model_cls(cfg_cls(**{**TINY, **overrides}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.5)
-            elif "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.2)
-    return model.eval()
+    return randomized(model_cls(cfg_cls(**{**TINY, **overrides})))
 
 
-def hf_moe_model(seed: int = 0, **overrides):
-    """A random transformers glm4_moe model with a non-zero correction bias, large enough to change which experts
-    are chosen (so an exporter that drops it disagrees)."""
-    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
-
-    torch.manual_seed(seed)
-    model = Glm4MoeForCausalLM(Glm4MoeConfig(**{**TINY_MOE, **overrides}))
+def randomized(model):
+    """Biases, norm weights and the other weights drawn away from their 0/1 defaults; a MoE router's correction
+    bias too, large enough to change which experts are chosen."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -70,6 +57,15 @@ def hf_moe_model(seed: int = 0, **overrides):
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0, 0.3)
     return model.eval()
+
+
+def hf_moe_model(seed: int = 0, **overrides):
+    """A random transformers glm4_moe model with a non-zero correction bias, large enough to change which experts
+    are chosen (so an exporter that drops it disagrees)."""
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    torch.manual_seed(seed)
+    return randomized(Glm4MoeForCausalLM(Glm4MoeConfig(**{**TINY_MOE, **overrides})))
 
 
 def save_stacked_experts(path: Path) -> Path:

@@ -463,13 +463,7 @@ def test_shard_indexes(checkpoints, tmp_path_factory, action, which, value):
 @example(((("num_hidden_layers",), 9, "replace")))
 def test_configs_against_their_tensors(tmp_path_factory, change):
     """A config.json edited so that it contradicts the checkpoint's tensors: refused naming the tensor or field."""
-    from trtglm.model.checkpoint import open_checkpoint
-
-    ckpt = tmp_path_factory.mktemp("cfg") / "ckpt"
-    ckpt.mkdir()
-    os.symlink(os.path.join(ROOT, "models", "tiny-glm4", "model.safetensors"), ckpt / "model.safetensors")
-    (ckpt / "config.json").write_text(json.dumps(mutate(TINY_CONFIG, change)))
-    refused_cleanly(lambda: open_checkpoint(ckpt))
+    refused_cleanly(lambda: _open_with_config(tmp_path_factory, "tiny-glm4", mutate(TINY_CONFIG, change)))
 
 
 @given(mutations(MOE_CONFIG))
@@ -479,13 +473,18 @@ def test_configs_against_their_tensors(tmp_path_factory, change):
 @example(((("use_qk_norm",), False, "replace")))
 def test_moe_configs_against_their_tensors(tmp_path_factory, change):
     """The shipped MoE model's config.json edited against its tensors (experts, dense layers, MTP, q/k norms)."""
+    refused_cleanly(lambda: _open_with_config(tmp_path_factory, "tiny-glm4-moe", mutate(MOE_CONFIG, change)))
+
+
+def _open_with_config(tmp_path_factory, model: str, config: dict):
+    """open_checkpoint of a shipped model's weights under another config.json."""
     from trtglm.model.checkpoint import open_checkpoint
 
     ckpt = tmp_path_factory.mktemp("cfg") / "ckpt"
     ckpt.mkdir()
-    os.symlink(os.path.join(ROOT, "models", "tiny-glm4-moe", "model.safetensors"), ckpt / "model.safetensors")
-    (ckpt / "config.json").write_text(json.dumps(mutate(MOE_CONFIG, change)))
-    refused_cleanly(lambda: open_checkpoint(ckpt))
+    os.symlink(os.path.join(ROOT, "models", model, "model.safetensors"), ckpt / "model.safetensors")
+    (ckpt / "config.json").write_text(json.dumps(config))
+    return open_checkpoint(ckpt)
 
 
 # ---------------------------------------------------------------- export, eval, bench and inspect flags

@@ -9,7 +9,7 @@ import onnx
 import onnx.helper
 import pytest
 import torch
-from models import TINY_MOE, add_tokenizer, hf_moe_model, save_hf, save_stacked_experts
+from models import TINY_MOE, add_tokenizer, hf_moe_model, randomized, save_hf, save_stacked_experts
 from test_export import hf_logits, max_diff
 from test_runtime import hf_greedy
 
@@ -369,14 +369,7 @@ def hf_lite_model(seed: int = 0, **overrides):
     from transformers import Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM
 
     torch.manual_seed(seed)
-    model = Glm4MoeLiteForCausalLM(Glm4MoeLiteConfig(**{**LITE, **overrides}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.5) if name.endswith("bias") else p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.2)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0, 0.3)
-    return model.eval()
+    return randomized(Glm4MoeLiteForCausalLM(Glm4MoeLiteConfig(**{**LITE, **overrides})))
 
 
 @pytest.fixture(scope="module")

@@ -16,44 +16,29 @@ def hf_config(c: GlmConfig):
     from transformers import Glm4Config, Glm4MoeConfig, Glm4MoeLiteConfig
     from transformers import GlmConfig as HfGlmConfig
 
+    common = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                  num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, rms_norm_eps=c.rms_norm_eps,
+                  attention_bias=c.attention_bias, max_position_embeddings=c.max_position_embeddings,
+                  tie_word_embeddings=c.tie_word_embeddings, pad_token_id=None)
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+    m = c.moe
+    experts = {} if m is None else dict(
+        moe_intermediate_size=m.intermediate_size, n_routed_experts=m.num_experts, num_experts_per_tok=m.top_k,
+        n_shared_experts=m.n_shared_experts, n_group=m.n_group, topk_group=m.topk_group,
+        norm_topk_prob=m.norm_topk_prob, routed_scaling_factor=m.routed_scaling_factor)
     if c.family == "glm4_moe_lite":
-        m, a = c.moe, c.mla
+        a = c.mla
         return Glm4MoeLiteConfig(
-            vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_heads,
-            rms_norm_eps=c.rms_norm_eps, attention_bias=c.attention_bias,
-            max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+            **common, **experts, num_key_value_heads=c.num_heads, rope_parameters=rope,
             rope_interleave=c.rotary_layout == "pairs", q_lora_rank=a.q_lora_rank, kv_lora_rank=a.kv_lora_rank,
             qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim,
-            moe_intermediate_size=m.intermediate_size, n_routed_experts=m.num_experts, num_experts_per_tok=m.top_k,
-            n_shared_experts=m.n_shared_experts, n_group=m.n_group, topk_group=m.topk_group,
-            norm_topk_prob=m.norm_topk_prob, routed_scaling_factor=m.routed_scaling_factor,
-            mlp_layer_types=["dense" if not c.is_moe_layer(i) else "sparse" for i in range(c.num_layers)],
-            pad_token_id=None)
+            mlp_layer_types=["sparse" if c.is_moe_layer(i) else "dense" for i in range(c.num_layers)])
+    gqa = dict(num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
+               rope_parameters={**rope, "partial_rotary_factor": c.rotary_dim / c.head_dim})
     if c.family == "glm4_moe":
-        m = c.moe
-        return Glm4MoeConfig(
-            vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-            head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps, attention_bias=c.attention_bias,
-            max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta,
-                             "partial_rotary_factor": c.rotary_dim / c.head_dim},
-            use_qk_norm=c.qk_norm, moe_intermediate_size=m.intermediate_size, n_routed_experts=m.num_experts,
-            num_experts_per_tok=m.top_k, n_shared_experts=m.n_shared_experts, n_group=m.n_group,
-            topk_group=m.topk_group, norm_topk_prob=m.norm_topk_prob, routed_scaling_factor=m.routed_scaling_factor,
-            first_k_dense_replace=m.first_k_dense, num_nextn_predict_layers=0, pad_token_id=None)
-    cls = Glm4Config if c.family == "glm4" else HfGlmConfig
-    return cls(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps, attention_bias=c.attention_bias,
-        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta,
-                         "partial_rotary_factor": c.rotary_dim / c.head_dim},
-        pad_token_id=None,
-    )
+        return Glm4MoeConfig(**common, **experts, **gqa, use_qk_norm=c.qk_norm, first_k_dense_replace=m.first_k_dense,
+                             num_nextn_predict_layers=0)
+    return (Glm4Config if c.family == "glm4" else HfGlmConfig)(**common, **gqa)
 
 
 def hf_state_dict(ckpt: Checkpoint, dtype: str):
