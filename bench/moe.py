@@ -11,7 +11,8 @@ Prints, side by side in one run (rounds interleaved, medians):
   (fp32); the greedy tokens of both MoE forms equal transformers';
 - weight bytes a decode step reads (the shared weights, the embedding's one row, the top-4 of each layer's 16
   experts) against the dense equivalent's (every weight);
-- TensorRT-RTX (sm89, fp16) kernels per layer: engines of 2 and 3 layers of each shape, the difference.
+- TensorRT-RTX (sm89, fp16) kernels per layer: engines of 2 and 3 layers of each shape (the MoE model, the same
+  experts behind GLM-4.7-Flash's latent attention, the dense equivalent), the difference.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from trtglm.engine.build import build
 from trtglm.export.exporter import export
 from trtglm.model.config import normalize
-from trtglm.model.synthetic import glm4_config, glm4_moe_config, write_random_checkpoint
+from trtglm.model.synthetic import glm4_config, glm4_moe_config, glm4_moe_lite_config, write_random_checkpoint
 from trtglm.model.weights import weight_specs
 from trtglm.runtime.backends import OrtBackend
 
@@ -40,6 +41,13 @@ EXPERTS, TOP_K, EXPERT_WIDTH = 16, 4, 512
 def moe_config(layers: int) -> dict:
     return glm4_moe_config(**WIDTHS, layers=layers, intermediate=4096, experts=EXPERTS, top_k=TOP_K,
                            expert_intermediate=EXPERT_WIDTH, max_positions=2048)
+
+
+def lite_config(layers: int) -> dict:
+    """The same experts behind multi-head latent attention (GLM-4.7-Flash's proportions at hidden 1024)."""
+    return glm4_moe_lite_config(hidden=1024, layers=layers, heads=16, intermediate=4096, vocab=32000,
+                                experts=EXPERTS, top_k=TOP_K, expert_intermediate=EXPERT_WIDTH, q_lora_rank=384,
+                                kv_lora_rank=256, qk_nope=96, qk_rope=32, v_head=128, max_positions=2048)
 
 
 def dense_config(layers: int) -> dict:
@@ -120,8 +128,9 @@ def main() -> None:
           f"x{moe['decode_tok_s'] / results['transformers generate, MoE (fp32)']['decode_tok_s']:.2f}")
     print("\n| TensorRT-RTX 1.7, sm89, fp16 | kernels per layer |\n|---|---|")
     for label, make in (("MoE layer (16 experts, top-4, shared expert)", moe_config),
+                        ("MoE layer with latent attention (glm4_moe_lite, written-out MLA)", lite_config),
                         ("dense layer (the dense equivalent)", dense_config)):
-        print(f"| {label} | {kernels_per_layer(work, make, label.split()[0])} |")
+        print(f"| {label} | {kernels_per_layer(work, make, make.__name__)} |")
     if not same:
         raise SystemExit("the MoE build's greedy tokens differ from transformers'")
 

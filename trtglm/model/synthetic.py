@@ -37,6 +37,22 @@ def glm4_moe_config(hidden: int, layers: int, heads: int, kv_heads: int, interme
             "routed_scaling_factor": 1.0, "use_qk_norm": True, "num_nextn_predict_layers": 0}
 
 
+def glm4_moe_lite_config(hidden: int, layers: int, heads: int, intermediate: int, vocab: int, experts: int,
+                         top_k: int, expert_intermediate: int, q_lora_rank: int | None, kv_lora_rank: int,
+                         qk_nope: int, qk_rope: int, v_head: int, max_positions: int = 4096) -> dict:
+    """A glm4_moe_lite config (GLM-4.7-Flash's layout: multi-head latent attention, the first layer dense)."""
+    return {"model_type": "glm4_moe_lite", "architectures": ["Glm4MoeLiteForCausalLM"], "vocab_size": vocab,
+            "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": heads, "q_lora_rank": q_lora_rank,
+            "kv_lora_rank": kv_lora_rank, "qk_nope_head_dim": qk_nope, "qk_rope_head_dim": qk_rope,
+            "v_head_dim": v_head, "n_routed_experts": experts, "num_experts_per_tok": top_k,
+            "moe_intermediate_size": expert_intermediate, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
+            "norm_topk_prob": True, "routed_scaling_factor": 1.0, "rms_norm_eps": 1e-5, "attention_bias": False,
+            "max_position_embeddings": max_positions, "rope_interleave": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "tie_word_embeddings": False,
+            "eos_token_id": [1, 2], "pad_token_id": 0, "torch_dtype": "float16"}
+
+
 def write_random_checkpoint(path: str | Path, config: dict, dtype: str = "fp16", seed: int = 0,
                             shard_bytes: int = 1 << 30) -> Path:
     import torch
