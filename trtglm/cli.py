@@ -110,6 +110,16 @@ def export_cmd(model, out_dir, dtype, opset, max_seq_len, no_validate, force, as
     click.echo(f"exported {meta['family']} ({meta['parameters'] / 1e6:.1f}M parameters, {c['num_layers']} layers, "
                f"{dtype}, opset {opset}) to {out_dir} in {meta['export_seconds']:.1f} s")
     click.echo(f"validation: {check}")
+    if meta.get("moe"):
+        m = meta["moe"]
+        click.echo(f"experts: {m['experts']} routed, top-{m['top_k']}: {m['active_parameters'] / 1e6:.1f}M "
+                   "parameters per token")
+    if meta.get("kv_cache"):
+        k = meta["kv_cache"]
+        click.echo(f"KV cache: {k['bytes_per_token'] / 1024:.1f} KiB per token (latent and rotary key), against "
+                   f"{k['expanded_kv_bytes_per_token'] / 1024:.1f} KiB expanded")
+    if (meta.get("skipped_tensors") or {}).get("count"):
+        click.echo(f"skipped {meta['skipped_tensors']['count']} tensors: {meta['skipped_tensors']['reason']}")
 
 
 # `trtglm build` flags that set a recipe field: type, choices and help come from the schema (core/recipe.py).
