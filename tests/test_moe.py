@@ -131,6 +131,15 @@ def test_greedy_generation_equals_transformers(variant, moe_models, moe_exports,
     assert ours == hf_greedy(moe_models[variant], prompts, 10)
 
 
+def test_bf16_build_keeps_the_router_in_fp32(moe_exports, tmp_path):
+    """bf16 (not runnable on ONNX Runtime's CPU provider): the router's weights fp32, the experts bf16."""
+    build(moe_exports["groups"], tmp_path / "b", onnx_only=True, overrides={"precision": {"dtype": "bf16"}})
+    inits = {t.name: t.data_type for t in onnx.load(tmp_path / "b" / "model.onnx", load_external_data=False).graph.initializer}
+    assert {inits[n] for n in inits if ".mlp.gate." in n} == {onnx.TensorProto.FLOAT}
+    assert {inits[n] for n in inits if n.endswith(("experts.gate_up_proj", "experts.down_proj"))} == {
+        onnx.TensorProto.BFLOAT16}
+
+
 def test_fp16_build_keeps_the_router_in_fp32(moe_exports, tmp_path):
     # a build shorter than the export: the fp16 range check's windows fit the build's rotary tables
     m = build(moe_exports["groups"], tmp_path / "b", onnx_only=True,
