@@ -14,9 +14,10 @@ correction bias, the groups, the scaling) stays in the graph, computed as transf
 applies it. Its SwiGLU with alpha 1 and beta 0 is silu(gate) * up; its fused first projection holds gate and up
 rows interleaved ([E, 2I, H]), the second [E, H, I].
 
-Blocks whose experts are quantized (DequantizeLinear before the Gather) are left as they are, and so is a graph
-whose rewritten experts would be over 1.5 GB (they are embedded in the in-memory model, which protobuf limits
-to 2 GB). The build's model.onnx (TensorRT's graph) is never changed.
+Quantized experts (int8/int4, a DequantizeLinear of constants before the Gather) are dequantized once at load
+into the graph's compute dtype, the same values the graph computes at every step (as the CPU backend folds fp8
+weights). A graph whose rewritten experts would be over 1.5 GB is left as it is (they are embedded in the
+in-memory model, which protobuf limits to 2 GB). The build's model.onnx (TensorRT's graph) is never changed.
 """
 
 from __future__ import annotations
@@ -59,8 +60,28 @@ def _pairs(graph: ir.Graph) -> list[tuple[ir.Node, ir.Node]]:
 
 class _Block:
     def __init__(self, flat, routing, gate_up, down, top_k, end):
-        self.flat, self.routing, self.gate_up, self.down, self.top_k, self.end = flat, routing, gate_up, down, top_k, end
-        self.weight_bytes = gate_up.const_value.nbytes + down.const_value.nbytes
+        self.flat, self.routing, self.top_k, self.end = flat, routing, top_k, end
+        self.gate_up, self.down = _weights(gate_up), _weights(down)  # [E,H,2I], [E,I,H] in the compute dtype
+        self.weight_bytes = self.gate_up.nbytes + self.down.nbytes
+
+
+def _constant(value: ir.Value) -> bool:
+    """A stacked weight, or its dequantization from constants."""
+    if value.is_initializer() and value.const_value is not None:
+        return True
+    node = value.producer()
+    return node is not None and node.op_type == "DequantizeLinear" and all(
+        v is not None and v.is_initializer() and v.const_value is not None for v in node.inputs[:2])
+
+
+def _weights(value: ir.Value) -> np.ndarray:
+    if value.is_initializer():
+        return value.const_value.numpy()
+    node = value.producer()  # DequantizeLinear(q [E,K,N], scale [E,K/b,N], axis 1, block b)
+    q = node.inputs[0].const_value.numpy().astype(np.float32)
+    scale = node.inputs[1].const_value.numpy()
+    block = q.shape[1] // scale.shape[1]
+    return (q * np.repeat(scale.astype(np.float32), block, axis=1)).astype(scale.dtype)
 
 
 def _block(topk: ir.Node, end: ir.Node) -> _Block | None:
@@ -68,9 +89,8 @@ def _block(topk: ir.Node, end: ir.Node) -> _Block | None:
     gathers = [u.node for u in ids.uses() if u.node.op_type == "Gather" and u.idx == 1]
     weights = [g for g in gathers if g.attributes.get_int("axis", 0) == 0]
     routes = [g for g in gathers if g.attributes.get_int("axis", 0) == 1]
-    if len(weights) != 2 or len(routes) != 1 or any(
-            not g.inputs[0].is_initializer() or g.inputs[0].const_value is None for g in weights):
-        return None  # quantized experts (a DequantizeLinear before the Gather), or not this block's form
+    if len(weights) != 2 or len(routes) != 1 or not all(_constant(g.inputs[0]) for g in weights):
+        return None  # not this block's form
     matmuls = {}
     for g in weights:
         uses = [u.node for u in g.outputs[0].uses()]
@@ -85,7 +105,8 @@ def _block(topk: ir.Node, end: ir.Node) -> _Block | None:
     top_k = _top_k(topk)
     if top_k is None:
         return None
-    return _Block(matmuls[gate_up].inputs[0], routes[0].inputs[0], gate_up.inputs[0], down.inputs[0], top_k, end)
+    block = _Block(matmuls[gate_up].inputs[0], routes[0].inputs[0], gate_up.inputs[0], down.inputs[0], top_k, end)
+    return block if block.gate_up.dtype in (np.float32, np.float16) else None  # ONNX Runtime's CPU MoE types
 
 
 def _top_k(topk: ir.Node) -> int | None:
@@ -98,18 +119,20 @@ def _top_k(topk: ir.Node) -> int | None:
 
 
 def _replace(graph: ir.Graph, b: _Block) -> None:
-    gu, down = b.gate_up.const_value.numpy(), b.down.const_value.numpy()  # [E,H,2I], [E,I,H]
+    gu, down = b.gate_up, b.down  # [E,H,2I], [E,I,H]
     e, _, two_i = gu.shape
     i = two_i // 2
     interleaved = np.stack([gu[:, :, :i].transpose(0, 2, 1), gu[:, :, i:].transpose(0, 2, 1)], axis=2)
-    fc1 = ir.tensor(np.ascontiguousarray(interleaved.reshape(e, two_i, -1)), name=f"{b.gate_up.name}.moe_fc1")
-    fc2 = ir.tensor(np.ascontiguousarray(down.transpose(0, 2, 1)), name=f"{b.down.name}.moe_fc2")
+    name = b.end.name.replace("/", ".")
+    fc1 = ir.tensor(np.ascontiguousarray(interleaved.reshape(e, two_i, -1)), name=f"{name}.moe_fc1")
+    fc2 = ir.tensor(np.ascontiguousarray(down.transpose(0, 2, 1)), name=f"{name}.moe_fc2")
     values = {}
     for t in (fc1, fc2):
         values[t.name] = ir.Value(name=t.name, type=ir.TensorType(t.dtype), shape=t.shape, const_value=t)
         graph.register_initializer(values[t.name])
     tape = ir.tape.Tape()
-    dtype = b.gate_up.const_value.dtype  # the experts' compute type (the export's values carry no types)
+    dtype = ir.DataType.FLOAT16 if b.gate_up.dtype == np.float16 else ir.DataType.FLOAT  # the experts' compute
+    # type (an export's values carry no types)
     routing = b.routing  # [N,E], computed in fp32 by the router: read before a half-precision graph's Cast
     if routing.producer() is not None and routing.producer().op_type == "Cast":
         routing = routing.producer().inputs[0]
