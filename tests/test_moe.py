@@ -13,7 +13,7 @@ from models import TINY_MOE, add_tokenizer, hf_moe_model, randomized, save_hf, s
 from test_export import hf_logits, max_diff
 from test_runtime import hf_greedy
 
-from trtglm.core.errors import CheckpointError, UsageError
+from trtglm.core.errors import CheckpointError, TrtglmError, UsageError
 from trtglm.engine.build import build
 from trtglm.export.exporter import export
 from trtglm.export.validate import Steps, run_steps
@@ -476,3 +476,17 @@ def test_onnx_runtime_moe_op_applies_the_routing_exactly(family, moe_exports, li
     assert op.moe_blocks == 2
     a, b = run_steps(op, STEPS), run_steps(gathered, STEPS)
     assert max_diff(a, b, STEPS) < 1e-2 * max(1.0, max(float(np.abs(x).max()) for x in b))  # fp16 compute order
+
+
+@pytest.mark.parametrize("field, value", [("mla", "x"), ("mla", {"kv_lora_rank": 0}), ("qk_norm", "yes")])
+def test_an_edited_export_json_is_refused_naming_the_field(field, value, lite, tmp_path):
+    import shutil
+
+    export_dir = tmp_path / "e"
+    shutil.copytree(lite["bottleneck"][1], export_dir)
+    meta = json.loads((export_dir / "export.json").read_text())
+    meta["config"][field] = value
+    (export_dir / "export.json").write_text(json.dumps(meta))
+    with pytest.raises(TrtglmError, match=rf"export.json: config.{field}"):
+        build(export_dir, tmp_path / "b", onnx_only=True)
+    assert not (tmp_path / "b").exists()

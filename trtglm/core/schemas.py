@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from .errors import TrtglmError, field_path
 from .recipe import Recipe
@@ -34,9 +34,17 @@ class Files(_Loose):
     sidecars: list[StrictStr] = []
 
 
+class Latent(_Loose):  # multi-head latent attention (glm4_moe_lite)
+    q_lora_rank: StrictInt | None = Field(gt=0)
+    kv_lora_rank: StrictInt = Field(gt=0)
+    qk_rope_head_dim: StrictInt = Field(gt=0)
+
+
 class ModelShape(_Loose):
     num_layers: StrictInt = Field(gt=0)
     vocab_size: StrictInt = Field(gt=0)
+    qk_norm: StrictBool = False
+    mla: Latent | None = None
 
 
 class ExportMeta(_Loose):
