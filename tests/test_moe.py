@@ -258,6 +258,9 @@ def test_quantized_experts_stay_quantized_in_the_engine(wide_experts, tmp_path):
         m = build(export_dir, tmp_path / dtype, overrides={**small, "precision": {
             "dtype": dtype, "quantization": {"block_size": 32}}})
         assert dtype == "fp16" or m["precision"]["experts"]["parameters"] == experts
+        graph = onnx.load(tmp_path / dtype / "model.onnx", load_external_data=False).graph
+        router = [t for t in graph.initializer if ".mlp.gate." in t.name]  # not quantized: fp32 as exported
+        assert len(router) == 2 and {t.data_type for t in router} == {onnx.TensorProto.FLOAT}, dtype
         sizes[dtype] = (tmp_path / dtype / "model.engine").stat().st_size
     assert sizes["fp16"] - sizes["int8"] > 0.75 * experts * 1, sizes  # 2 bytes -> 1
     assert sizes["fp16"] - sizes["int4"] > 0.75 * experts * 1.5, sizes  # 2 bytes -> 0.5 (+ a scale per 32)

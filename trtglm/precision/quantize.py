@@ -18,6 +18,8 @@ from pathlib import Path
 
 import onnx
 
+from ..model.moe import ROUTER
+
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
@@ -33,7 +35,8 @@ def linear_nodes(model: onnx.ModelProto, include_lm_head: bool) -> tuple[list[st
             node = producers.get(node.input[0])
         if node is not None and node.op_type == "MatMul":
             heads.add(node.name)
-    linear = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in consts]
+    linear = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in consts
+              and not n.name.startswith(ROUTER)]  # a MoE router stays fp32: a flipped choice changes a token's MLP
     skipped = [] if include_lm_head else [n for n in linear if n in heads]
     return [n for n in linear if n not in skipped], skipped
 
