@@ -76,10 +76,10 @@ def _constant(value: ir.Value) -> bool:
 
 def _weights(value: ir.Value) -> np.ndarray:
     if value.is_initializer():
-        return value.const_value.numpy()
+        return _numpy(value.const_value)
     node = value.producer()  # DequantizeLinear(q [E,K,N], scale [E,K/b,N], axis 1, block b)
-    q = node.inputs[0].const_value.numpy().astype(np.float32)
-    scale = node.inputs[1].const_value.numpy()
+    q = _numpy(node.inputs[0].const_value).astype(np.float32)
+    scale = _numpy(node.inputs[1].const_value)
     block = q.shape[1] // scale.shape[1]
     return (q * np.repeat(scale.astype(np.float32), block, axis=1)).astype(scale.dtype)
 
@@ -107,6 +107,21 @@ def _block(topk: ir.Node, end: ir.Node) -> _Block | None:
         return None
     block = _Block(matmuls[gate_up].inputs[0], routes[0].inputs[0], gate_up.inputs[0], down.inputs[0], top_k, end)
     return block if block.gate_up.dtype in (np.float32, np.float16) else None  # ONNX Runtime's CPU MoE types
+
+
+def _numpy(tensor) -> np.ndarray:
+    """A tensor's values. External data is read from its file directly: a build's data file is hard-linked by
+    design (the build cache, packs), and onnx-ir refuses to read a file with more than one link."""
+    if not isinstance(tensor, ir.ExternalTensor):
+        return tensor.numpy()
+    shape = tuple(tensor.shape.numpy())
+    count = int(np.prod(shape))
+    if tensor.dtype == ir.DataType.INT4:  # two to a byte, the first in the low nibble
+        raw = np.fromfile(tensor.path, np.uint8, count=(count + 1) // 2, offset=tensor.offset or 0)
+        values = np.stack([raw & 0x0F, raw >> 4], axis=-1).reshape(-1)[:count].astype(np.int8)
+        return np.where(values > 7, values - 16, values).astype(np.int8).reshape(shape)
+    dtype = tensor.dtype.numpy()
+    return np.fromfile(tensor.path, dtype, count=count, offset=tensor.offset or 0).reshape(shape)
 
 
 def _top_k(topk: ir.Node) -> int | None:
