@@ -106,8 +106,8 @@ def model_counts(config: dict, family: str, layers: int, fusions: frozenset[str]
     mla = config.get("mla")
     if mla:
         norms = layers * (3 + (mla.get("q_lora_rank") is not None)) + final_norm
-        return {"rms_norm": norms, "qkv": 0, "rotary_keys_folded": layers,
-                "rotary": layers * (2 if "rotary_keys" in fusions else 1), "attention": 0}
+        return {"rms_norm": norms, "qkv": 0, "rotary": layers * (2 if "rotary_keys" in fusions else 1),
+                "attention": 0}
     return expected_counts(layers, family == "glm4", fusions, separate_qkv=family != "chatglm",
                            final_norm=final_norm, qk_norms=bool(config.get("qk_norm")))
 
