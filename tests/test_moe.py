@@ -496,3 +496,17 @@ def test_an_edited_export_json_is_refused_naming_the_field(field, value, lite, t
     with pytest.raises(TrtglmError, match=rf"export.json: config.{field}"):
         build(export_dir, tmp_path / "b", onnx_only=True)
     assert not (tmp_path / "b").exists()
+
+
+def test_staged_build_of_latent_attention(lite, tmp_path):
+    """glm4_moe_lite cut one layer per stage: the latent caches of each stage's layers, one hidden tensor between
+    stages, the chain equal to the whole graph."""
+    from models import one_layer_per_stage
+    from test_stages import assert_same_steps
+
+    export_dir = lite["bottleneck"][1]
+    build(export_dir, tmp_path / "whole", onnx_only=True)
+    m = build(export_dir, tmp_path / "staged", onnx_only=True,
+              overrides={"builder": {"max_memory": one_layer_per_stage(export_dir)}})
+    assert [s["layers"] for s in m["stages"]] == [[0, 1], [1, 2], [2, 3]]
+    assert_same_steps(OrtBackend.from_build(tmp_path / "whole"), OrtBackend.from_build(tmp_path / "staged"))
