@@ -70,7 +70,7 @@ def _array(tensor: TensorProto) -> np.ndarray:
 
 def quantize(w: np.ndarray, block: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
     """(q int8 [E,K,N] within +-qmax, scale fp32 [E,K/block,N]): q * scale (repeated over each block) ~ w. One expert
-    at a time: the temporaries are one expert's, not the stack's (GLM-4.5-Air: 5.9 GB of gate_up per layer)."""
+    at a time: the temporaries are one expert's, not the stack's (a layer's whole gate_up stack, at real sizes)."""
     e, k, n = w.shape
     q = np.empty((e, k, n), np.int8)
     scale = np.empty((e, k // block, n), np.float32)

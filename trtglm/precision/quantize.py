@@ -106,7 +106,7 @@ def quantize_weights_int4(model: onnx.ModelProto, nodes: list[str], block_size: 
 def calibration_without_weight_copies():
     """ONNX Runtime's calibrators record every input and output of the nodes they calibrate, for every window at
     once: in a mixture-of-experts graph the expert MatMuls read a Gather of the stacked expert weights, a copy of
-    a layer's experts per window (GLM-4.5-Air: 8.7 GB). Those are weights, not activations: left out."""
+    a layer's experts per window. Those are weights, not activations: left out."""
     from onnxruntime.quantization.calibrate import CalibraterBase
 
     from .experts import expert_gathers
