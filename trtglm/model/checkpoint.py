@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,9 +216,8 @@ def _tensor_entry(file: Path, name: str, meta) -> tuple[str, tuple[int, ...], in
 def _check_tensors(path: Path, config: GlmConfig, tensors: dict[str, TensorInfo], specs: dict[str, WeightSpec]):
     expected = {}  # checkpoint name -> the shape it must have
     for role, s in specs.items():
-        if role == "lm_head" and config.tie_word_embeddings:
-            continue
-        expected.update({n: s.part_shape(group) for group in s.parts for n in group} if s.parts else {s.name: s.shape})
+        if not (role == "lm_head" and config.tie_word_embeddings):
+            expected.update(s.stored())
     problems = []
     missing = [n for n in expected if n not in tensors]
     if missing:

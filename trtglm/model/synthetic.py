@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..core.dtypes import FLOATS
 from .config import normalize
-from .weights import weight_specs
+from .weights import stacked_as_stored, weight_specs
 
 
 def glm4_config(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
@@ -72,11 +72,11 @@ def write_random_checkpoint(path: str | Path, config: dict, dtype: str = "fp16",
             save_file(current, path / f"shard-{len(shards)}.safetensors")
             current, size = {}, 0
 
-    tensors = [(n, spec.part_shape(group)) for spec in specs if spec.parts and not spec.stacked
-               for group in spec.parts for n in group]  # a dense glm4_moe MLP: gate and up apart
-    tensors += [(spec.name, spec.shape) for spec in specs if not spec.parts or spec.stacked]
-    for name, shape in tensors:
-        if name.endswith(("bias", "e_score_correction_bias")):
+    # experts in transformers' stacked layout; a dense glm4_moe MLP's gate and up apart, as stored
+    tensors = {n: shape for spec in specs for n, shape in (stacked_as_stored(spec) if spec.stacked else spec)
+               .stored().items()}
+    for name, shape in tensors.items():
+        if name.endswith("bias"):
             t = torch.randn(shape, generator=gen) * 0.1
         elif len(shape) == 1:
             t = 1.0 + 0.1 * torch.randn(shape, generator=gen)

@@ -6,6 +6,7 @@ so ONNX initializers, quantization scales and refit all speak the checkpoint's l
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .config import GlmConfig
@@ -89,15 +90,12 @@ class WeightSpec:
     stacked: bool = False  # the groups of `parts` stacked along a new axis 0 (one per expert)
     fp32: bool = False  # kept in fp32 whatever the export's dtype (the router)
 
-    @property
-    def sources(self) -> list[str]:
-        """The checkpoint tensors this weight is read from."""
-        return [n for group in self.parts for n in group] if self.parts else [self.name]
-
-    def part_shape(self, group: tuple[str, ...]) -> tuple[int, ...]:
-        """The shape each tensor of a group of `parts` must have."""
+    def stored(self) -> dict[str, tuple[int, ...]]:
+        """The checkpoint tensors this weight is read from, and the shape each must have."""
+        if not self.parts:
+            return {self.name: self.shape}
         shape = self.shape[1:] if self.stacked else self.shape
-        return (shape[0] // len(group), *shape[1:])
+        return {n: (shape[0] // len(group), *shape[1:]) for group in self.parts for n in group}
 
 
 def weight_specs(c: GlmConfig) -> dict[str, WeightSpec]:
@@ -130,11 +128,11 @@ def weight_specs(c: GlmConfig) -> dict[str, WeightSpec]:
         layer.update(post_attn_norm=((h,), False), post_mlp_norm=((h,), False))
     if c.qk_norm:
         layer.update(q_norm=((d,), False), k_norm=((d,), False))
+    routed = None if c.moe is None else {
+        **{role: spec for role, spec in layer.items() if role not in ("gate_up", "down")}, **_moe_layer(c)}
     for i in range(c.num_layers):
-        for role, spec in {**layer, **(_moe_layer(c) if c.is_moe_layer(i) else {})}.items():
+        for role, spec in (routed if c.is_moe_layer(i) else layer).items():
             shapes[f"layers.{i}.{role}"] = spec
-        if c.is_moe_layer(i):
-            del shapes[f"layers.{i}.gate_up"], shapes[f"layers.{i}.down"]
     names = _NAMES[c.family]
     out = {}
     for role, (shape, linear) in shapes.items():
@@ -190,4 +188,4 @@ def _spec(c: GlmConfig, role: str, name: str, shape: tuple[int, ...], linear: bo
 def stacked_as_stored(spec: WeightSpec) -> WeightSpec:
     """The same experts read from transformers' own stacked tensor (`experts.gate_up_proj`) instead of one
     tensor per expert."""
-    return WeightSpec(spec.role, spec.name, spec.shape, spec.linear, fp32=spec.fp32)
+    return dataclasses.replace(spec, parts=(), stacked=False)
