@@ -146,13 +146,14 @@ def _half(model: onnx.ModelProto, dtype: str, precision, ranges, record: dict) -
 
 
 def _check_blocks(model: onnx.ModelProto, nodes: list[str], block_size: int) -> None:
+    """Before any quantization: the block divides the input width of every linear layer and stack of experts."""
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.name in nodes:
-            k = shapes[node.input[1]][0]
-            if k % block_size:
-                raise UsageError(f"int4 block size {block_size} does not divide the input width {k} of {node.name} "
-                                 f"({node.input[1]})", hint="set precision.quantization.block_size in the recipe")
+    widths = [(node.name, node.input[1], shapes[node.input[1]][0]) for node in model.graph.node if node.name in nodes]
+    widths += [("the experts", g.input[0], shapes[g.input[0]][1]) for g in expert_gathers(model)]  # [E, K, N]
+    for what, weight, k in widths:
+        if k % block_size:
+            raise UsageError(f"int4 block size {block_size} does not divide the input width {k} of {what} "
+                             f"({weight})", hint="set precision.quantization.block_size in the recipe")
 
 
 def _key(graph_sha256: str, calibration: CalibrationSet, purpose: str) -> str:
