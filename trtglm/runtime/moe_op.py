@@ -22,6 +22,8 @@ in-memory model, which protobuf limits to 2 GB). The build's model.onnx (TensorR
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as passes
@@ -61,8 +63,20 @@ def _pairs(graph: ir.Graph) -> list[tuple[ir.Node, ir.Node]]:
 class _Block:
     def __init__(self, flat, routing, gate_up, down, top_k, end):
         self.flat, self.routing, self.top_k, self.end = flat, routing, top_k, end
-        self.gate_up, self.down = _weights(gate_up), _weights(down)  # [E,H,2I], [E,I,H] in the compute dtype
-        self.weight_bytes = self.gate_up.nbytes + self.down.nbytes
+        self.gate_up, self.down = gate_up, down  # [E,H,2I], [E,I,H]: stacked weights, or their dequantization
+        self.dtype = _compute_dtype(gate_up)
+        self.weight_bytes = sum(math.prod(_source(v).shape.numpy()) for v in (gate_up, down)) * self.dtype.itemsize
+
+
+def _source(value: ir.Value) -> ir.Value:
+    """The initializer a stacked weight comes from (itself, or the quantized tensor it is dequantized from)."""
+    return value if value.is_initializer() else value.producer().inputs[0]
+
+
+def _compute_dtype(value: ir.Value) -> np.dtype:
+    """The experts' dtype once dequantized (the scale's), from the initializers' types: nothing is read."""
+    tensor = value.const_value if value.is_initializer() else value.producer().inputs[1].const_value
+    return np.dtype(tensor.dtype.numpy())
 
 
 def _constant(value: ir.Value) -> bool:
@@ -106,7 +120,7 @@ def _block(topk: ir.Node, end: ir.Node) -> _Block | None:
     if top_k is None:
         return None
     block = _Block(matmuls[gate_up].inputs[0], routes[0].inputs[0], gate_up.inputs[0], down.inputs[0], top_k, end)
-    return block if block.gate_up.dtype in (np.float32, np.float16) else None  # ONNX Runtime's CPU MoE types
+    return block if block.dtype in (np.float32, np.float16) else None  # ONNX Runtime's CPU MoE types
 
 
 def _numpy(tensor) -> np.ndarray:
@@ -134,7 +148,7 @@ def _top_k(topk: ir.Node) -> int | None:
 
 
 def _replace(graph: ir.Graph, b: _Block) -> None:
-    gu, down = b.gate_up, b.down  # [E,H,2I], [E,I,H]
+    gu, down = _weights(b.gate_up), _weights(b.down)  # [E,H,2I], [E,I,H], read only now: the size fits
     e, _, two_i = gu.shape
     i = two_i // 2
     interleaved = np.stack([gu[:, :, :i].transpose(0, 2, 1), gu[:, :, i:].transpose(0, 2, 1)], axis=2)
@@ -146,8 +160,8 @@ def _replace(graph: ir.Graph, b: _Block) -> None:
         values[t.name] = ir.Value(name=t.name, type=ir.TensorType(t.dtype), shape=t.shape, const_value=t)
         graph.register_initializer(values[t.name])
     tape = ir.tape.Tape()
-    dtype = ir.DataType.FLOAT16 if b.gate_up.dtype == np.float16 else ir.DataType.FLOAT  # the experts' compute
-    # type (an export's values carry no types)
+    dtype = ir.DataType.FLOAT16 if b.dtype == np.float16 else ir.DataType.FLOAT  # (an export's values carry no
+    # types)
     routing = b.routing  # [N,E], computed in fp32 by the router: read before a half-precision graph's Cast
     if routing.producer() is not None and routing.producer().op_type == "Cast":
         routing = routing.producer().inputs[0]
