@@ -534,6 +534,44 @@ def bench_cmd(build_dir, backend, batch, input_len, output_len, cuda_graphs, dev
                f"p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms, peak RSS {r['peak_rss_mb']:.0f} MB")
 
 
+@cli.command("serve")
+@click.argument("build_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: all).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port.")
+@click.option("--backend", type=click.Choice(["auto", "trt", "ort"]), default="auto", show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests decoded together; more wait in the queue.")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Requests waiting to join; more are answered 429 with Retry-After.")
+@click.option("--api-key", envvar="TRTGLM_API_KEY", default=None,
+              help="Requests to /v1/ need 'Authorization: Bearer KEY' (also from $TRTGLM_API_KEY).")
+@click.option("--model-name", default=None, help="The model's name in the API. [default: the build directory's name]")
+@click.option("--prefix-cache-mb", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Host memory for the KV caches of earlier prompts that later prompts start with.")
+@click.option("--access-log", is_flag=True, help="Log every request on stderr.")
+@json_option
+def serve_cmd(build_dir, host, port, backend, max_batch, max_queue, api_key, model_name, prefix_cache_mb,
+              access_log, as_json):
+    """Serve a build over HTTP with OpenAI's API, requests batched as they come (until Ctrl-C)."""
+    from .serve.scheduler import ServeOptions
+    from .serve.server import Server, ServerSettings
+
+    settings = ServerSettings(host, port, backend, api_key, model_name, access_log)
+    options = ServeOptions(max_batch=max_batch, max_queue=max_queue, prefix_cache_bytes=prefix_cache_mb << 20)
+    server = Server(build_dir, settings, options)
+    with closing(server):
+        ready = {"url": server.url, "model": server.served.model, "backend": server.backend_line,
+                 "max_batch": max_batch, "max_queue": max_queue, "api_key": bool(api_key)}
+        if as_json:
+            click.echo(json.dumps(ready))
+        else:
+            click.echo(f"backend: {server.backend_line}", err=True)
+            click.echo(f"serving {ready['model']} on {server.url}/v1 (OpenAI API; {server.url}/metrics, "
+                       f"{server.url}/health); Ctrl-C stops", err=True)
+        sys.stdout.flush()
+        server.run()
+
+
 @cli.command("eval")
 @click.argument("build_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--reference", type=click.Path(exists=True, file_okay=False),

@@ -40,6 +40,10 @@ class Backend(Protocol):
 
     def snapshot(self, cache): ...  # the cache where later steps cannot overwrite it (prefix reuse)
 
+    def read_cache(self, cache) -> list[np.ndarray]: ...  # host copies [B, heads, filled, D], one per cache tensor
+
+    def write_cache(self, arrays: list[np.ndarray]): ...  # a cache of the backend's own holding such arrays
+
     def admits(self, batch: int, tokens: int, past: int) -> str | None: ...  # why a step cannot run (None: it can)
 
     def close(self) -> None: ...
@@ -105,6 +109,7 @@ class OrtBackend:
         inputs = self.session.get_inputs()
         self.past = [i for i in inputs if i.name.startswith("past_key_values.")]
         self.present = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+        self.cache_tensors = len(self.past)
         # a stage of a staged build (engine/stage_graphs.py) reads and writes hidden states instead
         self.entry = [i.name for i in inputs if i.name == "input_ids" or i.name.startswith("hidden.")]
         self.exit = [o.name for o in self.session.get_outputs() if not o.name.startswith("present.")]
@@ -186,6 +191,23 @@ class OrtBackend:
         if not self._graphs:
             return cache
         return StaticCache([self._on_device(v.numpy()) for v in cache.values], cache.length)
+
+    def read_cache(self, cache) -> list[np.ndarray]:
+        """The cache's filled positions copied to the host: one array [B, heads, filled, D] per cache tensor."""
+        values = cache.values if self.static else cache
+        return [np.array(v.numpy()[:, :, :cache.length] if self.static else v.numpy()) for v in values]
+
+    def write_cache(self, arrays: list[np.ndarray]):
+        """A new cache holding `arrays` (as `read_cache` gives them): rows of a running batch rearranged."""
+        batch, length = arrays[0].shape[0], arrays[0].shape[2]
+        if self.static:
+            if length > self._slots:
+                raise TrtglmError(f"{length} tokens do not fit the static KV cache's {self._slots} slots")
+            full = [np.zeros((batch, p.shape[1], self._slots, p.shape[3]), self._dtype) for p in self.past]
+            for slots, array in zip(full, arrays):
+                slots[:, :, :length] = array
+            arrays = full
+        return self._cache_of(batch, [np.ascontiguousarray(a, self._dtype) for a in arrays], length)
 
     def _cache_of(self, batch: int, arrays: list[np.ndarray], length: int):
         if not self._graphs:

@@ -47,6 +47,17 @@ class StagedBackend:
     def snapshot(self, cache: StagedCache) -> StagedCache:
         return StagedCache([s.snapshot(c) for s, c in zip(self.stages, cache.parts)])
 
+    def read_cache(self, cache: StagedCache) -> list:
+        return [a for s, c in zip(self.stages, cache.parts) for a in s.read_cache(c)]
+
+    def write_cache(self, arrays: list) -> StagedCache:
+        parts, at = [], 0
+        for stage in self.stages:
+            n = stage.cache_tensors
+            parts.append(stage.write_cache(arrays[at:at + n]))
+            at += n
+        return StagedCache(parts)
+
     def admits(self, batch: int, tokens: int, past: int) -> str | None:
         return next((r for r in (s.admits(batch, tokens, past) for s in self.stages) if r), None)
 

@@ -199,6 +199,7 @@ class TrtBackend:
         self.vocab_size = self.buffers["logits"].max_shape[-1] if self.exit == ["logits"] else None
         self.past_names = [n for n in self.buffers if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        self.cache_tensors = len(self.past_names)
         self.static = CACHE_POSITION in self.buffers
         self._slots = self.buffers[self.past_names[0]].max_shape[2]  # static: the cache's fixed length
         # a stage's hidden-state input is read where the stage before left it (no buffer of its own), unless that
@@ -390,6 +391,33 @@ class TrtBackend:
                 cuda.memcpy_dtod_async(int(dst) + r * row, src, row, self.stream)
         self.stream.synchronize()
         return TrtCache(batch, cache.length, out)
+
+    def read_cache(self, cache: TrtCache) -> list[np.ndarray]:
+        """The cache's filled positions copied to the host: one array [B, heads, filled, D] per cache tensor."""
+        with self._on_device():
+            arrays = []
+            for buffer, name, (heads, d) in zip(cache.buffers, self.present_names, self._dims):
+                host = np.empty((cache.batch, heads, self._positions(cache.length), d), self.buffers[name].dtype)
+                self._cuda.memcpy_dtoh_async(host, buffer, self.stream)
+                arrays.append(host)
+            self.stream.synchronize()
+            return [a[:, :, :cache.length] for a in arrays]
+
+    def write_cache(self, arrays: list[np.ndarray]) -> TrtCache:
+        """A cache holding `arrays` (as `read_cache` gives them) in the first buffer set: rows of a running
+        batch rearranged."""
+        batch, length = arrays[0].shape[0], arrays[0].shape[2]
+        reason = self.admits(batch, 1, length)
+        if reason:
+            raise TrtglmError(f"the engine cannot hold this batch: {reason}")
+        with self._on_device():
+            hosts = []  # alive until the copies are done
+            for buffer, name, array, (heads, d) in zip(self._sets[0], self.present_names, arrays, self._dims):
+                hosts.append(np.zeros((batch, heads, self._positions(length), d), self.buffers[name].dtype))
+                hosts[-1][:, :, :length] = array
+                self._cuda.memcpy_htod_async(buffer, hosts[-1], self.stream)
+            self.stream.synchronize()
+        return TrtCache(batch, length, self._sets[0])
 
     def snapshot(self, cache: TrtCache) -> TrtCache:
         """A copy in its own device memory, so later steps cannot overwrite it (prefix reuse)."""
