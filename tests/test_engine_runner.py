@@ -314,3 +314,24 @@ def test_a_gpu_pack_runs_on_its_engines_alone(staged, tmp_path, monkeypatch, cac
     got = generate(engine, PROMPTS, max_new_tokens=6).tokens
     assert got == generate(OrtBackend.from_build(staged["dynamic"]), PROMPTS, max_new_tokens=6).tokens
     engine.close()
+
+
+@pytest.mark.parametrize("config", CONFIGS + [("staged", "dynamic"), ("staged", "static")],
+                         ids=["-".join(c) for c in CONFIGS] + ["staged-dynamic", "staged-static"])
+def test_continuous_batching_on_the_engine_reads_and_writes_its_cache(builds, staged, config, monkeypatch,
+                                                                      cache_home):
+    """Rows joining and leaving a running batch (the server's loop) move the engine's cache through the host:
+    tokens equal each prompt generated alone on ONNX Runtime, with the engine's batch limit of 3 rows."""
+    from test_batching import staggered
+
+    build_dir = staged[config[1]] if config[0] == "staged" else builds[config]
+    install(monkeypatch, build_dir)
+    engine, _ = open_backend(build_dir, "trt")
+    ort = OrtBackend.from_build(build_dir)
+    prompts = [PROMPTS[0], PROMPTS[1], [9, 8, 7, 6, 5, 4, 3, 2, 1], PROMPTS[2], [4] * 16]
+    new = [10, 3, 14, 1, 6]
+    alone = [generate(ort, [p], max_new_tokens=n).tokens[0] for p, n in zip(prompts, new)]
+    assert staggered(engine, prompts, new, max_batch=3) == alone
+    with pytest.raises(TrtglmError, match="4 rows exceed the engine's max_batch 3"):
+        engine.write_cache([a.repeat(4, axis=0) for a in engine.read_cache(engine.new_cache(1))])
+    engine.close()
