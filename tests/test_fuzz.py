@@ -1,5 +1,5 @@
 """Every input a user or a file controls, fuzzed: recipe YAML, config.json, safetensors headers, manifest.json and
-export.json, calibration text, and the run command's flags. The property: the input is accepted, or refused with
+export.json, calibration text, the run command's flags, and the HTTP requests of `trtglm serve`. The property: the input is accepted, or refused with
 trtglm's own error (one line, naming the file or flag); never another exception ("internal error").
 
 `make test` runs a fixed number of examples from a fixed seed (the `ci` profile); `make fuzz` runs rounds of the
@@ -570,3 +570,82 @@ def test_inspect_any_file(tmp_path_factory, capsys, name, data):
         code, err = _cli(command, capsys)
         _refused_or_done(code, err)
     assert not (root / "packed").exists()
+
+
+# ---------------------------------------------------------------- trtglm serve's HTTP requests
+
+@pytest.fixture(scope="module")
+def server(built):
+    from test_serve import serving
+
+    with serving(built / "b", "--model-name", "m", "--max-batch", "4", "--max-queue", "32") as (url, proc):
+        yield url, proc
+
+
+def _answered(server, path: str, body: bytes) -> None:
+    """An OpenAI answer (200), or its error object with one clear line (400 bad request, 413 too large, 429 queue
+    full), and the server still serving."""
+    from test_serve import get, post
+
+    url, proc = server
+    status, headers, text = post(url, path, body)
+    assert status in (200, 400, 413, 429), (status, text)
+    if status == 200 and headers.get("content-type", "").startswith("text/event-stream"):
+        assert text.rstrip().endswith("data: [DONE]") and '"error"' not in text, text
+    elif status == 200:
+        assert json.loads(text)["choices"], text
+    else:
+        error = json.loads(text)["error"]
+        assert error["message"].strip() and "\n" not in error["message"] and error["type"], error
+    assert proc.poll() is None and get(url, "/health")[0] == 200
+
+
+SAMPLED = {"model": st.sampled_from(["m", "gpt-4", ""]) | JSON, "max_tokens": st.integers(-3, 6) | JSON,
+           "temperature": st.floats(allow_nan=True) | JSON, "top_p": st.floats(-1, 2) | JSON,
+           "top_k": st.integers(-3, 10**20) | JSON, "seed": st.integers(-3, 2**70) | JSON,
+           "n": st.integers(-1, 20) | JSON, "stop": st.lists(st.text(max_size=4), max_size=6) | JSON,
+           "stop_token_ids": st.lists(st.integers(-3, 10**6), max_size=3) | JSON,
+           "repetition_penalty": st.floats(allow_nan=True) | JSON, "stream": st.booleans() | JSON,
+           "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | JSON,
+           "logprobs": JSON, "presence_penalty": JSON, "ignore_eos": st.booleans() | JSON, "unknown": JSON}
+COMPLETION = SAMPLED | {"prompt": st.text(max_size=30) | st.lists(st.integers(-2, 300), max_size=5)
+                        | st.lists(st.text(max_size=5), max_size=70) | JSON, "echo": JSON, "suffix": JSON}
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", "robot"]) | JSON,
+                                 "content": st.text(max_size=20) | JSON})
+CHAT = SAMPLED | {"messages": st.lists(MESSAGE, max_size=4) | JSON, "max_completion_tokens": st.integers(-3, 6) | JSON}
+
+
+def _request(table: dict, base: dict):
+    return flag_sets(table).map(lambda changes: {**base, **changes})
+
+
+def _bounded(body: dict) -> bytes:
+    for key in ("max_tokens", "max_completion_tokens"):  # validity is fuzzed, not the time a long answer takes
+        if type(body.get(key)) is int and body[key] > 6:
+            body[key] = 6
+    return json.dumps(body).encode()
+
+
+@given(_request(COMPLETION, {"model": "m", "prompt": "hello", "max_tokens": 3}))
+@example({"model": "m", "prompt": [-1]})
+@example({"model": "m", "prompt": "hello", "n": 16, "stream": True, "stop": ["e"]})
+@example({"model": "m", "prompt": ["a"] * 64, "n": 16})
+@example({"model": "m", "prompt": "x", "temperature": 1e-300, "seed": 2**63 - 1})
+def test_completion_requests(server, body):
+    _answered(server, "/v1/completions", _bounded(body))
+
+
+@given(_request(CHAT, {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}))
+@example({"model": "m", "messages": [{"role": "assistant", "content": None}]})
+@example({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}], "stream": True})
+def test_chat_requests(server, body):
+    _answered(server, "/v1/chat/completions", _bounded(body))
+
+
+@given(st.binary(max_size=64) | st.text(max_size=64).map(str.encode) | JSON.map(lambda v: json.dumps(v).encode()))
+@example(b"")
+@example(b"\xff\xfe")
+@example(b'{"model": "m", "prompt": "a", "max_tokens": 1e400}')
+def test_request_bodies_of_any_bytes(server, data):
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        _answered(server, path, data)

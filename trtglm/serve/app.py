@@ -163,6 +163,8 @@ def _jobs(served: Served, body: Sampled, prompts: list[list[int]], limit: int | 
     scheduler, jobs = served.scheduler, []
     stop_ids = frozenset((set() if body.ignore_eos else set(served.text.stop_ids)) | set(body.stop_token_ids))
     for ids in prompts:
+        if not ids:
+            raise ApiError(400, "the prompt has no tokens", param="prompt")
         bad = [t for t in ids if t >= served.vocab_size]
         if bad:
             raise ApiError(400, f"token id {bad[0]} is past the model's vocabulary of {served.vocab_size}",

@@ -77,14 +77,19 @@ class CompletionRequest(Sampled):
     suffix: str | None = None
     max_tokens: StrictInt | None = Field(16, ge=1)  # OpenAI's default for completions
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, v):
-        if isinstance(v, list) and (not v or any(isinstance(p, (list, str)) and not p for p in v)):
-            raise ValueError("a prompt needs at least one token")
-        if isinstance(v, list) and len(v) > 64 and not isinstance(v[0], int):
-            raise ValueError("at most 64 prompts in one request")
-        return v
+        """One clear complaint instead of one per member of the union."""
+        def ids(x):
+            return isinstance(x, list) and bool(x) and all(type(t) is int and t >= 0 for t in x)
+
+        if isinstance(v, str) or ids(v):
+            return v
+        if isinstance(v, list) and v and len(v) <= 64 and (all(isinstance(p, str) for p in v) or all(map(ids, v))):
+            return v
+        raise ValueError("must be a string, a list of up to 64 strings, a list of token ids (integers >= 0), or a "
+                         "list of up to 64 such lists, none empty")
 
     @model_validator(mode="after")
     def _refused(self):

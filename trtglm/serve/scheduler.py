@@ -147,11 +147,13 @@ class Scheduler:
                 self._finished = set()
                 try:
                     self._iterate(leaving, joining)
-                except TrtglmError as e:  # the step could not run: its rows end with the reason, others go on
-                    self._fail([r.key for r in self.batch.rows] + joining, str(e))
-        except Exception as e:  # a bug: every request hears it, and /health reports it
+                except Exception as e:  # noqa: BLE001 - the step failed: its rows end with the reason, the loop goes on
+                    if not isinstance(e, TrtglmError):
+                        LOG.exception("a generation step failed")
+                    self._fail([r.key for r in self.batch.rows] + joining, _one_line(e))
+        except Exception as e:  # a bug in the loop itself: every request hears it, and /health reports it
             LOG.exception("the generation loop stopped")
-            self.failure = f"{type(e).__name__}: {e}"
+            self.failure = _one_line(e)
             self._fail([r.key for r in self.batch.rows] + list(self._waiting), self.failure)
 
     def _take(self) -> list[Request]:
@@ -227,6 +229,11 @@ class Scheduler:
     def _gauges(self) -> None:
         if self.metrics:
             self.metrics.queue.set(len(self._waiting))
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if isinstance(e, TrtglmError) else f"{type(e).__name__}: {text[0] if text else ''}")[:300]
 
 
 def _tell(request: Request, token: int | None, finish: str | None) -> None:
