@@ -216,7 +216,8 @@ class _Run:
         self.created = int(time.time())
 
     async def _pieces(self):
-        """(choice, new text, finish or None) as tokens arrive; every job cancelled if the client leaves."""
+        """(choice, whether a token came, its new text, finish or None) as tokens arrive; every job is cancelled
+        if the client leaves."""
         try:
             while None in self.finish:
                 try:
@@ -239,7 +240,7 @@ class _Run:
                 if finish:
                     piece += stream.finish()
                     self.finish[index] = finish
-                yield index, piece, finish
+                yield index, token is not None, piece, finish
         finally:
             unfinished = [job for job, f in zip(self.jobs, self.finish) if f is None]
             if unfinished:
@@ -281,8 +282,8 @@ class _Run:
         if self.chat:
             yield self._chunk([self._choice(i, "", None, role=True) for i in range(len(self.jobs))])
         try:
-            async for index, piece, finish in self._pieces():
-                if piece:
+            async for index, token, piece, finish in self._pieces():
+                if token or piece:  # a chunk per token: its text may be empty while held back
                     yield self._chunk([self._choice(index, piece, None)])
                 if finish:
                     yield self._chunk([self._choice(index, None if self.chat else "", finish)])
