@@ -317,3 +317,24 @@ def test_a_failed_step_ends_its_rows_and_the_loop_goes_on(builds):
     scheduler.stop()
     assert heard[0] == [(None, "error: RuntimeError: device lost")]
     assert [f for _, f in heard[1]] == [None, None, None, "length"] and scheduler.failure is None
+
+
+def test_streamed_text_is_the_whole_decode_cut_at_the_first_stop_string():
+    from trtglm.serve.text_stream import TextStream
+
+    text = load_text(MODEL)
+    rng = __import__("numpy").random.default_rng(3)
+    vocab = len(text.tokenizer)
+    for case in range(300):
+        ids = rng.integers(0, vocab, rng.integers(1, 40)).tolist()
+        if case % 3 == 0:  # byte-level pieces of multi-byte characters
+            ids = text.encode("été – 你好 🙂 " * 3)[: rng.integers(1, 20)] + ids[:5]
+        whole = text.decode(ids)
+        i = int(rng.integers(0, max(1, len(whole) - 1)))
+        stops = [whole[i:i + int(rng.integers(1, 4))].replace("\ufffd", "")] if case % 2 else []
+        stream = TextStream(text.decode, stops)
+        pieces = [stream.add(t) for t in ids] + [stream.finish()]
+        hit = min((whole.find(s) for s in stops if s and whole.find(s) >= 0), default=-1)
+        expect = whole[:hit] if hit >= 0 else whole
+        assert "".join(pieces) == expect == stream.text, (ids, stops)
+        assert all("\ufffd" not in p for p in pieces[:-1]) or "\ufffd" in expect

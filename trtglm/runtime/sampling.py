@@ -26,6 +26,8 @@ class Sampling:
 
 def choose(logits: np.ndarray, history: list[np.ndarray], s: Sampling, rng: np.random.Generator) -> np.ndarray:
     """logits [B,V] (fp32), history: each row's tokens so far -> next token per row [B]."""
+    if s.temperature == 0.0 and s.repetition_penalty == 1.0:
+        return logits.argmax(axis=-1)
     logits = logits.astype(np.float64, copy=True)
     if s.repetition_penalty != 1.0:  # as transformers: shrink the logits of tokens already seen
         for row, seen in zip(logits, history):

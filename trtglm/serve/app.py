@@ -8,6 +8,7 @@ Prometheus metrics, as a FastAPI app over one Scheduler.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import re
@@ -24,10 +25,11 @@ from ..core.errors import TrtglmError
 from ..runtime.sampling import Sampling
 from .metrics import Metrics
 from .protocol import ChatRequest, CompletionRequest, Sampled, error_body
-from .scheduler import QueueFull, Request as Job, Scheduler
+from .scheduler import QueueFull, Request as Job, Scheduler, call_listeners
 from .text_stream import TextStream
 
 MAX_BODY = 8 << 20  # bytes of one request body
+_GONE = object()  # the client of a whole answer went away
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -54,7 +56,13 @@ class ApiError(Exception):
 
 
 def create_app(served: Served) -> FastAPI:
-    app = FastAPI(title="trtglm", docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        loop = asyncio.get_running_loop()  # each step's tokens reach the requests in one call on this loop
+        served.scheduler.deliver = lambda events: loop.call_soon_threadsafe(call_listeners, events)
+        yield
+
+    app = FastAPI(title="trtglm", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(Gate, served=served)
 
     @app.exception_handler(RequestValidationError)
@@ -182,10 +190,10 @@ def _jobs(served: Served, body: Sampled, prompts: list[list[int]], limit: int | 
 
 async def _respond(served: Served, request: Request, body: Sampled, prompts: list[list[int]], limit: int | None,
                    chat: bool):
-    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    events = asyncio.Queue()
 
-    def listener(index: int):
-        return lambda token, finish: loop.call_soon_threadsafe(events.put_nowait, (index, token, finish))
+    def listener(index: int):  # called on this event loop
+        return lambda token, finish: events.put_nowait((index, token, finish))
 
     jobs = _jobs(served, body, prompts, limit, listener)
     if not served.scheduler.alive:
@@ -218,14 +226,14 @@ class _Run:
     async def _pieces(self):
         """(choice, whether a token came, its new text, finish or None) as tokens arrive; every job is cancelled
         if the client leaves."""
+        # a stream is cancelled by Starlette when its client goes away; a whole answer watches for it
+        watcher = None if self.body.stream else asyncio.create_task(self._watch())
         try:
             while None in self.finish:
-                try:
-                    index, token, finish = await asyncio.wait_for(self.events.get(), 0.5)
-                except asyncio.TimeoutError:
-                    if await self.request.is_disconnected():
-                        return
-                    continue
+                event = await self.events.get()
+                if event is _GONE:
+                    return
+                index, token, finish = event
                 if self.finish[index] is not None:
                     continue  # the step after a stop string
                 if finish and finish.startswith("error: "):
@@ -242,11 +250,18 @@ class _Run:
                     self.finish[index] = finish
                 yield index, token is not None, piece, finish
         finally:
+            if watcher is not None:
+                watcher.cancel()
             unfinished = [job for job, f in zip(self.jobs, self.finish) if f is None]
             if unfinished:
                 self.served.metrics.cancelled.inc()
             for job in unfinished:
                 self.served.scheduler.cancel(job)
+
+    async def _watch(self) -> None:
+        while not await self.request.is_disconnected():
+            await asyncio.sleep(0.5)
+        self.events.put_nowait(_GONE)
 
     def _usage(self) -> dict:
         prompt = sum(len(j.ids) for j in self.jobs[::self.body.n])

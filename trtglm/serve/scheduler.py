@@ -41,9 +41,11 @@ class QueueFull(TrtglmError):
         self.retry_after = retry_after
 
 
-# What a request hears from the loop thread: a token (None with the finish), and the finish ("stop",
-# "length", or "error: ..." when the backend failed).
+# What a request hears: a token (None with the finish), and the finish ("stop", "length", or "error: ..." when
+# the step failed). The Scheduler hands each step's events to `deliver` at once (default: each listener called on
+# the loop thread; a server passes them to its event loop in one call).
 Listener = Callable[[int | None, str | None], None]
+Event = tuple["Request", "int | None", "str | None"]
 
 
 @dataclass(eq=False)
@@ -78,6 +80,8 @@ class Scheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._step_seconds = 0.05  # running estimate of one decode step, for Retry-After
+        self._outbox: list[Event] = []
+        self.deliver: Callable[[list[Event]], None] = call_listeners
         self.failure: str | None = None  # why the loop stopped, if it did on its own
 
     # ---------------------------------------------------------------- the server's side
@@ -151,10 +155,12 @@ class Scheduler:
                     if not isinstance(e, TrtglmError):
                         LOG.exception("a generation step failed")
                     self._fail([r.key for r in self.batch.rows] + joining, _one_line(e))
+                self._flush()
         except Exception as e:  # a bug in the loop itself: every request hears it, and /health reports it
             LOG.exception("the generation loop stopped")
             self.failure = _one_line(e)
             self._fail([r.key for r in self.batch.rows] + list(self._waiting), self.failure)
+            self._flush()
 
     def _take(self) -> list[Request]:
         joining, tokens = [], 0
@@ -205,7 +211,8 @@ class Scheduler:
 
     def _choose(self, request: Request, logits: np.ndarray) -> int:
         token = int(choose(logits[None], [request.history], request.sampling, request.rng)[0])
-        request.history = np.append(request.history, token)
+        if request.sampling.repetition_penalty != 1.0:  # the only reader of the history
+            request.history = np.append(request.history, token)
         return token
 
     def _emit(self, request: Request, token: int, batch: int) -> bool:
@@ -218,13 +225,22 @@ class Scheduler:
         request.last_token_at = now
         finish = "stop" if token in request.stop_ids else "length" if request.generated >= request.max_tokens \
             else None
-        _tell(request, token, finish)
+        self._outbox.append((request, token, finish))
         return finish is not None or request.cancelled
 
     def _fail(self, requests: list[Request], reason: str) -> None:
         self.batch.rows, self.batch.cache, self.batch.width = [], None, 0
         for request in requests:
-            _tell(request, None, f"error: {reason}")
+            self._outbox.append((request, None, f"error: {reason}"))
+
+    def _flush(self) -> None:
+        events, self._outbox = self._outbox, []
+        if events:
+            try:
+                self.deliver(events)
+            except RuntimeError:  # the server's event loop is gone (shutting down): nobody listens
+                for request, _, _ in events:
+                    request.cancelled = True
 
     def _gauges(self) -> None:
         if self.metrics:
@@ -236,8 +252,6 @@ def _one_line(e: Exception) -> str:
     return (text[0] if isinstance(e, TrtglmError) else f"{type(e).__name__}: {text[0] if text else ''}")[:300]
 
 
-def _tell(request: Request, token: int | None, finish: str | None) -> None:
-    try:
+def call_listeners(events: list[Event]) -> None:
+    for request, token, finish in events:
         request.listener(token, finish)
-    except RuntimeError:  # the server's event loop is gone (shutting down)
-        request.cancelled = True
