@@ -70,6 +70,7 @@ bench: $(STAMP)
 	$(PY) bench/kernels.py
 	$(PY) bench/accuracy.py
 	$(PY) bench/moe.py
+	$(PY) bench/serve.py
 
 # The demo model's engine for every target of its recipe, as the CI workflow builds them.
 engines: $(STAMP)

@@ -1,8 +1,10 @@
 """`trtglm serve` under load: the random-weight 136M GLM-4 shape (hidden 768, 12 layers, 12/2 heads of 64,
 vocab 32000) and the shipped model, fp32 builds on ONNX Runtime, 64 streamed completion requests with prompt and
-output lengths drawn from a fixed seed, sent by 1, 4, 8 and 16 concurrent clients (the official `openai` client,
-asynchronous, in this process; the server in its own). Per concurrency: output tokens/s over the whole run,
-time to first token p50/p99, and the time between two tokens of one request p50/p99.
+output lengths drawn from a fixed seed, sent by 1, 4, 8 and 16 concurrent clients (streaming HTTP clients in
+this process, asyncio over httpx2, the openai client's HTTP library, parsing no more than a load generator must;
+the server in its own process). Per concurrency: output tokens/s over the whole run, time to first token
+p50/p99, and the time between two tokens of one request p50/p99; and what batching gives at most: the
+generation loop's decode tokens/s at 8 rows over 1, without HTTP.
 
     python bench/serve.py [--workdir .bench] [--requests 64] [--concurrency 1,4,8,16]
 
@@ -72,32 +74,37 @@ def workload(n: int, vocab: int) -> list[tuple[list[int], int]]:
 
 
 def start(build_dir: Path, max_batch: int):
-    proc = subprocess.Popen([sys.executable, "-m", "trtglm", "serve", str(build_dir), "--port", "0", "--json",
-                             "--model-name", "m", "--max-batch", str(max_batch), "--max-queue", "256"],
-                            stdout=subprocess.PIPE, text=True)
+    log = build_dir.parent / f"{build_dir.name}.serve.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "trtglm", "serve", str(build_dir), "--port", "0", "--json",
+                                 "--model-name", "m", "--max-batch", str(max_batch), "--max-queue", "256"],
+                                stdout=subprocess.PIPE, stderr=err, text=True)
     line = proc.stdout.readline()
     if not line:
-        raise SystemExit(f"trtglm serve {build_dir} did not start")
+        raise SystemExit(f"trtglm serve {build_dir} did not start: {log.read_text()[-500:]}")
     return proc, json.loads(line)
 
 
 async def one(client, prompt: list[int], tokens: int) -> dict:
+    """One streamed request; the time each token's chunk arrived."""
+    body = {"model": "m", "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True}
     sent = time.perf_counter()
-    stream = await client.completions.create(model="m", prompt=prompt, max_tokens=tokens, temperature=0,
-                                             stream=True, extra_body={"ignore_eos": True})
     times = []
-    async for chunk in stream:  # one chunk per token, then one with the finish reason
-        if chunk.choices and chunk.choices[0].finish_reason is None:
-            times.append(time.perf_counter())
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise SystemExit(f"the server answered {response.status_code}: {(await response.aread())[:300]}")
+        async for line in response.aiter_lines():  # one chunk per token, then one with the finish reason
+            if line.startswith("data: {") and '"finish_reason": null' in line:
+                times.append(time.perf_counter())
     if len(times) != tokens:
         raise SystemExit(f"asked for {tokens} tokens, got {len(times)}")
     return {"sent": sent, "times": times}
 
 
 async def load(url: str, requests: list[tuple[list[int], int]], concurrency: int) -> dict:
-    import openai
+    import httpx2  # the openai client's HTTP library: a load generator light enough to leave the cores to the server
 
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+    client = httpx2.AsyncClient(base_url=url, timeout=600, limits=httpx2.Limits(max_connections=64))
     queue = list(reversed(requests))
     results = []
 
@@ -113,11 +120,27 @@ async def load(url: str, requests: list[tuple[list[int], int]], concurrency: int
     ttft = [r["times"][0] - r["sent"] for r in results]
     gaps = np.concatenate([np.diff(r["times"]) for r in results])
     tokens = sum(len(r["times"]) for r in results)
-    await client.close()
+    await client.aclose()
     return {"concurrency": concurrency, "requests": len(results), "output_tokens": tokens, "seconds": wall,
             "tokens_per_s": tokens / wall, "ttft_p50_ms": 1000 * np.percentile(ttft, 50),
             "ttft_p99_ms": 1000 * np.percentile(ttft, 99), "token_p50_ms": 1000 * np.percentile(gaps, 50),
             "token_p99_ms": 1000 * np.percentile(gaps, 99)}
+
+
+def step_ceiling(build_dir: Path, batch: int, width: int = 96, steps: int = 40) -> float:
+    """Decode tokens/s of the generation loop alone (no HTTP) at `batch` rows of `width` cached tokens: what
+    batching can give at most."""
+    from trtglm.runtime.backends import OrtBackend
+    from trtglm.runtime.batching import Joining, RunningBatch
+
+    rows = RunningBatch(OrtBackend.from_build(build_dir, spin=False))
+    rows.update(set(), [Joining(i, list(range(3, 3 + width))) for i in range(batch)], lambda join, logits, cache: 3)
+    for _ in range(4):
+        rows.step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        rows.step()
+    return batch * steps / (time.perf_counter() - started)
 
 
 def cpu_line() -> str:
@@ -151,6 +174,9 @@ def main() -> None:
             print(f"| {r['concurrency']} | {r['tokens_per_s']:.1f} | x{r['tokens_per_s'] / base:.2f} "
                   f"| {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['token_p50_ms']:.1f} / "
                   f"{r['token_p99_ms']:.1f} | {r['seconds']:.1f} |")
+        ceiling = step_ceiling(build_dir, 8) / step_ceiling(build_dir, 1)
+        print(f"\nThe generation loop alone (no HTTP), 96 cached tokens a row: 8 rows decode x{ceiling:.2f} the "
+              "tokens/s of one.")
         at8 = next((r for r in rows if r["concurrency"] == 8), None)
         if at8 and levels[0] == 1:
             ratio = at8["tokens_per_s"] / base

@@ -1,13 +1,13 @@
 """The package's import graph: no circle, and arrows only down the pipeline's floors
-(core <- model <- export <- fusion, precision <- engine <- runtime <- cli), but for the deviations named
+(core <- model <- export <- fusion, precision <- engine <- runtime <- serve <- cli), but for the deviations named
 in docs/architecture.md."""
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "trtglm"
-FLOORS = {"core": 0, "model": 1, "export": 2, "fusion": 3, "precision": 3, "engine": 4, "runtime": 5, "cli": 6,
-          "__main__": 6, "__init__": 0}
+FLOORS = {"core": 0, "model": 1, "export": 2, "fusion": 3, "precision": 3, "engine": 4, "runtime": 5, "serve": 6,
+          "cli": 7, "__main__": 7, "__init__": 0}
 # Checks that run a graph go through the runtime's ONNX Runtime backend (one executor, not two): the export's
 # validation, and the build's accuracy gate (over a staged build's chain of stages too).
 DEVIATIONS = {("export.validate", "runtime.backends"), ("engine.build", "runtime.backends"),

@@ -66,19 +66,21 @@ class OrtBackend:
     graph and replayed after (one launch instead of one per node); its inputs, logits and KV cache then live
     in device buffers kept per batch size, since a replay reads and writes the addresses it was captured with.
     `int8_gemm` forces an integer GEMM form on the CPU (integer_gemm.FORMS; default: the one exact on this CPU);
-    `self.int8_gemm` says which runs, and why.
+    `self.int8_gemm` says which runs, and why. `spin=False`: its threads sleep between steps instead of spinning.
     """
 
     name = "ort"
 
     def __init__(self, onnx_path: str | Path, *, max_seq_len: int | None = None, threads: int = 0,
                  device: str = "auto", optimize: bool = True, low_memory: bool = False, profile: str | Path | None = None,
-                 cuda_graphs: bool = False, int8_gemm: str | None = None, moe_op: bool = True):
+                 cuda_graphs: bool = False, int8_gemm: str | None = None, moe_op: bool = True, spin: bool = True):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.intra_op_num_threads = threads
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if profile:
             opts.enable_profiling = True
             opts.profile_file_prefix = str(profile)
@@ -360,11 +362,13 @@ def _placement(engines) -> str:
 
 
 def open_backend(build_dir: str | Path, kind: str = "auto", threads: int = 0,
-                 cuda_graphs: bool = False, devices: list[int] | None = None) -> tuple[Backend, str]:
+                 cuda_graphs: bool = False, devices: list[int] | None = None,
+                 spin: bool = True) -> tuple[Backend, str]:
     """The backend and a sentence saying which and why (auto: the engine when a GPU and TensorRT are there).
     `cuda_graphs`: decode steps captured as CUDA graphs, by TensorRT-RTX on the engine or by ONNX Runtime's CUDA
     provider; both need a static KV cache. `devices`: the CUDA devices the engines run on (a staged build's
-    stages spread over them)."""
+    stages spread over them). `spin=False`: ONNX Runtime's threads sleep between steps instead of spinning (a
+    server's own threads need the cores then)."""
     build = BuildDir(build_dir)  # its manifest is read once, here, for every backend
     if devices and kind == "ort":
         raise UsageError("--devices places TensorRT engines; --backend ort runs ONNX Runtime on one device")
@@ -381,11 +385,11 @@ def open_backend(build_dir: str | Path, kind: str = "auto", threads: int = 0,
         if kind == "trt":
             raise TrtglmError(f"--backend trt: {reason}")
         try:
-            backend = OrtBackend.from_build(build, threads=threads, cuda_graphs=cuda_graphs)
+            backend = OrtBackend.from_build(build, threads=threads, cuda_graphs=cuda_graphs, spin=spin)
         except TrtglmError as e:
             raise TrtglmError(f"{e} (and the TensorRT engine cannot run here: {reason})") from None
         return backend, f"ONNX Runtime ({_ort_line(backend, graphs)}) over {_graphs(build)}, because {reason}"
     if kind == "ort":
-        backend = OrtBackend.from_build(build, threads=threads, cuda_graphs=cuda_graphs)
+        backend = OrtBackend.from_build(build, threads=threads, cuda_graphs=cuda_graphs, spin=spin)
         return backend, f"ONNX Runtime ({_ort_line(backend, graphs)}) over {_graphs(build)}"
     raise TrtglmError(f"unknown backend {kind!r}: auto, trt or ort")

@@ -34,7 +34,8 @@ class Server:
         if options.max_batch < 1 or options.max_queue < 0:
             raise UsageError("--max-batch must be at least 1 and --max-queue at least 0")
         text = load_text(build_dir)
-        self.backend, self.backend_line = open_backend(build_dir, settings.backend)
+        # ONNX Runtime's threads sleep between steps: the HTTP side runs on the same cores
+        self.backend, self.backend_line = open_backend(build_dir, settings.backend, spin=False)
         try:
             reason = self.backend.admits(options.max_batch, 1, 1)
             if reason:
