@@ -338,3 +338,27 @@ def test_streamed_text_is_the_whole_decode_cut_at_the_first_stop_string():
         expect = whole[:hit] if hit >= 0 else whole
         assert "".join(pieces) == expect == stream.text, (ids, stops)
         assert all("\ufffd" not in p for p in pieces[:-1]) or "\ufffd" in expect
+
+
+def test_serve_refuses_what_cannot_work_in_one_line(builds, tmp_path):
+    import shutil
+
+    def serve(*args):
+        r = subprocess.run([sys.executable, "-m", "trtglm", "serve", *args], capture_output=True, text=True, timeout=120)
+        assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
+        errors = [line for line in r.stderr.splitlines() if line.startswith("trtglm: error: ") or
+                  line.startswith("Error: ")]
+        return r.returncode, errors[-1] if errors else r.stderr
+
+    code, line = serve(str(builds["dynamic"]), "--host", "203.0.113.1", "--port", "0")
+    assert code == 1 and line.startswith("trtglm: error: cannot listen on 203.0.113.1:0: Cannot assign requested")
+    bare = tmp_path / "bare"
+    shutil.copytree(builds["dynamic"], bare)
+    (bare / "tokenizer.json").unlink()
+    code, line = serve(str(bare))
+    assert code == 1 and "no tokenizer.json" in line
+    code, line = serve(str(builds["dynamic"]), "--max-batch", "0")
+    assert code == 2 and "--max-batch" in line
+    help_text = subprocess.run([sys.executable, "-m", "trtglm", "serve", "--help"], capture_output=True, text=True)
+    for flag in ("--host", "--port", "--backend", "--max-batch", "--max-queue", "--api-key", "--json"):
+        assert flag in help_text.stdout

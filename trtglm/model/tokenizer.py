@@ -36,7 +36,7 @@ def load_text(build_dir: str | Path) -> Text:
     if not (build_dir / "tokenizer.json").is_file():
         raise TrtglmError(f"{build_dir}: no tokenizer.json (checkpoints whose tokenizer is remote code, such as "
                           "glm-4-9b-chat's tiktoken file, are not loaded)",
-                          hint="pass token ids with --input-ids, or use the -hf checkpoint's tokenizer")
+                          hint="export a checkpoint with a fast tokenizer (tokenizer.json), such as the -hf one")
     try:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(build_dir))
     except Exception as e:  # noqa: BLE001 - the tokenizers library's own errors, of many kinds: one line
