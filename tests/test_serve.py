@@ -51,11 +51,10 @@ def serving(build_dir, *flags, env=None):
             proc.kill()
             pytest.fail(f"trtglm serve did not start: {proc.stderr.read()}")
         yield json.loads(line)["url"], proc
+        proc.terminate()  # SIGTERM: a graceful stop, exit 0
+        assert proc.wait(timeout=20) == 0 and "trtglm serve: stopped" in proc.stderr.read()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
+        if proc.poll() is None:
             proc.kill()
 
 

@@ -569,7 +569,11 @@ def serve_cmd(build_dir, host, port, backend, max_batch, max_queue, api_key, mod
             click.echo(f"serving {ready['model']} on {server.url}/v1 (OpenAI API; {server.url}/metrics, "
                        f"{server.url}/health); Ctrl-C stops", err=True)
         sys.stdout.flush()
-        server.run()
+        try:
+            server.run()
+        except KeyboardInterrupt:  # uvicorn has shut down gracefully and passes the signal on: a normal stop
+            pass
+    click.echo("trtglm serve: stopped", err=True)
 
 
 @cli.command("eval")
