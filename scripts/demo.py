@@ -41,12 +41,13 @@ def serve(build: Path) -> None:
         for chunk in client.chat.completions.create(model="tiny-glm4", max_tokens=40, temperature=0, stream=True,
                                                     messages=[{"role": "user", "content": "Who was Moses?"}]):
             print(chunk.choices[0].delta.content or "", end="", flush=True)
+        print()
         prompts = ["In the beginning", "And the LORD said unto Moses,"]
         with ThreadPoolExecutor(2) as pool:  # two requests at once: one batch
             answers = pool.map(lambda p: client.completions.create(model="tiny-glm4", prompt=p, max_tokens=30,
                                                                    temperature=0).choices[0].text, prompts)
             for prompt, answer in zip(prompts, answers):
-                print(f"\n[demo] openai client -> {url}/v1/completions: {prompt}{answer}", flush=True)
+                print(f"[demo] openai client -> {url}/v1/completions: {prompt}{answer}", flush=True)
     finally:
         server.terminate()
         server.wait()

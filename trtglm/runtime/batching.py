@@ -52,30 +52,33 @@ class RunningBatch:
 
     def update(self, leaving: set, joining: list[Joining], first: FirstToken) -> None:
         """Drop the rows whose keys are in `leaving`, prefill the `joining` ones and add them."""
-        kept = [r for r in self.rows if r.key not in leaving]
-        if len(kept) == len(self.rows) and not joining:
+        keep = [i for i, r in enumerate(self.rows) if r.key not in leaving]
+        if len(keep) == len(self.rows) and not joining:
             return
         # read before any prefill: a backend may hold one cache at a time (the TensorRT engine's buffers)
-        old = self.backend.read_cache(self.cache) if kept else None
-        index = {id(r): i for i, r in enumerate(self.rows)}
-        sources = [(r, old, index[id(r)], self.width) for r in kept]
+        old = self.backend.read_cache(self.cache) if keep else None
+        rows = [self.rows[i] for i in keep]
+        joined: list[list[np.ndarray]] = []
         for join in joining:
             logits, arrays = self.prefill(join)
             token = first(join, logits, arrays)
             if token is not None:
-                sources.append((Row(join.key, len(join.ids), int(token)), arrays, 0, len(join.ids)))
-        self.rows = [row for row, *_ in sources]
-        if not sources:
-            self.cache, self.width = None, 0
+                rows.append(Row(join.key, len(join.ids), int(token)))
+                joined.append(arrays)
+        if not rows:
+            self.rows, self.cache, self.width = [], None, 0
             return
-        self.width = max(r.length for r in self.rows)
+        width = max(r.length for r in rows)
         merged = []
-        for t in range(len(sources[0][1])):
-            template = sources[0][1][t]
-            out = np.zeros((len(sources), template.shape[1], self.width, template.shape[3]), template.dtype)
-            for j, (row, arrays, i, width) in enumerate(sources):
-                out[j, :, self.width - row.length:] = arrays[t][i, :, width - row.length:width]
+        for t, template in enumerate(old if old is not None else joined[0]):
+            out = np.zeros((len(rows), template.shape[1], width, template.shape[3]), template.dtype)
+            if old is not None:  # the kept rows end at the last column, before and after: one copy for all
+                span = min(width, self.width)
+                out[:len(keep), :, width - span:] = old[t][keep, :, self.width - span:]
+            for j, arrays in enumerate(joined, len(keep)):
+                out[j, :, width - arrays[t].shape[2]:] = arrays[t][0]
             merged.append(out)
+        self.rows, self.width = rows, width
         self.cache = self.backend.write_cache(merged)
 
     def prefill(self, join: Joining) -> tuple[np.ndarray, list[np.ndarray]]:
