@@ -176,7 +176,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     url, _ = server
     c = client(url)
     cases = [
-        (dict(model="tiny", prompt="x " * 400, max_tokens=4), "context is 256 tokens"),
+        (dict(model="tiny", prompt="x " * 400, max_tokens=4), "leaves no room in the engine's max_seq_len 256"),
         (dict(model="gpt-4", prompt="x"), "model 'gpt-4' is not served here"),
         (dict(model="tiny", prompt="x", temperature=3), "temperature: Input should be less than or equal to 2"),
         (dict(model="tiny", prompt="x", top_p=0), "top_p: Input should be greater than 0"),

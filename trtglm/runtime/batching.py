@@ -43,6 +43,10 @@ FirstToken = Callable[[Joining, np.ndarray, list[np.ndarray]], "int | None"]
 class RunningBatch:
     def __init__(self, backend):
         self.backend = backend
+        self.clear()
+
+    def clear(self) -> None:
+        """No rows (their cache dropped)."""
         self.rows: list[Row] = []
         self.cache = None
         self.width = 0
@@ -66,7 +70,7 @@ class RunningBatch:
                 rows.append(Row(join.key, len(join.ids), int(token)))
                 joined.append(arrays)
         if not rows:
-            self.rows, self.cache, self.width = [], None, 0
+            self.clear()
             return
         width = max(r.length for r in rows)
         merged = []

@@ -38,11 +38,14 @@ class Served:
     scheduler: Scheduler
     text: object  # model/tokenizer.Text
     model: str  # the name clients ask for
-    vocab_size: int
     backend: str  # what runs, in words
     api_key: str | None = None
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.scheduler.backend.vocab_size
 
 
 class ApiError(Exception):
@@ -178,13 +181,13 @@ def _jobs(served: Served, body: Sampled, prompts: list[list[int]], limit: int | 
             raise ApiError(400, f"token id {bad[0]} is past the model's vocabulary of {served.vocab_size}",
                            param="prompt")
         try:
-            room = scheduler.room(ids)
+            allowed = scheduler.allowed_tokens(ids, limit)
         except TrtglmError as e:
             raise ApiError(400, str(e), param="prompt", code="context_length_exceeded") from None
         for j in range(body.n):
             sampling = Sampling(body.temperature, max(0, body.top_k), body.top_p, body.repetition_penalty,
                                 None if body.seed is None else body.seed + j)
-            jobs.append(Job(ids, min(limit or room, room), sampling, stop_ids, listener(len(jobs))))
+            jobs.append(Job(ids, allowed, sampling, stop_ids, listener(len(jobs))))
     return jobs
 
 

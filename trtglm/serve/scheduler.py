@@ -21,6 +21,7 @@ import numpy as np
 
 from ..core.errors import TrtglmError
 from ..runtime.batching import Joining, RunningBatch
+from ..runtime.generate import admit
 from ..runtime.prefix_cache import PrefixCache
 from ..runtime.sampling import Sampling, choose
 
@@ -101,16 +102,10 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def room(self, ids: list[int]) -> int:
-        """How many tokens a prompt may generate on this build; a prompt it cannot run is refused."""
-        room = self.backend.max_seq_len - len(ids)
-        if room < 1:
-            raise TrtglmError(f"the prompt is {len(ids)} tokens and this model's context is "
-                              f"{self.backend.max_seq_len} tokens: it leaves no room for an answer")
-        reason = self.backend.admits(1, len(ids), 0)
-        if reason:
-            raise TrtglmError(f"this prompt cannot run on this build: {reason}")
-        return room
+    def allowed_tokens(self, ids: list[int], limit: int | None) -> int:
+        """How many tokens a prompt may generate (at most `limit`; None: as many as the build's context leaves);
+        a prompt the build cannot run is refused (`trtglm run`'s check)."""
+        return admit(self.backend, 1, len(ids), max_new_tokens=limit or self.backend.max_seq_len)
 
     def submit(self, requests: list[Request]) -> None:
         """Queue requests (all or none: a full queue raises QueueFull)."""
@@ -188,7 +183,7 @@ class Scheduler:
         self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.perf_counter() - t)
         for row, row_logits in zip(self.batch.rows, logits):
             row.token = self._choose(row.key, row_logits)
-            if self._emit(row.key, row.token, len(self.batch.rows)):
+            if self._emit(row.key, row.token):
                 self._finished.add(row.key)
 
     def _reusable(self, ids: list[int]):
@@ -207,7 +202,7 @@ class Scheduler:
         if request.cancelled:
             return None
         token = self._choose(request, logits)
-        return None if self._emit(request, token, 1) else token
+        return None if self._emit(request, token) else token
 
     def _choose(self, request: Request, logits: np.ndarray) -> int:
         token = int(choose(logits[None], [request.history], request.sampling, request.rng)[0])
@@ -215,7 +210,7 @@ class Scheduler:
             request.history = np.append(request.history, token)
         return token
 
-    def _emit(self, request: Request, token: int, batch: int) -> bool:
+    def _emit(self, request: Request, token: int) -> bool:
         """Hand `token` to its request; True when the request is done."""
         request.generated += 1
         now = time.perf_counter()
@@ -229,7 +224,7 @@ class Scheduler:
         return finish is not None or request.cancelled
 
     def _fail(self, requests: list[Request], reason: str) -> None:
-        self.batch.rows, self.batch.cache, self.batch.width = [], None, 0
+        self.batch.clear()
         for request in requests:
             self._outbox.append((request, None, f"error: {reason}"))
 

@@ -43,8 +43,7 @@ class Server:
             metrics = Metrics()
             self.scheduler = Scheduler(self.backend, options, metrics)
             name = settings.model_name or Path(build_dir).resolve().name
-            self.served = Served(self.scheduler, text, name, self.backend.vocab_size, self.backend_line,
-                                 settings.api_key, metrics)
+            self.served = Served(self.scheduler, text, name, self.backend_line, settings.api_key, metrics)
             self.app = create_app(self.served)
             self.socket = _listen(settings.host, settings.port)
         except BaseException:

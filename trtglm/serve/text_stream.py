@@ -37,7 +37,8 @@ class TextStream:
         """What was held back, once no token follows."""
         if self.stopped:
             return ""
-        return self._emit(self._decoded + self._pending(), None)
+        full = self._decoded + self._pending()
+        return self._emit(full, len(full))
 
     def _pending(self) -> str:
         """The text of the tokens after ids[:_done], decoded with a few tokens before them."""
@@ -60,8 +61,7 @@ class TextStream:
         hold = held + max([0] + [n for s in self._stops for n in range(1, len(s)) if settled.endswith(s[:n])])
         return self._emit(full, max(self._sent, len(full) - hold))
 
-    def _emit(self, full: str, end: int | None) -> str:
-        end = len(full) if end is None else end
+    def _emit(self, full: str, end: int) -> str:
         piece = full[self._sent:end] if end > self._sent else ""
         self._sent = max(self._sent, end)
         self.text = full[:self._sent]
